@@ -1,0 +1,319 @@
+"""Typed config schemas, registered in Hydra's ConfigStore, and cross-field validation.
+
+Each dataclass is the schema of one config group in `conf/`; the YAML files there only choose
+values. Enums (not Literal: omegaconf 2.3 does not support it) give Hydra's own error for an
+unknown value. Cross-field problems that Hydra cannot see are caught by `validate` before any
+compute, with one line naming the setting to change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+GPT2_TOKENIZER_VOCAB = 50257  # tiktoken "gpt2": 50256 BPE merges + <|endoftext|>
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the setting to change."""
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class AttnImpl(str, Enum):
+    naive = "naive"  # explicit masked softmax, materializes the (T, T) matrix
+    sdpa = "sdpa"  # F.scaled_dot_product_attention, any backend
+    flash = "flash"  # SDPA restricted to the flash kernel
+
+
+class ParallelKind(str, Enum):
+    single = "single"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class LoggerKind(str, Enum):
+    wandb = "wandb"
+    none = "none"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online if an API key is configured, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "nano"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    block_size: int = 256  # maximum context length (learned positional embeddings)
+    vocab_size: int = GPT2_TOKENIZER_VOCAB  # 50304 pads it to a multiple of 128
+    dropout: float = 0.0
+    bias: bool = True
+    # "scratch", a Hugging Face model name ("gpt2") or a local Hugging Face directory
+    init_from: str = "scratch"
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"
+    # what `name` reads: a glob for `text`, a URL for `tinyshakespeare`, a HF dataset path
+    # or local files for `hf`; empty means the corpus' built-in source
+    source: str = ""
+    hf_config: str = ""  # HF dataset config name (e.g. "sample-10BT")
+    hf_split: str = "train"
+    hf_revision: str = ""
+    text_field: str = "text"
+    sha256: str = ""  # expected checksum of a downloaded source file
+    # prepared token shards live here (manifest.json + *.bin)
+    dir: str = "${paths.data_dir}/${data.name}"
+    val_fraction: float = 0.1  # for small corpora: the first tokens of the corpus go to val
+    val_tokens: int = 0  # if > 0: fixed validation size in tokens (overrides val_fraction)
+    shard_tokens: int = 100_000_000
+    num_workers: int = 1  # tokenizer worker processes for preparation
+    shuffle: bool = True
+    verify: str = "size"  # "size" (fast) or "sha256" (reads every shard once at start)
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    dtype: Dtype = Dtype.fp32  # autocast dtype for forward + loss; params stay fp32
+    tf32: bool = False  # TF32 matmuls on CUDA (no-op on CPU)
+
+
+@dataclass
+class AttnConfig:
+    impl: AttnImpl = AttnImpl.naive
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    # steps of the cosine schedule; null means trainer.max_steps
+    decay_steps: int | None = None
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to 2-D params (matmuls, embeddings) only
+    fused: bool = False
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ParallelConfig:
+    kind: ParallelKind = ParallelKind.single
+    backend: str = "auto"  # nccl on CUDA, gloo on CPU
+    # FSDP2: reshard parameters after forward (saves memory, costs an all-gather in backward)
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    micro_batch_size: int = 8  # B: sequences per forward/backward on one rank
+    seq_len: int = "${model.block_size}"  # type: ignore[assignment]  # T
+    # tokens per optimization step over all ranks; grad accumulation = total / (B*T*world)
+    total_batch_tokens: int = "${eval:'${trainer.micro_batch_size} * ${trainer.seq_len}'}"  # type: ignore[assignment]
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 10
+    sample_tokens: int = 48  # length of the text sample at the end; 0 disables
+    sample_prompt: str = "\n"
+    log_every: int = 1
+    # stop with a message if loss is NaN/inf; a finite loss above spike_factor x the running
+    # median counts as a spike (0 disables)
+    spike_factor: float = 0.0
+    # checkpointing / resume (see gpt2x/checkpoint.py)
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    save_final: bool = True
+    resume: str = ""  # "" | auto | path to a checkpoint directory
+    # measurement: the first warmup_steps steps are excluded from summary step-time stats
+    warmup_steps_for_timing: int = 3
+    peak_flops: float | None = None  # override the per-device peak table (FLOP/s) for MFU
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.wandb
+    mode: WandbMode = WandbMode.auto
+    project: str = "gpt2x"
+    entity: str | None = None
+    name: str | None = None  # default: the run folder's name
+    group: str | None = None  # ablation / sweep name
+    job_type: str | None = None  # ladder rung
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${oc.env:GPT2X_HOME,.}"
+    output_dir: str = "${paths.root}/outputs"
+    data_dir: str = "${oc.env:GPT2X_DATA,${oc.env:HOME,.}/.cache/gpt2x/data}"
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
+    experiment: str = ""  # name of the experiment / ladder rung, recorded in the run record
+    defaults: list[Any] = field(default_factory=list)
+
+
+_RUN_ID: str | None = None
+
+
+def run_id() -> str:
+    """One id per launch, identical on every rank.
+
+    torchrun gives all ranks of one launch the same TORCHELASTIC_RUN_ID, so ranks agree on one
+    output folder without talking to each other (a `${now:}` timestamp can differ per rank).
+    """
+    global _RUN_ID
+    if _RUN_ID is None:
+        explicit = os.environ.get("GPT2X_RUN_ID")
+        elastic = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        if explicit:
+            _RUN_ID = explicit
+        elif elastic and elastic != "none" and "RANK" in os.environ:
+            _RUN_ID = time.strftime("%Y-%m-%d_%H-%M") + "_torchrun-" + elastic[:8]
+        else:
+            _RUN_ID = time.strftime("%Y-%m-%d_%H-%M-%S_") + secrets.token_hex(2)
+    return _RUN_ID
+
+
+def is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def register_configs() -> None:
+    """Register schemas and resolvers; idempotent."""
+    resolvers = {
+        "eval": lambda expr: eval(expr, {"__builtins__": {}}, {}),  # arithmetic in YAML only
+        "gpt2x_run_id": run_id,
+        # only rank 0 writes Hydra's .hydra/ folder: other ranks would race on the same files
+        "gpt2x_hydra_subdir": lambda: ".hydra" if is_rank_zero() else None,
+        "gpt2x_rank_suffix": lambda: "" if is_rank_zero() else f"_rank{os.environ['RANK']}",
+        # a short stable name for a folder of prepared data derived from a source path
+        "gpt2x_path_hash": lambda src: hashlib.sha256(str(src).encode()).hexdigest()[:10],
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=name != "eval")
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schema in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("precision", PrecisionConfig),
+        ("attn", AttnConfig),
+        ("optim", OptimConfig),
+        ("parallel", ParallelConfig),
+        ("logger", LoggerConfig),
+        ("trainer", TrainerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def grad_accum_steps(cfg: Any, world_size: int) -> int:
+    """Micro-steps per optimization step, derived from the fixed global batch in tokens."""
+    tokens_per_micro_step = cfg.trainer.micro_batch_size * cfg.trainer.seq_len * world_size
+    total = cfg.trainer.total_batch_tokens
+    if total <= 0 or total % tokens_per_micro_step:
+        raise ConfigError(
+            f"trainer.total_batch_tokens={total} is not a positive multiple of "
+            f"micro_batch_size*seq_len*world_size = {cfg.trainer.micro_batch_size}*"
+            f"{cfg.trainer.seq_len}*{world_size} = {tokens_per_micro_step}; "
+            f"set trainer.total_batch_tokens to a multiple of {tokens_per_micro_step}"
+        )
+    return total // tokens_per_micro_step
+
+
+def validate(cfg: Any, world_size: int = 1) -> None:
+    """Cross-field checks that Hydra's schema cannot express. Raises ConfigError."""
+    m, t, o = cfg.model, cfg.trainer, cfg.optim
+    if m.n_embd % m.n_head:
+        raise ConfigError(
+            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+            "change one of them"
+        )
+    if m.vocab_size < GPT2_TOKENIZER_VOCAB:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than the GPT-2 tokenizer's "
+            f"{GPT2_TOKENIZER_VOCAB} tokens; set model.vocab_size>={GPT2_TOKENIZER_VOCAB} "
+            "(50304 pads it to a multiple of 128)"
+        )
+    if t.seq_len > m.block_size:
+        raise ConfigError(
+            f"trainer.seq_len={t.seq_len} exceeds model.block_size={m.block_size}; "
+            f"set trainer.seq_len<={m.block_size}"
+        )
+    for key in ("max_steps", "micro_batch_size", "seq_len"):
+        if t[key] <= 0:
+            raise ConfigError(f"trainer.{key}={t[key]} must be positive")
+    if o.lr <= 0 or not math.isfinite(o.lr):
+        raise ConfigError(f"optim.lr={o.lr} must be a positive number")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if cfg.data.verify not in ("size", "sha256"):
+        raise ConfigError(f"data.verify={cfg.data.verify!r} must be 'size' or 'sha256'")
+    grad_accum_steps(cfg, world_size)
+
+
+def to_container(cfg: Any) -> dict:
+    """The resolved config as plain Python types (enums as their names), for records and W&B."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+__all__ = [
+    "MISSING",
+    "AttnImpl",
+    "Config",
+    "ConfigError",
+    "Dtype",
+    "LoggerKind",
+    "ParallelKind",
+    "WandbMode",
+    "grad_accum_steps",
+    "register_configs",
+    "run_id",
+    "to_container",
+    "validate",
+]

@@ -152,6 +152,9 @@ class TrainerConfig:
     # measurement: the first warmup_steps steps are excluded from summary step-time stats
     warmup_steps_for_timing: int = 3
     peak_flops: float | None = None  # override the per-device peak table (FLOP/s) for MFU
+    # debugging
+    overfit_one_batch: bool = False  # train on the first batch over and over (must reach ~0 loss)
+    profile_steps: int = 0  # > 0: torch.profiler trace of that many steps -> run_dir/profile/
 
 
 @dataclass

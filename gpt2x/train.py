@@ -1,0 +1,451 @@
+"""`python -m gpt2x.train [group=option ...]`: one GPT-2 training run, composed by Hydra.
+
+The loop reads top to bottom: set up ranks and precision, build data, model and optimizer, then
+for each optimization step run the micro-steps (gradient accumulation), clip, step, and log.
+Evaluation and sampling happen between steps and never count towards step time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from gpt2x import CONF_DIR, distributed
+from gpt2x.config import (
+    AttnImpl,
+    ConfigError,
+    grad_accum_steps,
+    register_configs,
+    to_container,
+    validate,
+)
+from gpt2x.data import DataError, ShardLoader, ensure_prepared
+from gpt2x.metrics import (
+    WandbLogger,
+    device_peak_flops,
+    format_step,
+    mfu,
+    peak_memory_gb,
+    summarize_steps,
+    synchronize,
+)
+from gpt2x.model import GPT, GPTConfig, check_attention
+from gpt2x.optim import build_optimizer, lr_at, set_lr
+from gpt2x.precision import autocast, grad_scaler, setup_precision, torch_dtype
+from gpt2x.record import RunRecord, git_info, hardware, versions
+from gpt2x.tokenizer import get_tokenizer
+
+log = logging.getLogger("gpt2x.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN loss, ...); the message says at which step and what to change."""
+
+
+@dataclass
+class Run:
+    """What one training run holds; built by `setup`, used by `train`."""
+
+    cfg: DictConfig
+    dist: distributed.Dist
+    model: torch.nn.Module  # possibly DDP- and compile-wrapped: use for forward/backward
+    raw_model: GPT  # the plain module: sampling, export, checkpoints
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: ShardLoader
+    val_loader: ShardLoader
+    record: RunRecord
+    wandb: WandbLogger | None
+    grad_accum: int
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None
+    start_step: int = 0
+
+
+class RepeatFirstBatch:
+    """debug=overfit_batch: the first batch forever; a working model drives its loss to ~0."""
+
+    def __init__(self, loader: ShardLoader):
+        self.loader = loader
+        self.batch = loader.next_batch()
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> GPT:
+    m = cfg.model
+    attn = AttnImpl(cfg.attn.impl).value
+    if m.init_from == "scratch":
+        gpt_cfg = GPTConfig(
+            block_size=m.block_size,
+            vocab_size=m.vocab_size,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            n_embd=m.n_embd,
+            dropout=m.dropout,
+            bias=m.bias,
+            attn=attn,
+        )
+        model = GPT(gpt_cfg)
+    else:
+        model = GPT.from_pretrained(
+            m.init_from, vocab_size=m.vocab_size, attn=attn, dropout=m.dropout
+        )
+    return model.to(device)
+
+
+def setup(cfg: DictConfig) -> Run:
+    d = distributed.setup(cfg.parallel, cfg.trainer.device)
+    validate(cfg, d.world_size)
+    setup_precision(cfg.precision, d.device)
+    check_attention(AttnImpl(cfg.attn.impl).value, d.device, torch_dtype(cfg.precision.dtype))
+    seed_everything(cfg.trainer.seed)
+    t = cfg.trainer
+
+    # data: rank 0 prepares small corpora on first use while the others wait
+    if d.is_main:
+        data_dir = ensure_prepared(cfg.data)
+    distributed.barrier(d)
+    if not d.is_main:
+        data_dir = ensure_prepared(cfg.data)
+    loader_args = dict(
+        batch_size=t.micro_batch_size,
+        seq_len=t.seq_len,
+        rank=d.rank,
+        world_size=d.world_size,
+        seed=t.seed,
+    )
+    train_loader = ShardLoader(data_dir, "train", shuffle=cfg.data.shuffle, **loader_args)
+    if t.overfit_one_batch:
+        train_loader = RepeatFirstBatch(train_loader)
+    val_loader = ShardLoader(data_dir, "val", shuffle=False, **loader_args)
+
+    raw_model = build_model(cfg, d.device)
+    model = distributed.wrap_model(raw_model, d, cfg.precision)
+    optimizer = build_optimizer(model, cfg.optim)
+    if cfg.compile:
+        model = torch.compile(
+            model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode
+        )
+
+    accum = grad_accum_steps(cfg, d.world_size)
+    tokens_per_step = t.micro_batch_size * t.seq_len * accum * d.world_size
+    flops_per_token = raw_model.flops_per_token(t.seq_len)
+    peak = t.peak_flops or device_peak_flops(d.device)
+
+    run_dir = Path(cfg.paths.run_dir)
+    config = to_container(cfg)
+    record = RunRecord(run_dir, enabled=d.is_main)
+    record.start(
+        run_id=run_dir.name,
+        run_dir=str(run_dir),
+        experiment=cfg.experiment,
+        overrides=_task_overrides(),
+        config=config,
+        git=git_info(),
+        versions=versions(),
+        hardware=hardware(d.device, peak),
+        world_size=d.world_size,
+        grad_accum_steps=accum,
+        tokens_per_step=tokens_per_step,
+        n_params=raw_model.num_params(non_embedding=False),
+        flops_per_token=flops_per_token,
+        compile_seconds=None,
+        summary=None,
+        wandb=None,
+    )
+    wandb_logger = None
+    if d.is_main and cfg.logger.kind.value == "wandb":
+        try:
+            wandb_logger = WandbLogger(cfg.logger, str(run_dir), config, run_dir.name)
+        except Exception as e:
+            record.finish("failed", error=f"W&B init failed: {e}".splitlines()[0])
+            raise
+        record.update(wandb=wandb_logger.info())
+
+    log.info(
+        "model %s: %.2fM params | %s | attn=%s | compile=%s | %s x%d | B=%d T=%d accum=%d "
+        "-> %d tokens/step | data %s",
+        cfg.model.name,
+        raw_model.num_params(non_embedding=False) / 1e6,
+        cfg.precision.name,
+        cfg.attn.impl.value,
+        cfg.compile,
+        d.device,
+        d.world_size,
+        t.micro_batch_size,
+        t.seq_len,
+        accum,
+        tokens_per_step,
+        data_dir,
+    )
+    return Run(
+        cfg=cfg,
+        dist=d,
+        model=model,
+        raw_model=raw_model,
+        optimizer=optimizer,
+        scaler=grad_scaler(cfg.precision, d.device),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        record=record,
+        wandb=wandb_logger,
+        grad_accum=accum,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_token,
+        peak_flops=peak,
+    )
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimization step: grad_accum micro-steps, clip, optimizer step. Returns its metrics."""
+    cfg, d, model = run.cfg, run.dist, run.model
+    lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
+    set_lr(run.optimizer, lr)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=d.device)
+    for micro in range(run.grad_accum):
+        x, y = run.train_loader.next_batch()
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        with distributed.no_sync(model, sync=micro == run.grad_accum - 1):
+            with autocast(cfg.precision, d.device):
+                _, loss = model(x, y)
+            # the mean over micro-steps, so the gradient equals one big batch's
+            loss = loss / run.grad_accum
+            loss_sum += loss.detach()
+            run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    loss_mean = distributed.all_reduce_mean(loss_sum, d)
+    return {"loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item()}
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over the first trainer.eval_batches batches of the fixed validation tokens."""
+    cfg, d = run.cfg, run.dist
+    run.model.eval()
+    run.val_loader.reset()
+    total = torch.zeros((), device=d.device)
+    for _ in range(cfg.trainer.eval_batches):
+        x, y = run.val_loader.next_batch()
+        with autocast(cfg.precision, d.device):
+            _, loss = run.model(x.to(d.device), y.to(d.device))
+        total += loss.float()
+    run.model.train()
+    return distributed.all_reduce_mean(total / cfg.trainer.eval_batches, d).item()
+
+
+@torch.no_grad()
+def sample(run: Run, max_new_tokens: int, seed: int) -> str:
+    """Text from the uncompiled model (compile would recompile for every new length)."""
+    cfg, d = run.cfg, run.dist
+    enc = get_tokenizer()
+    ids = enc.encode(cfg.trainer.sample_prompt, allowed_special={"<|endoftext|>"})
+    idx = torch.tensor([ids], dtype=torch.long, device=d.device)
+    gen = torch.Generator(device=d.device).manual_seed(seed)
+    run.raw_model.eval()
+    with autocast(cfg.precision, d.device):
+        out = run.raw_model.generate(
+            idx, max_new_tokens, temperature=1.0, top_k=50, generator=gen, vocab_limit=enc.n_vocab
+        )
+    run.raw_model.train()
+    return enc.decode(out[0].tolist())
+
+
+def train(run: Run) -> dict:
+    cfg, d, t = run.cfg, run.dist, run.cfg.trainer
+    step_ms: list[float] = []
+    losses: list[float] = []
+    val_loss = None
+    tokens_seen = run.start_step * run.tokens_per_step
+    run.model.train()
+    profiler = start_profiler(run) if t.profile_steps > 0 else None
+    for step in range(run.start_step, t.max_steps):
+        synchronize(d.device)
+        t0 = time.perf_counter()
+        row = train_step(run, step)
+        synchronize(d.device)
+        ms = (time.perf_counter() - t0) * 1000.0
+        tokens_seen += run.tokens_per_step
+        tps = run.tokens_per_step / (ms / 1000.0)
+        row = {
+            "step": step,
+            **row,
+            "ms": ms,
+            "tokens_per_s": tps,
+            "mfu": mfu(tps, run.flops_per_token, run.peak_flops, d.world_size),
+            "mem_gb": peak_memory_gb(d.device),
+            "tokens_seen": tokens_seen,
+        }
+        step_ms.append(ms)
+        run.record.log_step(row)
+        if run.wandb:
+            run.wandb.log_step(row)
+        if d.is_main and (step % t.log_every == 0 or step == t.max_steps - 1):
+            log.info(format_step(row, t.max_steps))
+        if profiler is not None:
+            profiler.step()
+        check_loss(row["loss"], losses, step, t.spike_factor)
+        losses.append(row["loss"])
+
+        last = step == t.max_steps - 1
+        if last or (t.eval_every > 0 and step > 0 and step % t.eval_every == 0):
+            val_loss = evaluate(run)
+            eval_row = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen}
+            run.record.log_eval(eval_row)
+            if run.wandb:
+                run.wandb.log_eval(eval_row)
+            if d.is_main:
+                log.info("step %d | val loss %.4f", step, val_loss)
+
+    if profiler is not None:
+        profiler.stop()
+    stats = summarize_steps(
+        step_ms,
+        run.tokens_per_step,
+        run.flops_per_token,
+        run.peak_flops,
+        d.world_size,
+        warmup=min(t.warmup_steps_for_timing, max(0, len(step_ms) - 1)),
+        compiled=cfg.compile,
+    )
+    return {
+        "steps": len(step_ms),
+        "final_loss": losses[-1] if losses else None,
+        "val_loss": val_loss,
+        "median_ms": stats.median_ms,
+        "p10_ms": stats.p10_ms,
+        "p90_ms": stats.p90_ms,
+        "tokens_per_s": stats.tokens_per_s,
+        "mfu": stats.mfu,
+        "peak_mem_gb": peak_memory_gb(d.device),
+        "compile_seconds": stats.compile_seconds,
+    }
+
+
+def start_profiler(run: Run) -> torch.profiler.profile:
+    """torch.profiler over trainer.profile_steps steps after 2 warm-up steps (debug=profiler)."""
+    out = Path(run.cfg.paths.run_dir) / "profile"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if run.dist.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    def save(prof: torch.profiler.profile) -> None:
+        if run.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(out / f"trace_step{prof.step_num}.json"))
+            log.info("profiler trace written to %s", out)
+
+    prof = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(
+            wait=0, warmup=2, active=run.cfg.trainer.profile_steps, repeat=1
+        ),
+        on_trace_ready=save,
+    )
+    prof.start()
+    return prof
+
+
+def check_loss(loss: float, history: list[float], step: int, spike_factor: float) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"loss is {loss} at step {step}; lower optim.lr, check the data, or try precision=fp32"
+        )
+    if spike_factor > 0 and len(history) >= 10:
+        recent = sorted(history[-50:])
+        median = recent[len(recent) // 2]
+        if loss > spike_factor * median:
+            raise TrainingError(
+                f"loss spiked to {loss:.4f} at step {step} (> {spike_factor} x recent median "
+                f"{median:.4f}); lower optim.lr or raise trainer.spike_factor"
+            )
+
+
+def run_training(cfg: DictConfig) -> float | None:
+    """Set up, train, evaluate, sample; keep the record truthful on every exit path."""
+    run = None
+    try:
+        run = setup(cfg)
+        summary = train(run)
+        if run.dist.is_main and cfg.trainer.sample_tokens > 0:
+            text = sample(run, cfg.trainer.sample_tokens, cfg.trainer.seed)
+            (Path(cfg.paths.run_dir) / "sample.txt").write_text(text)
+            log.info("sample:\n%s", text)
+        run.record.finish("completed", summary=summary, compile_seconds=summary["compile_seconds"])
+        if run.wandb:
+            run.wandb.run.summary.update({k: v for k, v in summary.items() if v is not None})
+            run.wandb.finish()
+        return summary["val_loss"]
+    except KeyboardInterrupt:
+        if run is not None:
+            run.record.finish("interrupted", error="interrupted by the user (Ctrl-C)")
+            if run.wandb:
+                run.wandb.finish(exit_code=130)
+        raise
+    except BaseException as e:
+        if run is not None:
+            run.record.finish("failed", error=_one_line(e))
+            if run.wandb:
+                run.wandb.finish(exit_code=1)
+        raise
+    finally:
+        distributed.teardown()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return run_training(cfg)
+    except (ConfigError, DataError, TrainingError) as e:
+        # expected problems: one line naming the fix, no traceback
+        log.error("error: %s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Shared test setup: everything offline, every path under tmp, tiny models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tests never talk to W&B's servers or the Hugging Face Hub.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A tiny model and batch: every CLI run in the tests uses these unless it says otherwise.
+TINY = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "trainer.micro_batch_size=4",
+    "trainer.eval_batches=2",
+    "trainer.sample_tokens=4",
+    "trainer.warmup_steps_for_timing=1",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One prepared-data cache for the whole session (Shakespeare is tokenized once)."""
+    return tmp_path_factory.mktemp("data")
+
+
+def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` the way a user would; returns the finished process."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
+        text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{module} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-4000:]}"
+        )
+    return proc

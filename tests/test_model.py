@@ -1,0 +1,361 @@
+"""GPT model: shapes, init, weight tying, attention implementations, HF import/export, sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2x.config import AttnImpl
+from gpt2x.model import GPT, GPTConfig, check_attention
+
+TINY = dict(block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny(vocab_size: int = 96, **kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY, "vocab_size": vocab_size, **kw}))
+
+
+def tokens(vocab: int, B: int = 2, T: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, T), generator=g)
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Make every parameter distinct (biases non-zero, LayerNorm weights != 1), so a missing
+    transpose or a mis-mapped tensor changes the output instead of hiding behind init values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def hf_logits(hf: GPT2LMHeadModel, idx: torch.Tensor) -> torch.Tensor:
+    hf.eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+# ---- forward, loss, init, tying ------------------------------------------------------------
+
+
+def test_shapes_and_initial_loss_is_uniform():
+    V = 50257
+    model = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=32))
+    idx, targets = tokens(V, B=3, T=16), tokens(V, B=3, T=16, seed=2)
+    # (targets independent of idx: with tied embeddings, the input token itself gets a
+    # slightly higher logit, so targets=idx would give a loss visibly below ln V)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, V)
+    assert loss.shape == ()
+    # small init => nearly uniform predictions => cross-entropy ~ ln V
+    assert abs(loss.item() - math.log(V)) < 0.1
+    assert model(idx)[1] is None
+
+
+def test_loss_ignores_minus_one_targets():
+    model = tiny()
+    idx = tokens(96)
+    targets = idx.clone()
+    targets[:, 8:] = -1
+    logits, loss = model(idx, targets)
+    ref = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, 96), idx[:, :8].reshape(-1))
+    assert torch.allclose(loss, ref, atol=1e-6)
+
+
+def test_rejects_sequences_longer_than_block_size():
+    model = tiny()
+    with pytest.raises(ValueError, match="block_size"):
+        model(tokens(96, T=33))
+
+
+def test_weight_tying_survives_an_optimizer_step():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = model.lm_head.weight.detach().clone()
+    idx = tokens(96)
+    model(idx, idx)[1].backward()
+    opt.step()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert not torch.equal(model.lm_head.weight, before)
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+
+
+def test_init_statistics():
+    L = 4
+    model = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=L, n_head=4, n_embd=128))
+    h = model.transformer.h
+    for w in (h[0].attn.c_attn.weight, h[1].mlp.c_fc.weight, model.transformer.wte.weight):
+        assert w.std().item() == pytest.approx(0.02, rel=0.1)
+    resid = 0.02 / math.sqrt(2 * L)
+    for w in (h[0].attn.c_proj.weight, h[3].mlp.c_proj.weight):
+        assert w.std().item() == pytest.approx(resid, rel=0.1)
+    assert all(torch.count_nonzero(b) == 0 for n, b in model.named_parameters() if "bias" in n)
+    assert torch.all(h[0].ln_1.weight == 1)
+
+
+def test_bias_false_has_no_biases_and_runs():
+    model = tiny(bias=False)
+    assert not [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    assert torch.isfinite(model(tokens(96), tokens(96))[1])
+
+
+def test_num_params_and_flops_of_gpt2_124m():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768))
+    assert model.num_params(non_embedding=False) == 124_439_808
+    assert model.num_params() == 124_439_808 - 1024 * 768  # wpe excluded
+    N = 124_439_808 - 1024 * 768
+    assert model.flops_per_token(1024) == 6 * N + 12 * 12 * 12 * 64 * 1024
+    assert model.flops_per_token(1024) == pytest.approx(8.6e8, rel=0.01)
+
+
+# ---- attention implementations -------------------------------------------------------------
+
+
+def _grads(model: GPT) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_attention_implementations_agree_fp32():
+    ref = tiny()
+    perturb_(ref)
+    idx = tokens(96, T=32)
+    outs, grads = {}, {}
+    for impl in ("naive", "sdpa", "flash"):
+        model = GPT(GPTConfig(**{**TINY, "vocab_size": 96, "attn": impl}))
+        model.load_state_dict(ref.state_dict())
+        logits, loss = model(idx, idx)
+        loss.backward()
+        outs[impl], grads[impl] = logits.detach(), _grads(model)
+    for impl in ("sdpa", "flash"):
+        assert (outs[impl] - outs["naive"]).abs().max().item() <= 1e-5
+        for n, g in grads["naive"].items():
+            assert torch.allclose(grads[impl][n], g, atol=1e-5, rtol=1e-4), n
+
+
+def test_naive_attention_is_causal():
+    model = tiny()
+    model.eval()
+    idx = tokens(96, B=1, T=16)
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 96
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)  # the past does not see the future
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["naive", "sdpa", "flash"])
+def test_bf16_autocast_on_cpu_close_to_fp32(impl):
+    model = tiny(attn=impl)
+    perturb_(model)
+    idx = tokens(96)
+    _, loss32 = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss16 = model(idx, idx)
+    assert logits.dtype == torch.bfloat16
+    assert loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.05
+
+
+def test_dropout_active_only_in_training():
+    model = tiny(dropout=0.2, attn="sdpa")
+    idx = tokens(96)
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_check_attention_naive_and_sdpa_never_raise_on_cpu():
+    for impl in ("naive", "sdpa"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            check_attention(impl, torch.device("cpu"), dtype)
+            check_attention(impl, "cpu", dtype, dropout=0.1)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's "kernel not used because"
+def test_check_attention_flash_on_cpu_matches_what_torch_does():
+    # torch 2.x ships a CPU flash kernel: without dropout it runs in fp32 and bf16 ...
+    for dtype in (torch.float32, torch.bfloat16):
+        check_attention("flash", "cpu", dtype)
+    tiny(attn="flash")(tokens(96))  # ... and the model really runs with it
+    # ... but it has no dropout: the check must say so, and the model must indeed fail
+    with pytest.raises(ValueError) as e:
+        check_attention("flash", "cpu", torch.float32, dropout=0.1)
+    msg = str(e.value)
+    assert "\n" not in msg and "dropout" in msg and "attn=sdpa" in msg
+    model = tiny(attn="flash", dropout=0.1)
+    model.train()
+    with pytest.raises(RuntimeError):
+        model(tokens(96))
+    model.eval()  # no dropout at eval time: works
+    model(tokens(96))
+
+
+def test_check_attention_messages(monkeypatch):
+    import gpt2x.model as m
+
+    with pytest.raises(ValueError, match="unknown"):
+        check_attention("xformers", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="unknown"):
+        GPTConfig(attn="xformers")
+    # Hydra hands over config.AttnImpl members; they must behave like the plain strings
+    assert GPTConfig(attn=AttnImpl.flash).attn == "flash"
+    check_attention(AttnImpl.sdpa, "cpu", torch.float32)
+    # what a CUDA box without flash-in-fp32 reports; translate it to the one-line fix
+    monkeypatch.setattr(m, "_try_attention", lambda *a: "No available kernel")
+    with pytest.raises(ValueError) as e:
+        check_attention("flash", "cuda", torch.float32)
+    assert str(e.value) == (
+        "attn=flash needs bf16/fp16 on CUDA (got fp32); use precision=bf16 or attn=sdpa"
+    )
+    with pytest.raises(ValueError, match="attn=flash cannot run on cuda with bf16.*attn=sdpa"):
+        check_attention("flash", "cuda", torch.bfloat16)
+
+
+# ---- torch.compile -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compile_matches_eager():
+    model = tiny(attn="flash")
+    perturb_(model)
+    model.eval()
+    idx = tokens(96)
+    eager = model(idx)[0]
+    compiled = torch.compile(model)(idx)[0]
+    assert (compiled - eager).abs().max().item() <= 1e-4
+
+
+# ---- Hugging Face interop ------------------------------------------------------------------
+
+
+def hf_tiny(vocab: int = 96) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    hf = GPT2LMHeadModel(cfg)
+    perturb_(hf)
+    return hf
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+def test_from_pretrained_local_dir_matches_hf(tmp_path, attn):
+    hf = hf_tiny()
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path), attn=attn)
+    model.eval()
+    assert model.config.vocab_size == 96 and model.config.block_size == 32
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = tokens(96, T=32)
+    ref = hf_logits(GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager"), idx)
+    assert (model(idx)[0] - ref).abs().max().item() <= 1e-4
+
+
+def test_from_pretrained_with_padded_vocab(tmp_path):
+    hf_tiny(vocab=96).save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path), vocab_size=128)
+    model.eval()
+    assert model.config.vocab_size == 128
+    assert torch.count_nonzero(model.transformer.wte.weight[96:]) == 0  # documented: zero rows
+    idx = tokens(96)
+    ref = hf_logits(GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager"), idx)
+    logits = model(idx)[0]
+    assert logits.shape[-1] == 128
+    assert (logits[..., :96] - ref).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="smaller"):
+        GPT.from_pretrained(str(tmp_path), vocab_size=64)
+
+
+@pytest.mark.parametrize("vocab,real", [(96, 96), (128, 96)])
+def test_export_hf_round_trip(tmp_path, vocab, real):
+    model = tiny(vocab_size=vocab)
+    perturb_(model)
+    model.eval()
+    model.export_hf(tmp_path, vocab_size=real)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager")
+    assert hf.config.vocab_size == real
+    idx = tokens(real)
+    ours = model(idx)[0][..., :real]
+    assert (hf_logits(hf, idx) - ours).abs().max().item() <= 1e-4
+    # and back again
+    again = GPT.from_pretrained(str(tmp_path), vocab_size=vocab)
+    again.eval()
+    assert (again(idx)[0][..., :real] - ours).abs().max().item() <= 1e-4
+
+
+def test_export_hf_without_biases(tmp_path):
+    model = tiny(bias=False)
+    perturb_(model)
+    model.eval()
+    model.export_hf(tmp_path, vocab_size=96)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager")
+    idx = tokens(96)
+    assert (hf_logits(hf, idx) - model(idx)[0]).abs().max().item() <= 1e-4
+
+
+# ---- generation ----------------------------------------------------------------------------
+
+
+def test_generate_is_deterministic_with_a_seeded_generator():
+    model = tiny()
+    perturb_(model)
+    prompt = tokens(96, B=2, T=4)
+
+    def sample(seed, **kw):
+        return model.generate(prompt, 20, generator=torch.Generator().manual_seed(seed), **kw)
+
+    a, b = sample(0), sample(0)
+    assert a.shape == (2, 24)
+    assert torch.equal(a[:, :4], prompt)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, sample(1))
+    assert torch.equal(sample(3, top_k=5), sample(3, top_k=5))
+
+
+def test_generate_respects_vocab_limit():
+    V, padded = 80, 96
+    model = tiny(vocab_size=padded)
+    with torch.no_grad():
+        # make every hidden state equal to d, and the padding rows point along d:
+        # without the limit, padding ids would dominate the distribution
+        d = torch.randn(64)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(d)
+        model.transformer.wte.weight[V:] = 0.5 * d
+    prompt = tokens(V, B=4, T=2)
+    g = torch.Generator().manual_seed(0)
+    unlimited = model.generate(prompt, 20, generator=g)
+    assert (unlimited >= V).any()  # the test can fail
+    for kw in (dict(), dict(top_k=10), dict(temperature=0.0), dict(temperature=2.0)):
+        out = model.generate(prompt, 20, generator=g, vocab_limit=V, **kw)
+        assert (out < V).all(), kw
+
+
+def test_greedy_equals_argmax_rollout_and_crops_context():
+    model = tiny()
+    perturb_(model)
+    model.train()  # generate must switch dropout off and restore the mode
+    prompt = tokens(96, B=2, T=20)
+    out = model.generate(prompt, 20, temperature=0.0, vocab_limit=90)  # 40 > block_size 32
+    assert model.training
+    model.eval()
+    idx = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            logits = model(idx[:, -32:])[0][:, -1, :90]
+            idx = torch.cat((idx, logits.argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, idx)

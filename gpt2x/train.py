@@ -122,7 +122,13 @@ def setup(cfg: DictConfig) -> Run:
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
     validate(cfg, d.world_size)
     setup_precision(cfg.precision, d.device)
-    check_attention(AttnImpl(cfg.attn.impl).value, d.device, torch_dtype(cfg.precision.dtype))
+    try:
+        check_attention(
+            AttnImpl(cfg.attn.impl).value, d.device, torch_dtype(cfg.precision.dtype),
+            head_dim=cfg.model.n_embd // cfg.model.n_head, dropout=cfg.model.dropout,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     seed_everything(cfg.trainer.seed)
     t = cfg.trainer
 

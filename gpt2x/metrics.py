@@ -165,6 +165,9 @@ class WandbLogger:
     """One W&B run per training run, rank 0 only; never prompts, hangs long, or crashes a run."""
 
     def __init__(self, logger_cfg, run_dir: str, config: dict, run_name: str):
+        # an exported-but-empty WANDB_MODE (or similar) makes wandb itself crash at init
+        for key in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
+            del os.environ[key]
         import wandb
 
         self.mode = resolve_wandb_mode(

@@ -124,8 +124,11 @@ def setup(cfg: DictConfig) -> Run:
     setup_precision(cfg.precision, d.device)
     try:
         check_attention(
-            AttnImpl(cfg.attn.impl).value, d.device, torch_dtype(cfg.precision.dtype),
-            head_dim=cfg.model.n_embd // cfg.model.n_head, dropout=cfg.model.dropout,
+            AttnImpl(cfg.attn.impl).value,
+            d.device,
+            torch_dtype(cfg.precision.dtype),
+            head_dim=cfg.model.n_embd // cfg.model.n_head,
+            dropout=cfg.model.dropout,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

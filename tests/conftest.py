@@ -36,13 +36,23 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str,
+    *args: str,
+    cwd: Path,
+    env: dict | None = None,
+    timeout: int = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run `python -m module args...` the way a user would; returns the finished process."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from gpt2x import CONF_DIR, REPO_ROOT
@@ -39,7 +39,9 @@ CASES = [(g, o) for g in GROUPS for o in options(g)]
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_every_group_option_composes_and_resolves(group, option):
-    extra = ["data.source=/tmp/x.txt"] if (group, option) in {("data", "text"), ("data", "hf")} else []
+    extra = (
+        ["data.source=/tmp/x.txt"] if (group, option) in {("data", "text"), ("data", "hf")} else []
+    )
     cfg = compose_cfg([f"{group}={option}", *extra])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if group in ("model", "data", "precision", "logger"):
@@ -63,7 +65,12 @@ def test_every_sweep_composes(name):
 
 def test_group_choices_from_the_command_line():
     cfg = compose_cfg(["model=gpt2", "precision=bf16", "attn=flash", "compile=true"])
-    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (12, 12, 768, 1024)
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (
+        12,
+        12,
+        768,
+        1024,
+    )
     assert cfg.precision.dtype.value == "bf16" and cfg.precision.tf32
     assert cfg.attn.impl.value == "flash" and cfg.compile is True
     assert cfg.trainer.seq_len == 1024  # follows the model's context by default
@@ -73,8 +80,16 @@ def test_exact_gpt2_shapes():
     shapes = {name: compose_cfg([f"model={name}"]).model for name in options("model")}
     assert (shapes["gpt2-medium"].n_layer, shapes["gpt2-medium"].n_embd) == (24, 1024)
     assert (shapes["gpt2-large"].n_layer, shapes["gpt2-large"].n_head) == (36, 20)
-    assert (shapes["gpt2-xl"].n_layer, shapes["gpt2-xl"].n_head, shapes["gpt2-xl"].n_embd) == (48, 25, 1600)
-    assert (shapes["nano"].n_layer, shapes["nano"].n_embd, shapes["nano"].block_size) == (4, 256, 256)
+    assert (shapes["gpt2-xl"].n_layer, shapes["gpt2-xl"].n_head, shapes["gpt2-xl"].n_embd) == (
+        48,
+        25,
+        1600,
+    )
+    assert (shapes["nano"].n_layer, shapes["nano"].n_embd, shapes["nano"].block_size) == (
+        4,
+        256,
+        256,
+    )
 
 
 def test_unknown_option_is_hydras_error():
@@ -101,7 +116,11 @@ def test_enum_field_rejects_unknown_value():
     ("overrides", "world", "setting"),
     [
         (["trainer.total_batch_tokens=1000"], 1, "trainer.total_batch_tokens"),
-        (["trainer.total_batch_tokens=2048", "trainer.micro_batch_size=8"], 2, "trainer.total_batch_tokens"),
+        (
+            ["trainer.total_batch_tokens=2048", "trainer.micro_batch_size=8"],
+            2,
+            "trainer.total_batch_tokens",
+        ),
         (["trainer.seq_len=512"], 1, "trainer.seq_len"),
         (["model.vocab_size=50000"], 1, "model.vocab_size"),
         (["model.n_head=3"], 1, "model.n_embd"),

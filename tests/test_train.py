@@ -32,8 +32,14 @@ def tiny_cfg(tmp_path: Path, data_root: Path, *overrides: str):
 def cli_train(tmp_path: Path, data_root: Path, *overrides: str, check=True, env=None):
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "gpt2x.train", *TINY, f"paths.data_dir={data_root}", f"hydra.run.dir={run_dir}",
-        *overrides, cwd=tmp_path, check=check, env=env,
+        "gpt2x.train",
+        *TINY,
+        f"paths.data_dir={data_root}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+        cwd=tmp_path,
+        check=check,
+        env=env,
     )
     return proc, run_dir
 
@@ -43,7 +49,9 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def test_cli_run_writes_the_record_and_loss_falls(tmp_path, data_root):
-    proc, run_dir = cli_train(tmp_path, data_root, "trainer.max_steps=20", "logger=none")
+    proc, run_dir = cli_train(
+        tmp_path, data_root, "trainer.max_steps=20", "logger=none", "optim.lr=1e-2"
+    )
     record = json.loads((run_dir / "record.json").read_text())
     assert record["status"] == "completed" and record["error"] is None
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -77,8 +85,13 @@ def test_same_seed_same_losses_in_fp32(tmp_path, data_root):
         run_training(cfg)
         runs.append(losses(tmp_path / name / "run"))
     assert runs[0] == runs[1]  # bit-identical on CPU in fp32
-    cfg = tiny_cfg(tmp_path / "c", data_root, "trainer.max_steps=6", "trainer.seed=7",
-                   "trainer.sample_tokens=0")
+    cfg = tiny_cfg(
+        tmp_path / "c",
+        data_root,
+        "trainer.max_steps=6",
+        "trainer.seed=7",
+        "trainer.sample_tokens=0",
+    )
     run_training(cfg)
     assert losses(tmp_path / "c" / "run") != runs[0]
 
@@ -87,16 +100,31 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, data_root):
     """B=4 with 2 micro-steps gives the same update as B=8 in one (fp32, same tokens)."""
     common = ["trainer.max_steps=3", "trainer.sample_tokens=0", "data.shuffle=false"]
     run_training(tiny_cfg(tmp_path / "big", data_root, *common, "trainer.micro_batch_size=8"))
-    run_training(tiny_cfg(tmp_path / "acc", data_root, *common, "trainer.micro_batch_size=4",
-                          "trainer.total_batch_tokens=256"))
+    run_training(
+        tiny_cfg(
+            tmp_path / "acc",
+            data_root,
+            *common,
+            "trainer.micro_batch_size=4",
+            "trainer.total_batch_tokens=256",
+        )
+    )
     big, acc = losses(tmp_path / "big" / "run"), losses(tmp_path / "acc" / "run")
-    assert json.loads((tmp_path / "acc" / "run" / "record.json").read_text())["grad_accum_steps"] == 2
+    assert (
+        json.loads((tmp_path / "acc" / "run" / "record.json").read_text())["grad_accum_steps"] == 2
+    )
     assert big == pytest.approx(acc, rel=1e-5)
 
 
 def test_overfit_one_batch(tmp_path, data_root):
-    cfg = tiny_cfg(tmp_path, data_root, "debug=overfit_batch", "trainer.max_steps=60",
-                   "optim.lr=3e-3", "model.n_embd=64")
+    cfg = tiny_cfg(
+        tmp_path,
+        data_root,
+        "debug=overfit_batch",
+        "trainer.max_steps=60",
+        "optim.lr=3e-3",
+        "model.n_embd=64",
+    )
     run_training(cfg)
     rows = losses(tmp_path / "run")
     assert rows[-1] < 1.0 < rows[0]
@@ -122,8 +150,13 @@ def test_compile_trains_evaluates_and_samples(tmp_path, data_root):
 
 
 def test_mfu_uses_the_given_peak(tmp_path, data_root):
-    cfg = tiny_cfg(tmp_path, data_root, "trainer.max_steps=2", "trainer.peak_flops=1e12",
-                   "trainer.sample_tokens=0")
+    cfg = tiny_cfg(
+        tmp_path,
+        data_root,
+        "trainer.max_steps=2",
+        "trainer.peak_flops=1e12",
+        "trainer.sample_tokens=0",
+    )
     run_training(cfg)
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
@@ -132,8 +165,9 @@ def test_mfu_uses_the_given_peak(tmp_path, data_root):
 
 
 def test_tf32_on_cpu_says_it_is_a_no_op(tmp_path, data_root, caplog):
-    cfg = tiny_cfg(tmp_path, data_root, "precision=tf32", "trainer.max_steps=1",
-                   "trainer.sample_tokens=0")
+    cfg = tiny_cfg(
+        tmp_path, data_root, "precision=tf32", "trainer.max_steps=1", "trainer.sample_tokens=0"
+    )
     with caplog.at_level(logging.WARNING):
         run_training(cfg)
     messages = [r.getMessage() for r in caplog.records if "tf32" in r.getMessage()]
@@ -164,8 +198,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_record(tmp_path, data_root, 
 
 
 def test_cli_bad_batch_is_one_line_before_compute(tmp_path, data_root):
-    proc, run_dir = cli_train(tmp_path, data_root, "trainer.total_batch_tokens=1000",
-                              "logger=none", check=False)
+    proc, run_dir = cli_train(
+        tmp_path, data_root, "trainer.total_batch_tokens=1000", "logger=none", check=False
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "trainer.total_batch_tokens" in errors[0]
@@ -174,8 +209,14 @@ def test_cli_bad_batch_is_one_line_before_compute(tmp_path, data_root):
 
 
 def test_cli_missing_data_file_is_one_line(tmp_path, data_root):
-    proc, _ = cli_train(tmp_path, data_root, "data=text", f"data.source={tmp_path}/nope/*.txt",
-                        "logger=none", check=False)
+    proc, _ = cli_train(
+        tmp_path,
+        data_root,
+        "data=text",
+        f"data.source={tmp_path}/nope/*.txt",
+        "logger=none",
+        check=False,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "data.source" in errors[0]
@@ -198,8 +239,14 @@ def test_cli_help_lists_groups_and_cfg_job_prints_config(tmp_path):
 
 def test_wandb_offline_run_folder_holds_the_steps(tmp_path, data_root):
     env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc")}
-    _, run_dir = cli_train(tmp_path, data_root, "trainer.max_steps=5", "logger=wandb",
-                           "logger.group=test-group", env=env)
+    _, run_dir = cli_train(
+        tmp_path,
+        data_root,
+        "trainer.max_steps=5",
+        "logger=wandb",
+        "logger.group=test-group",
+        env=env,
+    )
     record = json.loads((run_dir / "record.json").read_text())
     assert record["wandb"]["mode"] == "offline"
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -210,22 +257,38 @@ def test_wandb_offline_run_folder_holds_the_steps(tmp_path, data_root):
 
 
 def wandb_history(path: Path) -> list[dict]:
-    """The logged rows of an offline W&B run file (read with W&B's own datastore reader)."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
+    """The history rows of an offline W&B run file.
 
-    ds = datastore.DataStore()
-    ds.open_for_scan(str(path))
-    rows = []
-    while True:
-        data = ds.scan_data()
-        if data is None:
+    The .wandb file is a LevelDB-style log (7-byte file header, 32 KiB blocks, records with a
+    7-byte header: crc32, length, type) of protobuf `Record`s; wandb 0.31 ships no reader.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
             break
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in rec.history.item})
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: one whole record
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            pending = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append(
+                    {
+                        i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                        for i in rec.history.item
+                    }
+                )
     return rows
 
 

@@ -1,0 +1,954 @@
+"""Comparison tables and plots rebuilt from run records, fully offline (see docs/report.md).
+
+    python -m gpt2x.report outputs/runs/ladder --out reports/ladder
+    python -m gpt2x.report outputs/multirun/<sweep> --x trainer.micro_batch_size --basename summary
+
+Reads every `record.json` (+ `metrics.jsonl`, `eval.jsonl`) under the given folders, as
+described in docs/run-record.md, and writes `<basename>.md`, `<basename>.csv`, `loss.png`,
+`tokens_per_s.png` (and `sweep.png` with `--x`). With `--wandb` it also saves a W&B report that
+compares the same runs online. Nothing here imports torch: the report runs on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_WARMUP = 3
+TRAIN_MODULE = "gpt2x.train"
+
+# W&B metric keys logged by the trainer (gpt2x.metrics.WandbLogger)
+WANDB_LOSS = "train/loss"
+WANDB_TOKENS_PER_S = "perf/tokens_per_s"
+WANDB_MFU = "perf/mfu"
+WANDB_VAL_LOSS = "val/loss"
+WANDB_TOKENS_SEEN = "tokens_seen"
+
+# the table's columns, in order (a sweep adds the swept key after `name`, and `best`)
+COLUMNS = [
+    "name",
+    "status",
+    "error",
+    "steps",
+    "median_ms",
+    "p10_ms",
+    "p90_ms",
+    "tokens_per_s",
+    "mfu",
+    "speedup_vs_prev",
+    "speedup_vs_baseline",
+    "peak_mem_gb",
+    "loss",
+    "loss_vs_baseline",
+    "val_loss",
+    "compile_s",
+    "world_size",
+    "config_hash",
+]
+
+
+class ReportError(RuntimeError):
+    """A problem with the input (missing folder, no records); the message is one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Run:
+    """One run folder: its record.json, metrics rows, eval rows and a display name."""
+
+    path: Path
+    record: dict
+    metrics: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def status(self) -> str:
+        return str(self.record.get("status") or "unknown")
+
+    @property
+    def error(self) -> str | None:
+        err = self.record.get("error")
+        return _one_line(str(err)) if err else None
+
+    @property
+    def ok(self) -> bool:
+        """Finished normally: the only runs whose numbers are compared."""
+        return self.status == "completed" and not self.error
+
+    @property
+    def config(self) -> dict:
+        cfg = self.record.get("config")
+        return cfg if isinstance(cfg, dict) else {}
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """JSON rows of a file; a truncated or garbled line (a killed run) ends the read."""
+    rows: list[dict] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if isinstance(row, dict):
+                    rows.append(row)
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def _by_step(rows: list[dict]) -> list[dict]:
+    """One row per step in step order; a resumed run's repeated steps keep their last row."""
+    if not rows or not all(isinstance(r.get("step"), int) for r in rows):
+        return rows
+    last: dict[int, dict] = {}
+    for r in rows:
+        last[r["step"]] = r
+    return [last[s] for s in sorted(last)]
+
+
+def _natural_key(text: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+
+
+def load_run(folder: str | Path) -> Run:
+    folder = Path(folder)
+    record_path = folder / "record.json"
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"no record.json in {folder}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"cannot read {record_path}: {_one_line(str(e))}") from None
+    if not isinstance(record, dict):
+        raise ReportError(f"cannot read {record_path}: not a JSON object")
+    name = str(record.get("experiment") or "") or folder.name
+    return Run(
+        path=folder,
+        record=record,
+        metrics=_by_step(read_jsonl(folder / "metrics.jsonl")),
+        evals=read_jsonl(folder / "eval.jsonl"),
+        name=name,
+    )
+
+
+def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
+    """Every run under the given folders (recursively), in the order the folders are given.
+
+    Within one folder, runs are ordered by start time (then by path, numbers compared as
+    numbers). Failed runs are kept. Display names that collide get their folder name appended.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for p in paths:
+        folder = Path(p)
+        if not folder.exists():
+            raise ReportError(f"no such folder: {folder}")
+        if folder.is_file():
+            if folder.name != "record.json":
+                raise ReportError(f"not a folder: {folder}")
+            found = [folder]
+        else:
+            found = list(folder.rglob("record.json"))
+        if not found:
+            raise ReportError(f"no record.json found under {folder}")
+        here = [load_run(f.parent) for f in found if f.parent.resolve() not in seen]
+        seen.update(r.path.resolve() for r in here)
+        here.sort(key=lambda r: (str(r.record.get("started_at") or ""), _natural_key(str(r.path))))
+        runs.extend(here)
+    _disambiguate(runs)
+    return runs
+
+
+def _disambiguate(runs: list[Run]) -> None:
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.name] = counts.get(r.name, 0) + 1
+    for r in runs:
+        if counts[r.name] > 1 and r.name != r.path.name:
+            r.name = f"{r.name} [{r.path.name}]"
+
+
+# --------------------------------------------------------------------------------------------
+# Summary rows
+
+
+def _num(value: Any) -> float | None:
+    """A float from a JSON value (the record writes NaN/inf as strings); None if not a number."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in [0, 1]), as numpy's default does."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    pos = (len(ordered) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def config_value(config: dict, key: str) -> Any:
+    """`a.b.c` looked up in a nested config dict; None where absent."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _warmup_for(run: Run, warmup: int | None) -> int:
+    if warmup is not None:
+        return max(0, int(warmup))
+    w = config_value(run.config, "trainer.warmup_steps_for_timing")
+    return int(w) if isinstance(w, int) and not isinstance(w, bool) and w >= 0 else DEFAULT_WARMUP
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _measure(run: Run, warmup: int) -> dict:
+    """Step-time, throughput, memory and loss numbers of one run (None where unknown)."""
+    rec = run.record
+    summary = rec.get("summary") if isinstance(rec.get("summary"), dict) else {}
+    rows = run.metrics
+    steps = summary.get("steps") if not rows else None
+    out: dict[str, Any] = {"steps": steps if isinstance(steps, int) else len(rows)}
+    # the trainer's rule: skip `warmup` steps but always keep at least one
+    skip = min(warmup, max(0, len(rows) - 1))
+    measured = rows[skip:]
+    ms = [v for v in (_num(r.get("ms")) for r in measured) if v is not None and math.isfinite(v)]
+    if ms:
+        out["median_ms"] = statistics.median(ms)
+        out["p10_ms"] = percentile(ms, 0.1)
+        out["p90_ms"] = percentile(ms, 0.9)
+    else:  # no per-step rows: fall back to the record's own summary
+        out["median_ms"] = _num(summary.get("median_ms"))
+        out["p10_ms"] = _num(summary.get("p10_ms"))
+        out["p90_ms"] = _num(summary.get("p90_ms"))
+
+    tokens_per_step = _num(rec.get("tokens_per_step"))
+    if tokens_per_step and out["median_ms"]:
+        out["tokens_per_s"] = tokens_per_step / (out["median_ms"] / 1000.0)
+    else:
+        tps = [v for v in (_num(r.get("tokens_per_s")) for r in measured) if v is not None]
+        out["tokens_per_s"] = statistics.median(tps) if tps else _num(summary.get("tokens_per_s"))
+
+    mfus = [v for v in (_num(r.get("mfu")) for r in measured) if v is not None]
+    out["mfu"] = statistics.median(mfus) if mfus else (None if rows else _num(summary.get("mfu")))
+
+    mems = [v for v in (_num(r.get("mem_gb")) for r in rows) if v is not None]
+    out["peak_mem_gb"] = max(mems) if mems else _num(summary.get("peak_mem_gb"))
+
+    out["loss"] = _num(rows[-1].get("loss")) if rows else _num(summary.get("final_loss"))
+    vals = [v for v in (_num(r.get("val_loss")) for r in run.evals) if v is not None]
+    out["val_loss"] = vals[-1] if vals else _num(summary.get("val_loss"))
+    return out
+
+
+def _order_runs(runs: Sequence[Run], order: Sequence[str] | None) -> list[Run]:
+    runs = list(runs)
+    if not order:
+        return runs
+    rank = {name: i for i, name in enumerate(order)}
+    missing = [n for n in order if n not in {r.name for r in runs}]
+    if missing:
+        raise ReportError(f"--order names no run called {missing[0]!r}")
+    return sorted(runs, key=lambda r: rank.get(r.name, len(rank)))  # stable: the rest keep order
+
+
+def summarize(
+    runs: Sequence[Run],
+    baseline: str | None = None,
+    warmup: int | None = None,
+    order: Sequence[str] | None = None,
+    x: str | None = None,
+) -> list[dict]:
+    """One row per run (columns: COLUMNS), in the order of `runs` or of the names in `order`.
+
+    baseline: the name of the reference run (default: the first successful row).
+    warmup: steps skipped before timing (default: each run's trainer.warmup_steps_for_timing,
+        else 3). x: a dotted config key for sweeps: adds that column and `best` (the successful
+        row with the highest tokens/s).
+    Rows that did not complete keep name/status/error/steps and leave every other cell None;
+    speed-up vs the previous row compares to the last successful row before it.
+    """
+    ordered = _order_runs(runs, order)
+    rows = []
+    for run in ordered:
+        row: dict[str, Any] = dict.fromkeys(COLUMNS)
+        row.update(name=run.name, status=run.status, error=run.error)
+        row["config_hash"] = run.record.get("config_hash")
+        row["world_size"] = run.record.get("world_size")
+        measured = _measure(run, _warmup_for(run, warmup))
+        if run.ok and measured["median_ms"]:
+            row.update(measured)
+            row["compile_s"] = _num(run.record.get("compile_seconds"))
+        else:
+            row["steps"] = measured["steps"]
+            if run.ok:  # completed but nothing measured: cannot be compared
+                row["error"] = row["error"] or "no step timings in the record"
+        if x is not None:
+            row[x] = config_value(run.config, x)
+        rows.append(row)
+
+    good = [r for r in rows if r["median_ms"]]
+    if baseline is not None:
+        names = [r["name"] for r in rows]
+        if baseline not in names:
+            raise ReportError(f"--baseline {baseline!r} is not one of the runs: {', '.join(names)}")
+        base = rows[names.index(baseline)]
+        if not base["median_ms"]:
+            base = None  # a failed baseline: nothing to compare against
+    else:
+        base = good[0] if good else None
+
+    prev = None
+    for row in rows:
+        if not row["median_ms"]:
+            continue
+        row["speedup_vs_prev"] = _ratio(prev["median_ms"], row["median_ms"]) if prev else 1.0
+        if base is not None:
+            row["speedup_vs_baseline"] = _ratio(base["median_ms"], row["median_ms"])
+            if row["loss"] is not None and base["loss"] is not None:
+                row["loss_vs_baseline"] = row["loss"] - base["loss"]
+        prev = row
+
+    if x is not None:
+        best = max(good, key=lambda r: r["tokens_per_s"] or 0.0, default=None)
+        for row in rows:
+            row["best"] = row is best
+    return rows
+
+
+def _sweep_key(rows: Sequence[dict]) -> str | None:
+    if rows and "best" in rows[0]:
+        return next((k for k in rows[0] if k not in COLUMNS and k != "best"), None)
+    return None
+
+
+def columns_of(rows: Sequence[dict], x: str | None = None) -> list[str]:
+    """The table's columns: COLUMNS, with the swept key after `name` and `best` in a sweep
+    (found in the rows when x is not given)."""
+    if x is None:
+        x = _sweep_key(rows)
+    if x is None:
+        return list(COLUMNS)
+    return ["name", x, *COLUMNS[1:], "best"]
+
+
+# --------------------------------------------------------------------------------------------
+# Header and re-run commands
+
+
+def rerun_command(run: Run) -> str:
+    """The command that reproduces a run: the trainer with the run's recorded overrides."""
+    overrides = run.record.get("overrides") or []
+    ws = run.record.get("world_size") or 1
+    launch = (
+        f"torchrun --standalone --nproc_per_node={ws} -m {TRAIN_MODULE}"
+        if isinstance(ws, int) and ws > 1
+        else f"python -m {TRAIN_MODULE}"
+    )
+    return " ".join([launch, *(shlex.quote(str(o)) for o in overrides)])
+
+
+def _distinct(values: Iterable[Any]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        if v not in (None, "") and str(v) not in out:
+            out.append(str(v))
+    return out
+
+
+def _capped(values: list[str], limit: int = 5) -> list[str]:
+    if len(values) <= limit:
+        return values
+    return [*values[:limit], f"... and {len(values) - limit} more (re-run commands: see Runs)"]
+
+
+def build_header(runs: Sequence[Run], baseline: str | None = None) -> dict:
+    """What the runs ran on: hardware, versions, git commits, commands, date (distinct values)."""
+
+    def hw(r: Run) -> str | None:
+        h = r.record.get("hardware") or {}
+        if not h:
+            return None
+        dev = f"{h.get('device_name') or h.get('device')}"
+        if (h.get("device_count") or 1) > 1:
+            dev += f" x{h['device_count']}"
+        return f"{dev} ({h.get('device')}); CPU {h.get('cpu')} x{h.get('cpu_count')}; host {h.get('hostname')}"
+
+    def ver(r: Run) -> str | None:
+        v = r.record.get("versions") or {}
+        if not v:
+            return None
+        return f"torch {v.get('torch')}, CUDA {v.get('cuda')}, python {v.get('python')}"
+
+    def git(r: Run) -> str | None:
+        g = r.record.get("git") or {}
+        if not g.get("commit"):
+            return None
+        return g["commit"] + (" (dirty)" if g.get("dirty") else "")
+
+    starts = sorted(_distinct(r.record.get("started_at") for r in runs))
+    failed = sum(not r.ok for r in runs)
+    header = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "runs": f"{len(runs)} ({failed} not completed)" if failed else str(len(runs)),
+        "started": f"{starts[0]} .. {starts[-1]}" if starts else None,
+        "hardware": _distinct(hw(r) for r in runs),
+        "versions": _distinct(ver(r) for r in runs),
+        "git": _distinct(git(r) for r in runs),
+        "commands": _capped(_distinct(r.record.get("command") for r in runs)),
+        "baseline": baseline,
+    }
+    return {k: v for k, v in header.items() if v not in (None, "", [])}
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fmt(col: str, value: Any) -> str:
+    """A cell for the markdown table."""
+    if value is None:
+        return ""
+    if col == "best":
+        return "★" if value else ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if col in ("median_ms", "p10_ms", "p90_ms", "compile_s"):
+        return f"{value:.1f}"
+    if col == "tokens_per_s":
+        return f"{value:,.0f}"
+    if col == "mfu":
+        return f"{100 * value:.1f}%"
+    if col.startswith("speedup"):
+        return f"{value:.2f}x"
+    if col == "peak_mem_gb":
+        return f"{value:.2f}"
+    if col in ("loss", "val_loss"):
+        return f"{value:.4f}"
+    if col == "loss_vs_baseline":
+        return f"{value:+.4f}"
+    text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return value
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        cells = [_fmt(c, row.get(c)) for c in columns]
+        if row.get("best"):
+            cells[0] = f"**{cells[0]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    rows: Sequence[dict],
+    runs: Sequence[Run],
+    out_dir: str | Path,
+    header: dict | None = None,
+    basename: str = "ablation",
+    x: str | None = None,
+    title: str | None = None,
+) -> dict[str, Path]:
+    """Write `<basename>.md`, `<basename>.csv`, `loss.png`, `tokens_per_s.png` (+ `sweep.png`
+    when `x` is a swept config key) into out_dir; returns {kind: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x = x or _sweep_key(rows)
+    columns = columns_of(rows, x)
+    header = build_header(runs) if header is None else header
+    by_name = {r.name: r for r in runs}
+    paths: dict[str, Path] = {}
+
+    # ---- markdown
+    md = [f"# {title or ('Sweep over ' + x if x else 'Ablation')}", ""]
+    for key, value in header.items():
+        if isinstance(value, (list, tuple)):
+            if len(value) == 1:
+                md.append(f"- **{key}**: {value[0]}")
+            else:
+                md.append(f"- **{key}**:")
+                md.extend(f"  - {v}" for v in value)
+        else:
+            md.append(f"- **{key}**: {value}")
+    md += ["", markdown_table(rows, columns), ""]
+    best = next((r for r in rows if r.get("best")), None)
+    if x is not None:
+        if best is not None:
+            md.append(
+                f"**Best**: {best['name']} ({x}={best.get(x)}): "
+                f"{_fmt('tokens_per_s', best['tokens_per_s'])} tokens/s, "
+                f"{_fmt('median_ms', best['median_ms'])} ms/step."
+            )
+        else:
+            md.append("**Best**: none (no run completed).")
+        md.append("")
+    md += [
+        "Times are medians over the measured steps (the first `trainer.warmup_steps_for_timing`"
+        " steps skipped); speed-ups are ratios of median step times. Column definitions:"
+        " docs/report.md.",
+        "",
+        "## Runs",
+        "",
+    ]
+    for row in rows:
+        run = by_name.get(row["name"])
+        md.append(f"### {row['name']}")
+        md.append("")
+        md.append(f"- status: {row['status']}" + (f" ({row['error']})" if row["error"] else ""))
+        if run is not None:
+            md.append(f"- folder: `{run.path}`")
+        md.append(f"- config hash: `{row.get('config_hash') or 'n/a'}`")
+        if run is not None:
+            md.append(f"- re-run: `{rerun_command(run)}`")
+            wb = run.record.get("wandb") or {}
+            if isinstance(wb, dict) and wb.get("url"):
+                md.append(f"- W&B: {wb['url']}")
+        md.append("")
+    paths["md"] = out / f"{basename}.md"
+    paths["md"].write_text("\n".join(md), encoding="utf-8")
+
+    # ---- csv
+    paths["csv"] = out / f"{basename}.csv"
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_cell(row.get(c)) for c in columns])
+
+    # ---- plots
+    paths["loss"] = plot_loss(runs, rows, out / "loss.png")
+    paths["tokens_per_s"] = plot_tokens_per_s(rows, out / "tokens_per_s.png")
+    if x is not None:
+        paths["sweep"] = plot_sweep(rows, x, out / "sweep.png")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API on an Agg canvas: no pyplot, no GUI backend, thread-safe)
+
+
+def _figure(width: float = 8.0, height: float = 4.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_loss(runs: Sequence[Run], rows: Sequence[dict], path: Path) -> Path:
+    """Training loss vs step, one line per run in table order (dashed: did not complete)."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    by_name = {r.name: r for r in runs}
+    drawn = 0
+    for row in rows:
+        run = by_name.get(row["name"])
+        if run is None or not run.metrics:
+            continue
+        pts = [(r.get("step"), _num(r.get("loss"))) for r in run.metrics]
+        pts = [(s, v) for s, v in pts if isinstance(s, int) and v is not None and math.isfinite(v)]
+        if not pts:
+            continue
+        label = run.name if run.ok else f"{run.name} ({run.status})"
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            label=label,
+            linestyle="-" if run.ok else "--",
+            linewidth=1.2,
+        )
+        drawn += 1
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_tokens_per_s(rows: Sequence[dict], path: Path) -> Path:
+    """Bar chart of tokens/s per run (runs that did not complete: an empty, labelled slot)."""
+    fig = _figure(max(6.0, 1.1 * len(rows) + 2), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    names = [r["name"] for r in rows]
+    values = [r["tokens_per_s"] or 0.0 for r in rows]
+    bars = ax.bar(range(len(rows)), values, color=["C0" if r["median_ms"] else "0.7" for r in rows])
+    for bar, row in zip(bars, rows):
+        label = f"{row['speedup_vs_baseline']:.2f}x" if row["speedup_vs_baseline"] else ""
+        if not row["median_ms"]:
+            label = row["status"]
+        ax.annotate(
+            label,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("tokens / s (median step)")
+    ax.set_title("Throughput (label: speed-up vs baseline)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plot_sweep(rows: Sequence[dict], x: str, path: Path) -> Path:
+    """tokens/s and peak memory vs the swept key; the best run is marked with a star."""
+    fig = _figure(10.0, 4.5)
+    ax_t = fig.add_subplot(1, 2, 1)
+    ax_m = fig.add_subplot(1, 2, 2)
+    good = [r for r in rows if r["median_ms"]]
+    numeric = bool(good) and all(_is_number(r.get(x)) for r in good)
+    if numeric:
+        good = sorted(good, key=lambda r: r[x])
+        xs = [r[x] for r in good]
+    else:
+        xs = list(range(len(good)))
+        for ax in (ax_t, ax_m):
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(r.get(x)) for r in good], rotation=30, ha="right")
+    best_i = next((i for i, r in enumerate(good) if r.get("best")), None)
+    for ax, col, label in (
+        (ax_t, "tokens_per_s", "tokens / s"),
+        (ax_m, "peak_mem_gb", "peak memory (GB)"),
+    ):
+        pts = [(xv, r[col]) for xv, r in zip(xs, good) if r[col] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+            if best_i is not None and good[best_i][col] is not None:
+                ax.plot(
+                    [xs[best_i]],
+                    [good[best_i][col]],
+                    marker="*",
+                    markersize=16,
+                    color="C3",
+                    linestyle="none",
+                    label=f"best ({x}={good[best_i].get(x)})",
+                )
+                ax.legend(fontsize=8)
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                "not recorded (CPU?)" if good else "no completed runs",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+        ax.set_xlabel(x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_t.set_title("Throughput")
+    ax_m.set_title("Peak memory")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# W&B report
+
+
+def _wandb_info(run: Run) -> dict:
+    info = run.record.get("wandb")
+    return info if isinstance(info, dict) else {}
+
+
+def wandb_groups(runs: Sequence[Run]) -> list[str]:
+    """The W&B groups of the runs: record["wandb"]["group"], else config logger.group."""
+    return _distinct(
+        _wandb_info(r).get("group") or config_value(r.config, "logger.group") for r in runs
+    )
+
+
+def _wandb_project(runs: Sequence[Run]) -> str | None:
+    found = _distinct(
+        _wandb_info(r).get("project") or config_value(r.config, "logger.project") for r in runs
+    )
+    return found[0] if found else None
+
+
+def _wandb_entity(runs: Sequence[Run]) -> str | None:
+    """From config logger.entity, else from an online run's URL (https://host/ENTITY/PROJECT/...)."""
+    for r in runs:
+        entity = config_value(r.config, "logger.entity")
+        if entity:
+            return str(entity)
+        url = _wandb_info(r).get("url")
+        if url:
+            m = re.match(r"https?://[^/]+/([^/]+)/([^/]+)/runs/", str(url))
+            if m:
+                return m.group(1)
+    return None
+
+
+def build_wandb_report(
+    runs: Sequence[Run],
+    project: str | None = None,
+    entity: str | None = None,
+    group: str | None = None,
+    title: str | None = None,
+    rows: Sequence[dict] | None = None,
+):
+    """A `wandb_workspaces.reports.v2.Report` comparing the runs (nothing is saved or sent).
+
+    The runset selects the runs' W&B group(s) (`group` overrides), or their W&B run ids when
+    they have no group. Panels: train loss vs step and vs tokens seen, val loss, tokens/s, MFU
+    (line plots), tokens/s per run (bar plot) and a run comparer; `rows` (from `summarize`)
+    adds the local table as markdown. project/entity default to what the records say; an
+    entity that is still unknown is left to W&B's default entity (resolved on save, online).
+    """
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        from wandb_workspaces import expr
+    except ImportError as e:
+        raise ReportError(
+            f"W&B reports need wandb-workspaces (pip install 'gpt2x[report]'): {_one_line(str(e))}"
+        ) from None
+
+    project = project or _wandb_project(runs) or "gpt2x"
+    entity = entity or _wandb_entity(runs)
+    groups = [group] if group else wandb_groups(runs)
+    if len(groups) == 1:
+        filters = [expr.Metric("Group") == groups[0]]
+        label = groups[0]
+    elif groups:
+        filters = [expr.Metric("Group").isin(groups)]
+        label = ", ".join(groups)
+    else:
+        ids = _distinct(_wandb_info(r).get("id") for r in runs)
+        if not ids:
+            raise ReportError(
+                "the runs have no W&B group and no W&B run id (logger=none?); pass --group"
+            )
+        filters = [expr.Metric("ID").isin(ids)]
+        label = f"{len(ids)} runs"
+    title = (title or f"gpt2x: {label}")[:128]
+
+    runset = wr.Runset(
+        entity=entity or "",
+        project=project,
+        name=label,
+        filters=filters,
+        order=[wr.OrderBy(name="CreatedTimestamp", ascending=True)],  # ladder order
+    )
+
+    def at(i: int, w: int = 12, h: int = 8):
+        return wr.Layout(x=(i % 2) * 12, y=(i // 2) * 8, w=w, h=h)
+
+    panels = [
+        wr.LinePlot(title="Train loss vs step", x="Step", y=[WANDB_LOSS], layout=at(0)),
+        wr.LinePlot(
+            title="Train loss vs tokens seen", x=WANDB_TOKENS_SEEN, y=[WANDB_LOSS], layout=at(1)
+        ),
+        wr.LinePlot(title="Tokens/s", x="Step", y=[WANDB_TOKENS_PER_S], layout=at(2)),
+        wr.LinePlot(title="MFU", x="Step", y=[WANDB_MFU], layout=at(3)),
+        wr.LinePlot(title="Validation loss", x="Step", y=[WANDB_VAL_LOSS], layout=at(4)),
+        wr.BarPlot(
+            title="Tokens/s per run (last logged)",
+            metrics=[WANDB_TOKENS_PER_S],
+            orientation="h",
+            layout=at(5),
+        ),
+        wr.RunComparer(diff_only="split", layout=wr.Layout(x=0, y=24, w=24, h=12)),
+    ]
+    blocks = [
+        wr.P(
+            f"{len(runs)} runs compared by gpt2x.report from their local run records "
+            f"(W&B group: {label}). Speed-ups below are ratios of median step times over the "
+            f"measured steps; the panels show what each run logged to W&B."
+        ),
+    ]
+    if rows:
+        blocks += [
+            wr.H2("Summary (local run records)"),
+            wr.MarkdownBlock(text=markdown_table(rows, columns_of(rows))),
+        ]
+    blocks += [wr.H2("Runs"), wr.PanelGrid(runsets=[runset], panels=panels)]
+    kwargs = {"entity": entity} if entity else {}
+    return wr.Report(
+        project=project, title=title, description=f"gpt2x runs: {label}", blocks=blocks, **kwargs
+    )
+
+
+def _wandb_offline_reason() -> str | None:
+    """Why a report cannot be saved here without trying the network, or None."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return f"WANDB_MODE={mode}"
+    if os.environ.get("WANDB_API_KEY"):
+        return None
+    try:
+        import netrc
+
+        rc = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
+        hosts = netrc.netrc(rc).hosts if os.path.exists(rc) else {}
+    except (OSError, netrc.NetrcParseError):
+        hosts = {}
+    if any("wandb" in h for h in hosts):
+        return None
+    return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m gpt2x.report",
+        description="Comparison table and plots from run records (record.json + metrics.jsonl).",
+    )
+    p.add_argument("folders", nargs="+", help="run folders, or folders holding run folders")
+    p.add_argument("--out", help="output folder (default: the first folder)")
+    p.add_argument("--baseline", help="name of the reference run (default: the first row)")
+    p.add_argument(
+        "--x",
+        dest="x",
+        metavar="KEY",
+        help="sweep mode: dotted config key to plot against (writes sweep.png)",
+    )
+    p.add_argument(
+        "--basename", default="ablation", help="name of the .md/.csv files (default: ablation)"
+    )
+    p.add_argument("--order", help="comma-separated run names: the table order")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="steps skipped before timing (default: trainer.warmup_steps_for_timing)",
+    )
+    p.add_argument("--title", help="title of the markdown / W&B report")
+    p.add_argument("--wandb", action="store_true", help="also save a W&B report (needs network)")
+    p.add_argument("--project", help="W&B project (default: from the records)")
+    p.add_argument("--entity", help="W&B entity (default: from the records, else your default)")
+    p.add_argument("--group", help="W&B group to compare (default: the runs' group)")
+    return p.parse_args(argv)
+
+
+def _err(msg: str) -> None:
+    print(f"gpt2x.report: error: {msg}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = load_runs(args.folders)
+        order = [s.strip() for s in args.order.split(",") if s.strip()] if args.order else None
+        rows = summarize(runs, baseline=args.baseline, warmup=args.warmup, order=order, x=args.x)
+        baseline = args.baseline or next((r["name"] for r in rows if r["median_ms"]), None)
+        out = Path(args.out) if args.out else Path(args.folders[0])
+        paths = write_report(
+            rows,
+            runs,
+            out,
+            header=build_header(runs, baseline),
+            basename=args.basename,
+            x=args.x,
+            title=args.title,
+        )
+    except ReportError as e:
+        _err(str(e))
+        return 2
+    except OSError as e:
+        _err(_one_line(str(e)))
+        return 2
+    print(markdown_table(rows, columns_of(rows, args.x)))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if not args.wandb:
+        return 0
+
+    reason = _wandb_offline_reason()
+    if reason:
+        _err(f"W&B report not saved: {reason}; the local report is complete")
+        return 1
+    try:
+        report = build_wandb_report(
+            runs,
+            project=args.project,
+            entity=args.entity,
+            group=args.group,
+            title=args.title,
+            rows=rows,
+        )
+        report.save()
+        url = report.url
+    except Exception as e:  # noqa: BLE001 - network/auth problems: one line, no traceback
+        _err(f"W&B report not saved: {type(e).__name__}: {_one_line(str(e))}")
+        return 1
+    print(f"W&B report: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

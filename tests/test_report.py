@@ -1,0 +1,533 @@
+"""gpt2x.report on synthetic run records: the arithmetic, the files, the CLI, the W&B report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from gpt2x import report
+from gpt2x.report import (
+    COLUMNS,
+    ReportError,
+    build_wandb_report,
+    load_runs,
+    main,
+    summarize,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TOKENS_PER_STEP = 4096
+WARMUP_MS = [1000.0, 500.0, 300.0]  # the first 3 steps: compile/warm-up, excluded from timing
+SPREAD = [0.90, 1.00, 1.10, 1.00, 1.00, 0.95, 1.05]  # x median: p10 = 0.93, p90 = 1.07
+
+
+def write_run(
+    root: Path,
+    folder: str,
+    experiment: str,
+    median_ms: float | None,
+    final_loss: float = 3.5,
+    *,
+    started: int = 0,
+    status: str = "completed",
+    error: str | None = None,
+    mfu: float | None = None,
+    mem_gb: float | None = None,
+    val_loss: float | None = 3.6,
+    compile_seconds: float | None = None,
+    config: dict | None = None,
+    wandb: dict | None = None,
+    n_steps: int | None = None,
+    truncate: bool = False,
+) -> Path:
+    """A run folder as the trainer writes it: record.json, metrics.jsonl, eval.jsonl."""
+    run_dir = root / folder
+    run_dir.mkdir(parents=True)
+    cfg = {
+        "trainer": {"warmup_steps_for_timing": 3, "micro_batch_size": 8},
+        "logger": {"kind": "wandb", "project": "gpt2x-test", "entity": None, "group": "abl-1"},
+        "experiment": experiment,
+    }
+    for key, value in (config or {}).items():
+        cfg.setdefault(key, {}).update(value)
+    ms = [] if median_ms is None else [*WARMUP_MS, *(f * median_ms for f in SPREAD)]
+    if n_steps is not None:
+        ms = ms[:n_steps]
+    rows = []
+    for step, t in enumerate(ms):
+        rows.append(
+            {
+                "step": step,
+                "loss": final_loss + 0.1 * (len(ms) - 1 - step),  # falls to final_loss
+                "lr": 6e-4,
+                "grad_norm": 1.0,
+                "ms": t,
+                "tokens_per_s": TOKENS_PER_STEP / (t / 1000.0),
+                "mfu": mfu,
+                "mem_gb": mem_gb,
+                "tokens_seen": TOKENS_PER_STEP * (step + 1),
+            }
+        )
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        if truncate:  # a killed run: half a line
+            f.write('{"step": 99, "loss": 3.')
+    if val_loss is not None and rows:
+        (run_dir / "eval.jsonl").write_text(
+            json.dumps({"step": len(rows) - 1, "val_loss": val_loss, "tokens_seen": 1}) + "\n"
+        )
+    record = {
+        "schema": 1,
+        "run_id": folder,
+        "run_dir": str(run_dir),
+        "experiment": experiment,
+        "status": status,
+        "error": error,
+        "command": f"train.py experiment={experiment}",
+        "overrides": [f"experiment={experiment}", "trainer.max_steps=10"],
+        "config": cfg,
+        "config_hash": f"{abs(hash(folder)) % 16**12:012x}",
+        "git": {"commit": "a" * 40, "dirty": False},
+        "versions": {"python": "3.11.7", "torch": "2.5.0", "cuda": "12.4"},
+        "hardware": {
+            "device": "cuda",
+            "device_name": "NVIDIA H100 80GB HBM3",
+            "device_count": 1,
+            "cpu": "x86_64",
+            "cpu_count": 16,
+            "hostname": "node1",
+            "peak_flops": 989e12,
+        },
+        "world_size": 1,
+        "grad_accum_steps": 1,
+        "tokens_per_step": TOKENS_PER_STEP,
+        "started_at": f"2025-01-01T00:{started:02d}:00+00:00",
+        "ended_at": None,
+        "compile_seconds": compile_seconds,
+        "summary": None,
+        "wandb": wandb,
+    }
+    (run_dir / "record.json").write_text(json.dumps(record, indent=2))
+    return run_dir
+
+
+@pytest.fixture
+def ladder(tmp_path) -> Path:
+    """fp32 100 ms -> bf16 50 ms -> (flash fails) -> compile 25 ms."""
+    root = tmp_path / "ladder"
+    write_run(root, "r0", "fp32", 100.0, 3.50, started=0, mfu=0.10, mem_gb=8.0)
+    write_run(root, "r1", "bf16", 50.0, 3.52, started=1, mfu=0.20, mem_gb=5.0, truncate=True)
+    write_run(
+        root,
+        "r2",
+        "flash",
+        50.0,
+        started=2,
+        status="failed",
+        error="RuntimeError: FlashAttention only supports sm80+\nTraceback ...",
+        n_steps=2,
+    )
+    write_run(
+        root, "r3", "compile", 25.0, 3.49, started=3, mfu=0.40, mem_gb=4.0, compile_seconds=42.0
+    )
+    return root
+
+
+def test_summarize_arithmetic(ladder):
+    runs = load_runs([ladder])
+    assert [r.name for r in runs] == ["fp32", "bf16", "flash", "compile"]
+    rows = summarize(runs)
+    assert [r["name"] for r in rows] == ["fp32", "bf16", "flash", "compile"]
+    assert all(list(r) == COLUMNS for r in rows)
+    fp32, bf16, flash, comp = rows
+
+    assert [r["median_ms"] for r in (fp32, bf16, comp)] == [100.0, 50.0, 25.0]
+    assert fp32["p10_ms"] == pytest.approx(93.0) and fp32["p90_ms"] == pytest.approx(107.0)
+    assert comp["p10_ms"] == pytest.approx(23.25) and comp["p90_ms"] == pytest.approx(26.75)
+    assert [r["tokens_per_s"] for r in (fp32, bf16, comp)] == [40960.0, 81920.0, 163840.0]
+    assert [r["speedup_vs_prev"] for r in (fp32, bf16, comp)] == [1.0, 2.0, 2.0]
+    assert [r["speedup_vs_baseline"] for r in (fp32, bf16, comp)] == [1.0, 2.0, 4.0]
+    assert [r["mfu"] for r in (fp32, bf16, comp)] == [0.10, 0.20, 0.40]
+    assert [r["peak_mem_gb"] for r in (fp32, bf16, comp)] == [8.0, 5.0, 4.0]
+    assert [r["steps"] for r in (fp32, bf16, comp)] == [10, 10, 10]
+    assert fp32["loss"] == pytest.approx(3.50) and bf16["loss"] == pytest.approx(3.52)
+    assert fp32["loss_vs_baseline"] == 0.0
+    assert bf16["loss_vs_baseline"] == pytest.approx(0.02)
+    assert comp["loss_vs_baseline"] == pytest.approx(-0.01)
+    assert fp32["val_loss"] == 3.6
+    assert comp["compile_s"] == 42.0 and fp32["compile_s"] is None
+    assert fp32["world_size"] == 1 and fp32["config_hash"]
+
+    # the failed run: its one-line reason, empty cells, and the chain is not broken
+    assert flash["status"] == "failed"
+    assert flash["error"] == "RuntimeError: FlashAttention only supports sm80+"
+    assert flash["steps"] == 2
+    for col in ("median_ms", "tokens_per_s", "speedup_vs_prev", "speedup_vs_baseline", "loss"):
+        assert flash[col] is None, col
+
+
+def test_truncated_last_metrics_line_is_tolerated(ladder):
+    run = next(r for r in load_runs(ladder) if r.name == "bf16")
+    assert [row["step"] for row in run.metrics] == list(range(10))
+    assert run.metrics[-1]["loss"] == pytest.approx(3.52)
+
+
+def test_baseline_warmup_and_order(ladder):
+    runs = load_runs(ladder)
+    rows = {r["name"]: r for r in summarize(runs, baseline="bf16")}
+    assert rows["fp32"]["speedup_vs_baseline"] == 0.5
+    assert rows["compile"]["speedup_vs_baseline"] == 2.0
+    assert rows["fp32"]["loss_vs_baseline"] == pytest.approx(-0.02)
+    assert rows["fp32"]["speedup_vs_prev"] == 1.0  # vs_prev is unaffected by the baseline
+
+    # warmup=0 keeps the slow first steps in: the median moves off 100 ms
+    assert summarize(runs, warmup=0)[0]["median_ms"] == 102.5  # (100 + 105) / 2
+
+    ordered = summarize(runs, order=["compile", "fp32"])
+    assert [r["name"] for r in ordered] == ["compile", "fp32", "bf16", "flash"]
+    assert [r["speedup_vs_prev"] for r in ordered] == [1.0, 0.25, 2.0, None]
+
+    with pytest.raises(ReportError, match="baseline 'nope'"):
+        summarize(runs, baseline="nope")
+
+
+def test_first_run_failed_baseline_is_first_success(tmp_path):
+    write_run(tmp_path, "a", "broken", None, status="failed", error="OOM", val_loss=None)
+    write_run(tmp_path, "b", "ok", 40.0, started=1)
+    write_run(tmp_path, "c", "faster", 20.0, started=2)
+    rows = summarize(load_runs(tmp_path))
+    assert rows[0]["status"] == "failed" and rows[0]["error"] == "OOM" and rows[0]["steps"] == 0
+    assert [r["speedup_vs_baseline"] for r in rows] == [None, 1.0, 2.0]
+    assert [r["speedup_vs_prev"] for r in rows] == [None, 1.0, 2.0]
+
+
+def test_record_summary_is_the_fallback_without_metrics(tmp_path):
+    run_dir = write_run(tmp_path, "a", "only-record", None, val_loss=None)
+    record = json.loads((run_dir / "record.json").read_text())
+    record["summary"] = {
+        "steps": 5,
+        "final_loss": 4.0,
+        "val_loss": 4.1,
+        "median_ms": 10.0,
+        "p10_ms": 9.0,
+        "p90_ms": 11.0,
+        "tokens_per_s": 409600.0,
+        "mfu": None,
+        "peak_mem_gb": None,
+    }
+    (run_dir / "record.json").write_text(json.dumps(record))
+    (run_dir / "metrics.jsonl").unlink()
+    (row,) = summarize(load_runs(tmp_path))
+    assert row["median_ms"] == 10.0 and row["tokens_per_s"] == 409600.0
+    assert row["loss"] == 4.0 and row["val_loss"] == 4.1 and row["steps"] == 5
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_write_report_files(ladder, tmp_path):
+    runs = load_runs(ladder)
+    rows = summarize(runs)
+    out = tmp_path / "out"
+    paths = write_report(rows, runs, out, header=report.build_header(runs, "fp32"))
+    assert set(paths) == {"md", "csv", "loss", "tokens_per_s"}
+    assert paths["md"] == out / "ablation.md" and paths["csv"] == out / "ablation.csv"
+    assert not (out / "sweep.png").exists()
+
+    table = read_csv(paths["csv"])
+    assert list(table[0]) == COLUMNS
+    assert [r["name"] for r in table] == ["fp32", "bf16", "flash", "compile"]
+    assert [r["speedup_vs_baseline"] for r in table] == ["1.0", "2.0", "", "4.0"]
+    assert [r["median_ms"] for r in table] == ["100.0", "50.0", "", "25.0"]
+    assert [float(r["tokens_per_s"]) for r in table if r["tokens_per_s"]] == [
+        40960.0,
+        81920.0,
+        163840.0,
+    ]
+    assert table[2]["status"] == "failed" and "sm80+" in table[2]["error"]
+
+    md = paths["md"].read_text()
+    for needle in (
+        "NVIDIA H100 80GB HBM3",
+        "torch 2.5.0, CUDA 12.4",
+        "a" * 40,
+        "train.py experiment=fp32",
+        "- **date**:",
+        "- **baseline**: fp32",
+    ):
+        assert needle in md, needle
+    table_lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert table_lines[0] == "| " + " | ".join(COLUMNS) + " |"
+    assert len(table_lines) == 2 + 4
+    assert "| compile | completed |  | 10 | 25.0 |" in md
+    assert "| 163,840 | 40.0% | 2.00x | 4.00x |" in md
+    assert "| -0.0100 |" in md
+    assert "| flash | failed | RuntimeError: FlashAttention only supports sm80+ | 2 |" in md
+    # per-run section: config hash and the re-run command
+    assert "python -m gpt2x.train experiment=compile trainer.max_steps=10" in md
+    assert md.count("- config hash: `") == 4
+
+    for name in ("loss", "tokens_per_s"):
+        assert_png(paths[name])
+
+    # the basename is a parameter
+    paths = write_report(rows, runs, out, header={}, basename="summary")
+    assert (out / "summary.md").exists() and (out / "summary.csv").exists()
+
+
+def test_sweep_marks_the_best(tmp_path):
+    root = tmp_path / "sweep"
+    for i, (mbs, ms, mem) in enumerate([(4, 40.0, 10.0), (8, 30.0, 20.0), (16, 35.0, 40.0)]):
+        write_run(
+            root,
+            str(i),
+            "mbs",
+            ms,
+            started=i,
+            mem_gb=mem,
+            config={"trainer": {"micro_batch_size": mbs}},
+        )
+    write_run(
+        root,
+        "3",
+        "mbs",
+        None,
+        started=3,
+        status="failed",
+        error="CUDA OOM",
+        config={"trainer": {"micro_batch_size": 32}},
+    )
+    runs = load_runs(root)
+    assert [r.name for r in runs] == ["mbs [0]", "mbs [1]", "mbs [2]", "mbs [3]"]
+    x = "trainer.micro_batch_size"
+    rows = summarize(runs, x=x)
+    assert [r[x] for r in rows] == [4, 8, 16, 32]
+    assert [r["best"] for r in rows] == [False, True, False, False]
+
+    out = tmp_path / "out"
+    paths = write_report(rows, runs, out, basename="summary", x=x)
+    assert_png(paths["sweep"])
+    table = read_csv(out / "summary.csv")
+    assert list(table[0]) == ["name", x, *COLUMNS[1:], "best"]
+    assert [r["best"] for r in table] == ["False", "True", "False", "False"]
+    md = (out / "summary.md").read_text()
+    assert "| **mbs [1]** | 8 |" in md and "★" in md
+    assert "**Best**: mbs [1] (trainer.micro_batch_size=8)" in md
+
+
+def test_cli_reproduces_the_function_api(ladder, tmp_path, capsys):
+    api_out = tmp_path / "api"
+    runs = load_runs([str(ladder)])
+    write_report(summarize(runs), runs, api_out)
+    expected = (api_out / "ablation.csv").read_text()
+
+    cli_out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt2x.report", str(ladder), "--out", str(cli_out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (cli_out / "ablation.csv").read_text() == expected
+    assert "| fp32 |" in proc.stdout and "ablation.md" in proc.stdout
+    for name in ("ablation.md", "loss.png", "tokens_per_s.png"):
+        assert (cli_out / name).exists()
+
+    main_out = tmp_path / "main"
+    assert main([str(ladder), "--out", str(main_out)]) == 0
+    assert (main_out / "ablation.csv").read_text() == expected
+
+    # sweep mode and the basename through the CLI
+    sweep_out = tmp_path / "sweep"
+    argv = [
+        str(ladder),
+        "--out",
+        str(sweep_out),
+        "--x",
+        "trainer.micro_batch_size",
+        "--basename",
+        "summary",
+        "--baseline",
+        "bf16",
+    ]
+    assert main(argv) == 0
+    assert (sweep_out / "sweep.png").exists() and (sweep_out / "summary.csv").exists()
+    table = read_csv(sweep_out / "summary.csv")
+    assert [r["best"] for r in table] == ["False", "False", "False", "True"]
+    assert table[0]["speedup_vs_baseline"] == "0.5"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_cli_input_errors_are_one_line(tmp_path, capsys, kind):
+    folder = tmp_path / "nothing"
+    if kind == "empty":
+        folder.mkdir()
+    assert main([str(folder), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder) in err
+    assert ("no such folder" if kind == "missing" else "no record.json") in err
+    with pytest.raises(ReportError):
+        load_runs(folder)
+
+
+def test_cli_input_error_subprocess_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt2x.report", str(tmp_path / "missing")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """W&B offline, no key; any attempt to reach the API or save fails the test."""
+    import wandb_workspaces.reports.v2 as wr
+    from wandb_workspaces.reports.v2 import interface
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent/netrc")
+
+    def forbidden(*args, **kwargs):
+        pytest.fail("the W&B API was called")
+
+    monkeypatch.setattr(interface, "_get_api", forbidden)
+    monkeypatch.setattr(wr.Report, "save", forbidden)
+    return wr
+
+
+def test_wandb_report_construction_offline(ladder, no_network):
+    wr = no_network
+    runs = load_runs(ladder)
+    rows = summarize(runs)
+    rep = build_wandb_report(runs, project="proj", entity="me", title="Ladder", rows=rows)
+    assert isinstance(rep, wr.Report)
+    assert (rep.project, rep.entity, rep.title) == ("proj", "me", "Ladder")
+
+    grids = [b for b in rep.blocks if isinstance(b, wr.PanelGrid)]
+    assert len(grids) == 1
+    (runset,) = grids[0].runsets
+    assert (runset.entity, runset.project) == ("me", "proj")
+    assert "Group" in str(runset.filters) and "abl-1" in str(runset.filters)
+
+    panels = grids[0].panels
+    lines = {p.y[0]: p for p in panels if isinstance(p, wr.LinePlot)}
+    assert set(lines) == {"train/loss", "perf/tokens_per_s", "perf/mfu", "val/loss"}
+    assert lines["perf/mfu"].x == "Step"
+    loss_x = {p.x for p in panels if isinstance(p, wr.LinePlot) and p.y == ["train/loss"]}
+    assert loss_x == {"Step", "tokens_seen"}
+    assert any(isinstance(p, wr.RunComparer) for p in panels)
+    bars = [p for p in panels if isinstance(p, wr.BarPlot)]
+    assert bars and bars[0].metrics == ["perf/tokens_per_s"]
+    # the local table is in the report as markdown
+    md = [b for b in rep.blocks if isinstance(b, wr.MarkdownBlock)]
+    assert md and "| compile |" in md[0].text
+
+    # defaults come from the records; an explicit group overrides
+    rep = build_wandb_report(runs, entity="me", group="other")
+    assert rep.project == "gpt2x-test"
+    assert "other" in str(rep.blocks[-1].runsets[0].filters)
+
+
+def test_wandb_report_serializes_to_the_saved_spec(ladder, no_network, monkeypatch):
+    """What save() would upload, produced locally with the one API lookup faked."""
+    from wandb_workspaces.reports.v2 import interface
+
+    monkeypatch.setattr(interface, "_get_api", lambda: object())
+    monkeypatch.setattr(
+        interface, "execute_graphql", lambda api, q, v: {"project": {"internalId": "pid"}}
+    )
+    rep = build_wandb_report(load_runs(ladder), entity="me")
+    spec = json.loads(rep._to_model().spec.model_dump_json(by_alias=True, exclude_none=True))
+    text = json.dumps(spec)
+    assert '{"key": {"section": "run", "name": "group"}, "op": "=", "value": "abl-1"' in text
+    assert '"xAxis": "tokens_seen"' in text
+    for metric in ("train/loss", "perf/tokens_per_s", "perf/mfu", "val/loss"):
+        assert f'"metrics": ["{metric}"]' in text, metric
+    for view in ("Run History Line Plot", "Bar Chart", "Run Comparer"):
+        assert f'"viewType": "{view}"' in text, view
+
+
+def test_wandb_report_without_group_selects_run_ids(tmp_path, no_network):
+    wr = no_network
+    for i in range(2):
+        write_run(
+            tmp_path,
+            f"r{i}",
+            f"e{i}",
+            10.0,
+            started=i,
+            config={"logger": {"group": None}},
+            wandb={
+                "mode": "online",
+                "id": f"id{i}",
+                "dir": "x",
+                "group": None,
+                "project": "p",
+                "url": f"https://wandb.ai/team/p/runs/id{i}",
+            },
+        )
+    rep = build_wandb_report(load_runs(tmp_path))
+    assert (rep.entity, rep.project) == ("team", "p")  # parsed from the run URL
+    grid = next(b for b in rep.blocks if isinstance(b, wr.PanelGrid))
+    filters = str(grid.runsets[0].filters)
+    assert "ID" in filters and "id0" in filters and "id1" in filters
+
+
+def test_cli_wandb_offline_is_one_line_and_nonzero(ladder, tmp_path, capsys, no_network):
+    rc = main([str(ladder), "--out", str(tmp_path / "o"), "--wandb", "--entity", "me"])
+    assert rc == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "W&B report not saved" in err
+    assert (tmp_path / "o" / "ablation.csv").exists()  # the local report is still written
+
+
+def test_cli_wandb_offline_subprocess(ladder, tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "WANDB_API_KEY"}
+    env.update(WANDB_MODE="offline", NETRC=str(tmp_path / "no-netrc"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt2x.report",
+            str(ladder),
+            "--out",
+            str(tmp_path / "o"),
+            "--wandb",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "gpt2x.report: error: W&B report not saved: WANDB_MODE=offline; the local report is "
+        "complete"
+    ]

@@ -125,6 +125,11 @@ class ParallelConfig:
     backend: str = "auto"  # nccl on CUDA, gloo on CPU
     # FSDP2: reshard parameters after forward (saves memory, costs an all-gather in backward)
     reshard_after_forward: bool = True
+    # FSDP2 gradient reduce-scatter dtype: auto = the precision dtype (bf16 -> bf16; fp16 ->
+    # fp32; fp32 -> fp32) | fp32 | bf16 | fp16
+    reduce_dtype: str = "auto"
+    # a collective that waits longer than this fails (a dead or stuck peer ends the job)
+    timeout_minutes: float = 10.0
 
 
 @dataclass

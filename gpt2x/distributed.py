@@ -1,7 +1,14 @@
 """Process groups and model wrapping for parallel=single|ddp|fsdp, on PyTorch's own stack.
 
-torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; we read them, pick nccl on CUDA and gloo on CPU,
-and wrap the model. Everything else in gpt2x asks `Dist` who it is and never touches env vars.
+Who is who: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Without
+torchrun, a task started by SLURM (`srun`, or hydra/launcher=submitit_slurm which runs its tasks
+with srun) or by hydra/launcher=submitit_local gets the same variables derived from the
+scheduler's own (`scheduler_env`). nccl on CUDA, gloo on CPU. Everything else in gpt2x asks
+`Dist` who it is and never touches env vars.
+
+Wrapping: DDP, or FSDP2 (`fully_shard` per transformer block, then the root) with a
+MixedPrecisionPolicy from the `precision` group. `no_sync` skips gradient communication for
+the micro-steps of gradient accumulation under both. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -10,14 +17,19 @@ import contextlib
 import datetime
 import logging
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from gpt2x.config import ConfigError, ParallelKind
+from gpt2x.config import ConfigError, Dtype, ParallelKind
 
 log = logging.getLogger(__name__)
+
+# test-only fault injection, read in `fail_for_test` and nowhere else
+TEST_FAIL_RANK_ENV = "GPT2X_TEST_FAIL_RANK"  # this rank raises at optimization step 1
 
 
 @dataclass
@@ -27,6 +39,9 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
+    # FSDP2 settings (from the parallel group)
+    reshard_after_forward: bool = True
+    reduce_dtype: str = "auto"
 
     @property
     def is_main(self) -> bool:
@@ -36,11 +51,103 @@ class Dist:
     def is_distributed(self) -> bool:
         return self.kind is not ParallelKind.single
 
+    @property
+    def is_sharded(self) -> bool:
+        """FSDP: every forward is a collective, so all ranks must run the same forwards
+        (sampling included), not rank 0 alone."""
+        return self.kind is ParallelKind.fsdp
+
+
+# ----------------------------------------------------------------------------- ranks from env
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu-[003-004,010],cpu1' -> 'gpu-003'."""
+    first = re.match(r"[^,\[]*(\[[^\]]*\])?[^,]*", nodelist.strip()).group(0)
+    m = re.match(r"([^\[]*)\[([^\],\-]+)[^\]]*\](.*)", first)
+    return f"{m.group(1)}{m.group(2)}{m.group(3)}" if m else first
+
+
+def _port_from(job_id: str) -> str:
+    """A port every task of one job derives alike (20000-39999), from the job id's digits."""
+    digits = re.sub(r"\D", "", job_id) or "0"
+    return str(20000 + int(digits[-9:]) % 20000)
+
+
+def scheduler_env(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """torch.distributed's env:// variables for a task started by a scheduler, or None.
+
+    - submitit's local executor (hydra/launcher=submitit_local): SUBMITIT_LOCAL_GLOBALID,
+      SUBMITIT_LOCAL_LOCALID, SUBMITIT_LOCAL_NTASKS; master is this machine.
+    - a SLURM job step (srun; submitit_slurm runs its tasks with srun): SLURM_PROCID,
+      SLURM_LOCALID, SLURM_NTASKS; master is the first node of the step. Only inside a step
+      (SLURM_STEP_NUM_TASKS is set): the batch script itself also has SLURM_PROCID=0 and
+      SLURM_NTASKS=N, but only one process runs there.
+    MASTER_PORT is derived from the job id, so all tasks agree without talking.
+    """
+    env = os.environ if environ is None else environ
+    if "SUBMITIT_LOCAL_GLOBALID" in env:
+        ntasks = env.get("SUBMITIT_LOCAL_NTASKS", "1")
+        return {
+            "RANK": env["SUBMITIT_LOCAL_GLOBALID"],
+            "LOCAL_RANK": env.get("SUBMITIT_LOCAL_LOCALID", env["SUBMITIT_LOCAL_GLOBALID"]),
+            "WORLD_SIZE": ntasks,
+            "LOCAL_WORLD_SIZE": ntasks,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": _port_from(env.get("SUBMITIT_LOCAL_JOB_ID", "0")),
+        }
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = env.get("SLURM_NTASKS") or env["SLURM_STEP_NUM_TASKS"]
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        job = env.get("SLURM_JOB_ID", "0")
+        out = {
+            "RANK": env["SLURM_PROCID"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": world,
+            "MASTER_ADDR": _first_host(nodelist),
+            "MASTER_PORT": _port_from(job),
+            # one run folder for all tasks of a plain `srun python -m gpt2x.train` (see
+            # gpt2x.config.run_id); submitit's tasks get theirs from the submitting process
+            "GPT2X_RUN_ID": f"slurm-{job}.{env.get('SLURM_STEP_ID', '0')}",
+        }
+        nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES")
+        if nodes and int(world) % int(nodes) == 0:
+            out["LOCAL_WORLD_SIZE"] = str(int(world) // int(nodes))
+        return out
+    return None
+
+
+def export_scheduler_env() -> bool:
+    """Put `scheduler_env()` into os.environ when RANK is unset and the scheduler started more
+    than one task. Returns whether it did. MASTER_ADDR/PORT and GPT2X_RUN_ID set by the user win.
+
+    Called when this module is imported, i.e. before Hydra resolves the output folder: the
+    resolvers that keep non-zero ranks from writing .hydra/ (gpt2x.config) read RANK.
+    """
+    if "RANK" in os.environ:
+        return False
+    env = scheduler_env()
+    if env is None or int(env["WORLD_SIZE"]) <= 1:
+        return False
+    for key, value in env.items():
+        if key in ("MASTER_ADDR", "MASTER_PORT", "GPT2X_RUN_ID"):
+            os.environ.setdefault(key, value)
+        else:
+            os.environ[key] = value
+    return True
+
+
+_FROM_SCHEDULER = export_scheduler_env()
+
+
+# ----------------------------------------------------------------------------- setup / teardown
+
 
 def pick_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
+            # one GPU per task (CUDA_VISIBLE_DEVICES bound by the scheduler) or all GPUs visible
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -51,13 +158,14 @@ def pick_device(device: str, local_rank: int) -> torch.device:
                 f"trainer.device={device} but CUDA is not available; use trainer.device=cpu"
             )
         if dev.index is None:
-            dev = torch.device("cuda", local_rank)
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
 
 
 def setup(parallel_cfg, device: str) -> Dist:
     """Initialise the process group (ddp/fsdp) and choose this rank's device."""
     kind = ParallelKind(parallel_cfg.kind)
+    export_scheduler_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if kind is ParallelKind.single:
@@ -79,13 +187,36 @@ def setup(parallel_cfg, device: str) -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        minutes = float(getattr(parallel_cfg, "timeout_minutes", 10.0))
         dist.init_process_group(
             backend=backend,
             # a dead peer ends the job with an error instead of hanging forever
-            timeout=datetime.timedelta(minutes=10),
+            timeout=datetime.timedelta(minutes=minutes),
             device_id=dev if dev.type == "cuda" else None,
         )
-    return Dist(kind, dist.get_rank(), local_rank, dist.get_world_size(), dev)
+    rank = dist.get_rank()
+    if rank != 0:
+        # rank 0 speaks for the job; the others only report problems
+        logging.getLogger().setLevel(logging.WARNING)
+    log.info(
+        "%s: rank %d/%d (local %d) on %s, backend %s%s",
+        kind.value,
+        rank,
+        dist.get_world_size(),
+        local_rank,
+        dev,
+        backend,
+        " (ranks from the scheduler's environment)" if _FROM_SCHEDULER else "",
+    )
+    return Dist(
+        kind,
+        rank,
+        local_rank,
+        dist.get_world_size(),
+        dev,
+        reshard_after_forward=bool(getattr(parallel_cfg, "reshard_after_forward", True)),
+        reduce_dtype=str(getattr(parallel_cfg, "reduce_dtype", "auto")),
+    )
 
 
 def _free_port() -> int:
@@ -103,27 +234,104 @@ def teardown() -> None:
             dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------- wrapping
+
+
+def mixed_precision_policy(precision_cfg, reduce_dtype: str = "auto"):
+    """FSDP2's MixedPrecisionPolicy for the `precision` group; None for fp32 (and tf32).
+
+    bf16: parameters all-gathered and gradients reduce-scattered in bf16 (reduce_dtype=auto) or
+    fp32 (parallel.reduce_dtype=fp32). fp16: parameters in fp16, gradients reduced in fp32 by
+    default (scaled fp16 gradients can overflow in a sum over ranks). Sharded parameters,
+    gradients and optimizer state stay fp32 either way.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from gpt2x.precision import torch_dtype
+
+    if precision_cfg is None:
+        return None
+    dtype = Dtype(precision_cfg.dtype)
+    if dtype is Dtype.fp32:
+        return None
+    param = torch_dtype(dtype)
+    if reduce_dtype == "auto":
+        reduce = torch.float32 if dtype is Dtype.fp16 else param
+    elif reduce_dtype in ("fp32", "bf16", "fp16"):
+        reduce = torch_dtype(reduce_dtype)
+    else:
+        raise ConfigError(
+            f"parallel.reduce_dtype={reduce_dtype!r} must be auto, fp32, bf16 or fp16"
+        )
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+
 def wrap_model(model: torch.nn.Module, d: Dist, precision_cfg=None) -> torch.nn.Module:
-    """DDP or FSDP2 around the model; the model itself is returned for parallel=single."""
+    """DDP or FSDP2 around the model; the model itself is returned for parallel=single.
+
+    Call before building the optimizer: FSDP2 replaces the parameters with sharded DTensors.
+    """
     if d.kind is ParallelKind.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [d.device.index] if d.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if d.kind is ParallelKind.fsdp:
-        raise ConfigError("parallel=fsdp is not implemented yet; use parallel=ddp")
+        from torch.distributed.fsdp import fully_shard
+
+        kwargs: dict = {"reshard_after_forward": d.reshard_after_forward}
+        mp = mixed_precision_policy(precision_cfg, d.reduce_dtype)
+        if mp is not None:
+            kwargs["mp_policy"] = mp
+        blocks = getattr(getattr(model, "transformer", None), "h", None)
+        if blocks is None:
+            raise ConfigError(f"parallel=fsdp expects a GPT (transformer.h), got {type(model)}")
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        # the root holds what is left: embeddings, final LayerNorm and the LM head. wte and
+        # lm_head share one Parameter; both live in the root group, so the tie survives.
+        fully_shard(model, **kwargs)
+        return model
     return model
 
 
-def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce for a whole micro-step (forward AND backward).
+def _strip_compile(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)
 
-    DDP decides during forward whether backward will all-reduce, so the context must wrap both;
-    wrapping only backward (as the lecture did) still syncs every micro-step.
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(_strip_compile(model), FSDPModule)
+
+
+@contextlib.contextmanager
+def _fsdp_sync(model, sync: bool):
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip gradient communication for a whole micro-step (forward AND backward) unless `sync`.
+
+    DDP: `model.no_sync()`. DDP decides during forward whether backward will all-reduce, so the
+    context must wrap both; wrapping only backward (as the lecture did) still syncs every
+    micro-step. FSDP2: `set_requires_gradient_sync(False)` (gradients accumulate unsharded and
+    are reduce-scattered in the last micro-step's backward), restored to True on exit.
     """
-    if sync or not hasattr(model, "no_sync"):
+    if sync:
         return contextlib.nullcontext()
-    return model.no_sync()
+    if _is_fsdp(model):
+        return _fsdp_sync(_strip_compile(model), False)
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- collectives
 
 
 def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -139,8 +347,25 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (possibly sharded) DTensor; collective for sharded ones."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def to_float(value: torch.Tensor | float) -> float:
+    """A plain float from a tensor or DTensor (FSDP2's clip_grad_norm_ returns a DTensor)."""
+    if isinstance(value, torch.Tensor):
+        return float(_full(value.detach()).item())
+    return float(value)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain GPT under DDP and torch.compile wrappers (for sampling, export, checkpoints)."""
+    """The plain GPT under DDP and torch.compile wrappers (for sampling, export, checkpoints).
+
+    FSDP2 shards in place: the module is the GPT itself, with DTensor parameters.
+    """
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -150,3 +375,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+# ----------------------------------------------------------------------------- test hooks
+
+
+def fail_for_test(d: Dist, step: int) -> None:
+    """Fault injection for tests/test_distributed.py: with GPT2X_TEST_FAIL_RANK=r, rank r
+    raises at optimization step 1 (after step 0's collectives), the others carry on into it."""
+    target = os.environ.get(TEST_FAIL_RANK_ENV, "")
+    if target and step == 1 and int(target) == d.rank:
+        raise RuntimeError(
+            f"{TEST_FAIL_RANK_ENV}={target}: injected failure on rank {d.rank} at step {step}"
+        )

@@ -261,7 +261,8 @@ def train_step(run: Run, step: int) -> dict:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     loss_mean = distributed.all_reduce_mean(loss_sum, d)
-    return {"loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item()}
+    # FSDP2: clip_grad_norm_ returns a DTensor; log a plain float
+    return {"loss": loss_mean.item(), "lr": lr, "grad_norm": distributed.to_float(grad_norm)}
 
 
 @torch.no_grad()
@@ -306,6 +307,7 @@ def train(run: Run) -> dict:
     run.model.train()
     profiler = start_profiler(run) if t.profile_steps > 0 else None
     for step in range(run.start_step, t.max_steps):
+        distributed.fail_for_test(d, step)  # GPT2X_TEST_FAIL_RANK (tests only)
         synchronize(d.device)
         t0 = time.perf_counter()
         row = train_step(run, step)
@@ -413,10 +415,12 @@ def run_training(cfg: DictConfig) -> float | None:
     try:
         run = setup(cfg)
         summary = train(run)
-        if run.dist.is_main and cfg.trainer.sample_tokens > 0:
+        # under FSDP every forward all-gathers parameters: all ranks sample, rank 0 writes
+        if cfg.trainer.sample_tokens > 0 and (run.dist.is_main or run.dist.is_sharded):
             text = sample(run, cfg.trainer.sample_tokens, cfg.trainer.seed)
-            (Path(cfg.paths.run_dir) / "sample.txt").write_text(text)
-            log.info("sample:\n%s", text)
+            if run.dist.is_main:
+                (Path(cfg.paths.run_dir) / "sample.txt").write_text(text)
+                log.info("sample:\n%s", text)
         run.record.finish("completed", summary=summary, compile_seconds=summary["compile_seconds"])
         if run.wandb:
             run.wandb.run.summary.update({k: v for k, v in summary.items() if v is not None})

@@ -1,0 +1,432 @@
+"""DDP and FSDP2 on CPU (gloo) with 2 processes: torchrun, srun-style and submitit launches.
+
+The 2-rank runs are compared with one process that reaches the same global batch by gradient
+accumulation: same tokens, so the per-step losses and the final weights (from the final
+checkpoint, trainer.save_final) must agree to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+from hydra import compose, initialize_config_dir
+
+from gpt2x import CONF_DIR, distributed
+from gpt2x.config import ParallelKind, register_configs
+from gpt2x.record import read_jsonl
+
+register_configs()
+pytestmark = pytest.mark.distributed
+
+STEPS = 3
+# B=4, T=32, 512 tokens per step: 1 process accumulates 4 micro-steps, 2 ranks 2 each
+COMMON = [*TINY, "logger=none", f"trainer.max_steps={STEPS}", "trainer.total_batch_tokens=512"]
+LAUNCH_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GPT2X_RUN_ID",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+def clean_env(**extra: str) -> dict:
+    """This process' environment without launcher variables (the test may run under one)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "SUBMITIT_"))
+    }
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(
+    cwd: Path, *args: str, env: dict | None = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gpt2x.train",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun exited {proc.returncode}\n--- stdout\n"
+            f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def only_run_dir(parent: Path) -> Path:
+    dirs = [p for p in parent.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, f"expected one run folder in {parent}, found {dirs}"
+    return dirs[0]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(run_dir.glob("checkpoints/step_*/model.safetensors"))
+    assert files, f"no final checkpoint under {run_dir}/checkpoints"
+    return load_file(files[-1])
+
+
+def assert_same_training(run_dir: Path, reference: Path, rel: float = 1e-6) -> None:
+    """Same per-step losses and final weights as the 1-process run, to fp32 rounding."""
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=rel)
+    mine, ref = final_weights(run_dir), final_weights(reference)
+    assert mine.keys() == ref.keys()
+    for name, r in ref.items():
+        a, b = mine[name].float(), r.float()
+        if name.endswith("attn.c_attn.bias"):
+            # q | k | v. The key bias has an exactly-zero gradient (adding a constant to every
+            # key leaves the softmax unchanged): its values (~1e-7) are rounding noise that
+            # Adam normalizes, so it is compared in absolute terms; q and v as everything else.
+            q, k, v = a.chunk(3)
+            rq, rk, rv = b.chunk(3)
+            assert (k - rk).abs().max() <= 1e-6, f"{name} (key part)"
+            a, b = torch.cat([q, v]), torch.cat([rq, rv])
+        diff = (a - b).norm() / b.norm()
+        assert diff <= rel, f"{name}: relative difference {diff:.2e}"
+    # the weights moved: equality is not trivially true
+    assert losses(reference)[-1] < losses(reference)[0]
+
+
+def assert_one_run_record(run_dir: Path, world_size: int, accum: int) -> None:
+    """Rank 0 alone wrote the record, the metrics (one row per step) and .hydra/."""
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["status"] == "completed", record["error"]
+    assert record["world_size"] == world_size and record["grad_accum_steps"] == accum
+    assert record["tokens_per_step"] == 512
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(STEPS))
+    assert len(list(run_dir.rglob("record.json"))) == 1
+    assert len(list(run_dir.rglob(".hydra"))) == 1 and (run_dir / ".hydra/config.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root) -> Path:
+    """One process, 4 accumulated micro-steps of B=4 per step."""
+    tmp = tmp_path_factory.mktemp("single")
+    run_cli(
+        "gpt2x.train",
+        *COMMON,
+        f"paths.data_dir={data_root}",
+        f"hydra.run.dir={tmp / 'run'}",
+        cwd=tmp,
+    )
+    record = json.loads((tmp / "run" / "record.json").read_text())
+    assert record["world_size"] == 1 and record["grad_accum_steps"] == 4
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, data_root) -> Path:
+    """torchrun, 2 ranks, DDP; the run folder comes from Hydra's default (not forced)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    torchrun(
+        tmp,
+        *COMMON,
+        "parallel=ddp",
+        f"paths.data_dir={data_root}",
+        f"paths.output_dir={tmp / 'out'}",
+    )
+    return only_run_dir(tmp / "out" / "runs")
+
+
+def test_ddp_two_ranks_match_one_process_with_accumulation(ddp_run, reference):
+    assert_same_training(ddp_run, reference)
+
+
+def test_ddp_writes_one_run_folder_with_one_record(ddp_run):
+    assert ddp_run.name.endswith(tuple("0123456789abcdef")) and "_torchrun-" in ddp_run.name
+    assert_one_run_record(ddp_run, world_size=2, accum=2)
+    assert (ddp_run / "train_rank1.log").exists()  # rank 1's log (warnings only) is its own
+    assert (ddp_run / "sample.txt").read_text()
+
+
+def test_fsdp_two_ranks_match_one_process_with_accumulation(tmp_path, data_root, reference):
+    torchrun(
+        tmp_path,
+        *COMMON,
+        "parallel=fsdp",
+        f"paths.data_dir={data_root}",
+        f"paths.output_dir={tmp_path / 'out'}",
+    )
+    run_dir = only_run_dir(tmp_path / "out" / "runs")
+    assert_one_run_record(run_dir, world_size=2, accum=2)
+    assert_same_training(run_dir, reference)
+    # all ranks joined the sampling forwards (FSDP all-gathers), rank 0 wrote the text
+    assert (run_dir / "sample.txt").read_text()
+
+
+def test_a_crash_on_one_rank_ends_the_job_with_its_error(tmp_path, data_root):
+    t0 = time.monotonic()
+    proc = torchrun(
+        tmp_path,
+        *COMMON,
+        "trainer.max_steps=20",
+        "parallel=ddp",
+        f"paths.data_dir={data_root}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={distributed.TEST_FAIL_RANK_ENV: "1"},
+        timeout=240,
+        check=False,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 1" in proc.stderr
+    assert elapsed < 120, f"the job took {elapsed:.0f}s to end after rank 1 failed"
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] != "completed"
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) < 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_srun_style_launch_maps_slurm_variables(tmp_path, data_root, reference):
+    """Two plain `python -m gpt2x.train` processes with the variables srun sets (no RANK):
+    they form one DDP group and agree on one run folder named after the job."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = clean_env(
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_STEP_NUM_TASKS="2",
+            SLURM_STEP_ID="0",
+            SLURM_JOB_ID="4242",
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_NUM_NODES="1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gpt2x.train",
+                    *COMMON,
+                    "parallel=ddp",
+                    f"paths.data_dir={data_root}",
+                    f"paths.output_dir={tmp_path / 'out'}",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
+    run_dir = only_run_dir(tmp_path / "out" / "runs")
+    assert run_dir.name == "slurm-4242.0"
+    assert_one_run_record(run_dir, world_size=2, accum=2)
+    assert_same_training(run_dir, reference)
+
+
+def test_submitit_local_launcher_runs_two_task_ddp(tmp_path, data_root, reference):
+    """hydra-submitit-launcher with hydra 1.3: hydra/launcher=local_2tasks runs one job as 2
+    local processes (submitit's local executor), which form one DDP group."""
+    run_cli(
+        "gpt2x.train",
+        "-m",
+        "hydra/launcher=local_2tasks",
+        *COMMON,
+        "parallel=ddp",
+        f"paths.data_dir={data_root}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        # the default subdir (every override in the name) can pass the 255-byte name limit
+        "hydra.sweep.subdir=job${hydra.job.num}",
+        cwd=tmp_path,
+        env=clean_env(),
+    )
+    sweep = only_run_dir(tmp_path / "out" / "multirun")
+    assert_one_run_record(sweep / "job0", world_size=2, accum=2)
+    assert_same_training(sweep / "job0", reference)
+
+
+# ----------------------------------------------------------------------------- in-process units
+
+
+@pytest.fixture
+def restore_env():
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        distributed.teardown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def setup_run(tmp_path: Path, data_root: Path, *overrides: str):
+    """gpt2x.train.setup in this process: a world of one, a real gloo process group."""
+    from gpt2x.train import setup
+
+    for key in LAUNCH_ENV:
+        os.environ.pop(key, None)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                *TINY,
+                f"paths.data_dir={data_root}",
+                "logger=none",
+                "trainer.save_final=false",
+                *overrides,
+            ],
+        )
+    cfg.paths.run_dir = str(tmp_path / "run")
+    return setup(cfg)
+
+
+def test_ddp_all_reduces_once_per_optimization_step(tmp_path, data_root, restore_env):
+    """no_sync covers forward AND backward of every micro-step but the last: 3 micro-steps
+    all-reduce exactly as often as 1 (counted with a DDP communication hook)."""
+    from gpt2x.train import train_step
+
+    run = setup_run(tmp_path, data_root, "parallel=ddp", "trainer.total_batch_tokens=384")
+    assert run.grad_accum == 3 and isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(bucket.index())
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    run.model.register_comm_hook(None, counting_hook)
+    train_step(run, 0)
+    with_accum = len(calls)
+    calls.clear()
+    run.grad_accum = 1
+    train_step(run, 1)
+    assert with_accum == len(calls) >= 1
+
+
+def test_fsdp_shards_keeps_the_tie_and_reduces_once_per_step(tmp_path, data_root, restore_env):
+    from torch.distributed.tensor import DTensor
+
+    from gpt2x.train import train_step
+
+    run = setup_run(tmp_path, data_root, "parallel=fsdp", "trainer.total_batch_tokens=384")
+    model = run.model
+    assert run.dist.kind is ParallelKind.fsdp and model is run.raw_model
+    assert model.lm_head.weight is model.transformer.wte.weight  # weight tying survived
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    # the optimizer holds the sharded parameters (it was built after fully_shard)
+    assert {id(p) for g in run.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters()
+    }
+
+    def reduces(accum: int) -> int:
+        run.grad_accum = accum
+        with torch.profiler.profile() as prof:
+            row = train_step(run, 0)
+        assert isinstance(row["grad_norm"], float)  # not a DTensor
+        # FSDP2 labels each gradient reduce-scatter "FSDP::post_backward_reduce (<module>)"
+        return sum("FSDP::post_backward_reduce" in e.name for e in prof.events())
+
+    groups = len(model.transformer.h) + 1  # one FSDP group per block, plus the root
+    assert reduces(3) == reduces(1) == groups
+
+
+def test_mixed_precision_policy_follows_the_precision_group():
+    from omegaconf import OmegaConf
+
+    def policy(dtype, reduce="auto"):
+        return distributed.mixed_precision_policy(OmegaConf.create({"dtype": dtype}), reduce)
+
+    assert policy("fp32") is None
+    bf16 = policy("bf16")
+    assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert policy("bf16", "fp32").reduce_dtype == torch.float32
+    fp16 = policy("fp16")
+    assert (fp16.param_dtype, fp16.reduce_dtype) == (torch.float16, torch.float32)
+
+
+def test_scheduler_env_from_slurm_and_submitit():
+    slurm = {
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_NTASKS": "16",
+        "SLURM_STEP_NUM_TASKS": "16",
+        "SLURM_STEP_NUM_NODES": "2",
+        "SLURM_JOB_ID": "987654",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": "gpu-[007-008]",
+    }
+    env = distributed.scheduler_env(slurm)
+    assert env["RANK"] == "11" and env["LOCAL_RANK"] == "3" and env["WORLD_SIZE"] == "16"
+    assert env["LOCAL_WORLD_SIZE"] == "8" and env["MASTER_ADDR"] == "gpu-007"
+    assert (
+        env["MASTER_PORT"]
+        == distributed.scheduler_env({**slurm, "SLURM_PROCID": "0"})["MASTER_PORT"]
+    )  # every task derives the same port
+    assert 20000 <= int(env["MASTER_PORT"]) < 40000
+    # the batch script itself (no job step) is not a rank of anything
+    assert distributed.scheduler_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16"}) is None
+    local = distributed.scheduler_env(
+        {
+            "SUBMITIT_LOCAL_GLOBALID": "1",
+            "SUBMITIT_LOCAL_LOCALID": "1",
+            "SUBMITIT_LOCAL_NTASKS": "2",
+            "SUBMITIT_LOCAL_JOB_ID": "77",
+        }
+    )
+    assert (local["RANK"], local["WORLD_SIZE"], local["MASTER_ADDR"]) == ("1", "2", "127.0.0.1")
+    assert distributed.scheduler_env({}) is None
+    for nodelist, first in [
+        ("node1", "node1"),
+        ("a[01-04,9],b2", "a01"),
+        ("n[3]-ib,x", "n3-ib"),
+        ("c1,c2", "c1"),
+    ]:
+        assert distributed._first_host(nodelist) == first
+
+
+def test_export_scheduler_env_leaves_torchrun_and_single_tasks_alone(monkeypatch):
+    for key in LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "0")
+    monkeypatch.setenv("SUBMITIT_LOCAL_NTASKS", "1")
+    assert not distributed.export_scheduler_env() and "RANK" not in os.environ
+    monkeypatch.setenv("SUBMITIT_LOCAL_NTASKS", "2")
+    monkeypatch.setenv("RANK", "1")  # torchrun's own variables win
+    assert not distributed.export_scheduler_env()
+    monkeypatch.delenv("RANK")
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [os.environ.pop(k, None) for k in LAUNCH_ENV])
+        assert distributed.export_scheduler_env()
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "2")

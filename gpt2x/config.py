@@ -154,6 +154,14 @@ class TrainerConfig:
     keep_last: int = 2
     save_final: bool = True
     resume: str = ""  # "" | auto | path to a checkpoint directory
+    # a NaN/inf loss or a spike: "stop" with a message, or "rollback" to the last checkpoint and
+    # skip the offending step's batches (at most max_rollbacks times per run)
+    on_bad_loss: str = "stop"  # stop | rollback
+    max_rollbacks: int = 3
+    # HellaSwag during training (gpt2x/hellaswag.py): every N steps and at the end; 0 disables
+    hellaswag_every: int = 0
+    hellaswag_path: str = ""  # a hellaswag jsonl; "" = the cached (downloaded once) val split
+    hellaswag_limit: int = 0  # score only the first N examples; 0 = all
     # measurement: the first warmup_steps steps are excluded from summary step-time stats
     warmup_steps_for_timing: int = 3
     peak_flops: float | None = None  # override the per-device peak table (FLOP/s) for MFU

@@ -7,12 +7,13 @@ Evaluation and sampling happen between steps and never count towards step time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from gpt2x import CONF_DIR, distributed
+from gpt2x import CONF_DIR, checkpoint, distributed
 from gpt2x.config import (
     AttnImpl,
     ConfigError,
@@ -30,6 +31,7 @@ from gpt2x.config import (
     validate,
 )
 from gpt2x.data import DataError, ShardLoader, ensure_prepared
+from gpt2x.hellaswag import HellaSwagError, evaluate_hellaswag, hellaswag_path, load_examples
 from gpt2x.metrics import (
     WandbLogger,
     device_peak_flops,
@@ -52,6 +54,16 @@ class TrainingError(RuntimeError):
     """The run cannot go on (NaN loss, ...); the message says at which step and what to change."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGUSR1 stopped the run cleanly at a step boundary after saving a checkpoint.
+
+    The CLI exits with `exit_code` (128 + the signal number, see docs/checkpoints.md)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclass
 class Run:
     """What one training run holds; built by `setup`, used by `train`."""
@@ -71,6 +83,14 @@ class Run:
     flops_per_token: float
     peak_flops: float | None
     start_step: int = 0
+    # checkpoints and fault tolerance (gpt2x/checkpoint.py, docs/checkpoints.md)
+    tokens_seen: int = 0  # at start_step
+    loss_history: list[float] = field(default_factory=list)  # recent losses, for the spike check
+    skip_batches: dict[int, int] = field(default_factory=dict)  # step -> bad steps' batches skipped
+    last_checkpoint: Path | None = None  # what trainer.on_bad_loss=rollback goes back to
+    stop: checkpoint.StopSignals = field(default_factory=checkpoint.StopSignals)
+    stopped_by: int | None = None  # the signal number that ended the run early
+    hellaswag_file: Path | None = None
 
 
 class RepeatFirstBatch:
@@ -121,6 +141,7 @@ def build_model(cfg: DictConfig, device: torch.device) -> GPT:
 def setup(cfg: DictConfig) -> Run:
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
     validate(cfg, d.world_size)
+    checkpoint.validate_trainer(cfg.trainer)
     setup_precision(cfg.precision, d.device)
     try:
         check_attention(
@@ -167,6 +188,10 @@ def setup(cfg: DictConfig) -> Run:
     peak = t.peak_flops or device_peak_flops(d.device)
 
     run_dir = Path(cfg.paths.run_dir)
+    # an unwritable or too full output folder is a one-line error here, before any compute
+    saves = t.checkpoint_every > 0 or t.save_final or t.on_bad_loss == "rollback"
+    checkpoint.preflight(run_dir, raw_model.num_params(non_embedding=False), saves, dist=d)
+    hellaswag_file = find_hellaswag(cfg, d)
     config = to_container(cfg)
     record = RunRecord(run_dir, enabled=d.is_main)
     record.start(
@@ -212,7 +237,7 @@ def setup(cfg: DictConfig) -> Run:
         tokens_per_step,
         data_dir,
     )
-    return Run(
+    run = Run(
         cfg=cfg,
         dist=d,
         model=model,
@@ -227,7 +252,119 @@ def setup(cfg: DictConfig) -> Run:
         tokens_per_step=tokens_per_step,
         flops_per_token=flops_per_token,
         peak_flops=peak,
+        hellaswag_file=hellaswag_file,
     )
+    try:
+        resume_from = checkpoint.resolve_resume(t.resume, run_dir, d)
+        if resume_from is not None:
+            resume(run, resume_from)
+    except BaseException as e:
+        record.finish("failed", error=_one_line(e))
+        raise
+    return run
+
+
+def resume(run: Run, path: Path) -> None:
+    """Continue exactly where a checkpoint left off: weights, optimizer, GradScaler, data
+    position, RNG states; the record drops rows the killed run logged past the checkpoint."""
+    checkpoint.check_architecture(checkpoint.read_config(path), run.cfg.model, path)
+    state = checkpoint.restore(
+        path,
+        run.raw_model,
+        run.optimizer,
+        scaler=run.scaler,
+        loader=run.train_loader,
+        dist=run.dist,
+    )
+    run.start_step, run.tokens_seen = state.step, state.tokens_seen
+    run.loss_history, run.skip_batches = state.loss_history, state.skip_batches
+    run.last_checkpoint = path
+    if run.dist.is_main:
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            checkpoint.truncate_jsonl(run.record.dir / name, state.step)
+        log.info(
+            "resumed from %s: continuing at step %d (%d tokens seen)",
+            path,
+            state.step,
+            state.tokens_seen,
+        )
+    run.record.update(
+        resumed_from={"checkpoint": str(path), "step": state.step, "tokens_seen": state.tokens_seen}
+    )
+
+
+def save_checkpoint(run: Run, step: int, tokens_seen: int, losses: list[float]) -> None:
+    """`step` steps done -> <run_dir>/checkpoints/step_NNNNNN/ (all ranks call, rank 0 writes)."""
+    t0 = time.perf_counter()
+    cfg = run.cfg
+    run.last_checkpoint = checkpoint.save(
+        cfg.paths.run_dir,
+        step,
+        run.raw_model,
+        run.optimizer,
+        scaler=run.scaler,
+        loader=run.train_loader,
+        tokens_seen=tokens_seen,
+        config=to_container(cfg),
+        keep_last=cfg.trainer.keep_last,
+        dist=run.dist,
+        extra={
+            "loss_history": losses[-checkpoint.LOSS_HISTORY :],
+            "skip_batches": dict(run.skip_batches),
+            # the schedule is a function of the step; recorded for reference
+            "lr_schedule": {
+                "next_step": step,
+                "max_steps": cfg.trainer.max_steps,
+                "next_lr": lr_at(step, cfg.optim, cfg.trainer.max_steps),
+            },
+        },
+    )
+    if run.dist.is_main:
+        log.info("checkpoint %s (%.2fs)", run.last_checkpoint, time.perf_counter() - t0)
+
+
+def rollback(run: Run, step: int, error: TrainingError) -> tuple[int, int, list[float]]:
+    """trainer.on_bad_loss=rollback: reload the last checkpoint and skip the bad step's batches.
+    Returns the step, tokens seen and loss history to continue from."""
+    t = run.cfg.trainer
+    done = sum(run.skip_batches.values())
+    if run.last_checkpoint is None or done >= t.max_rollbacks:
+        raise TrainingError(
+            f"{error} (stopped after {done} rollbacks; trainer.max_rollbacks={t.max_rollbacks})"
+        ) from None
+    state = checkpoint.restore(
+        run.last_checkpoint,
+        run.raw_model,
+        run.optimizer,
+        scaler=run.scaler,
+        loader=run.train_loader,
+        dist=run.dist,
+        full_verify=False,
+    )
+    run.skip_batches[step] = run.skip_batches.get(step, 0) + 1
+    if run.dist.is_main:
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            checkpoint.truncate_jsonl(run.record.dir / name, state.step)
+        log.warning(
+            "%s -> rolled back to %s and skipping the batches of step %d (rollback %d of at "
+            "most trainer.max_rollbacks=%d)",
+            error,
+            run.last_checkpoint.name,
+            step,
+            done + 1,
+            t.max_rollbacks,
+        )
+    rollbacks = run.record.data.get("rollbacks") or []
+    run.record.update(
+        rollbacks=[*rollbacks, {"step": step, "to_step": state.step, "error": str(error)}]
+    )
+    return state.step, state.tokens_seen, list(state.loss_history)
+
+
+def skip_bad_batches(run: Run, step: int) -> None:
+    """After a rollback: the batches of a step whose loss went bad are read and dropped."""
+    for _ in range(run.skip_batches.get(step, 0) * run.grad_accum):
+        run.train_loader.next_batch()
 
 
 def _task_overrides() -> list[str]:
@@ -281,6 +418,56 @@ def evaluate(run: Run) -> float:
     return distributed.all_reduce_mean(total / cfg.trainer.eval_batches, d).item()
 
 
+def find_hellaswag(cfg: DictConfig, d: distributed.Dist) -> Path | None:
+    """The HellaSwag file for trainer.hellaswag_every > 0 (rank 0 downloads the val split once);
+    a missing or malformed file is a ConfigError before training."""
+    t = cfg.trainer
+    if t.hellaswag_every <= 0:
+        return None
+
+    def find() -> Path:
+        path = Path(t.hellaswag_path).expanduser() if t.hellaswag_path else hellaswag_path("val")
+        load_examples(path, limit=1)
+        return path
+
+    if d.is_main:  # downloads the val split once; errors are raised by every rank below
+        with contextlib.suppress(HellaSwagError):
+            find()
+    distributed.barrier(d)
+    try:
+        return find()
+    except HellaSwagError as e:
+        raise ConfigError(f"trainer.hellaswag_every={t.hellaswag_every}: {e}") from None
+
+
+@torch.no_grad()
+def hellaswag(run: Run) -> dict:
+    """HellaSwag on the uncompiled model (compile would recompile for every length); examples
+    are split over ranks and the counts all-reduced by gpt2x.hellaswag."""
+    cfg, d = run.cfg, run.dist
+    encode = get_tokenizer().encode_ordinary
+    run.raw_model.eval()
+    try:
+        res = evaluate_hellaswag(
+            lambda x: run.raw_model(x)[0],
+            encode,
+            run.hellaswag_file,
+            limit=cfg.trainer.hellaswag_limit or None,
+            rank=d.rank,
+            world_size=d.world_size,
+            device=d.device,
+            autocast_ctx=autocast(cfg.precision, d.device),
+            max_len=cfg.model.block_size,
+        )
+    finally:
+        run.raw_model.train()
+    return {
+        "hellaswag_acc": res["acc"],
+        "hellaswag_acc_norm": res["acc_norm"],
+        "hellaswag_n": res["n"],
+    }
+
+
 @torch.no_grad()
 def sample(run: Run, max_new_tokens: int, seed: int) -> str:
     """Text from the uncompiled model (compile would recompile for every new length)."""
@@ -301,12 +488,16 @@ def sample(run: Run, max_new_tokens: int, seed: int) -> str:
 def train(run: Run) -> dict:
     cfg, d, t = run.cfg, run.dist, run.cfg.trainer
     step_ms: list[float] = []
-    losses: list[float] = []
+    losses: list[float] = list(run.loss_history)
     val_loss = None
-    tokens_seen = run.start_step * run.tokens_per_step
+    tokens_seen = run.tokens_seen
     run.model.train()
     profiler = start_profiler(run) if t.profile_steps > 0 else None
-    for step in range(run.start_step, t.max_steps):
+    if t.on_bad_loss == "rollback" and run.last_checkpoint is None:
+        save_checkpoint(run, run.start_step, tokens_seen, losses)  # something to roll back to
+    step = run.start_step
+    while step < t.max_steps:
+        skip_bad_batches(run, step)
         distributed.fail_for_test(d, step)  # GPT2X_TEST_FAIL_RANK (tests only)
         synchronize(d.device)
         t0 = time.perf_counter()
@@ -332,18 +523,54 @@ def train(run: Run) -> dict:
             log.info(format_step(row, t.max_steps))
         if profiler is not None:
             profiler.step()
-        check_loss(row["loss"], losses, step, t.spike_factor)
+        try:
+            check_loss(row["loss"], losses, step, t.spike_factor)
+        except TrainingError as e:
+            if t.on_bad_loss != "rollback":
+                raise
+            step, tokens_seen, losses = rollback(run, step, e)
+            continue
         losses.append(row["loss"])
 
         last = step == t.max_steps - 1
-        if last or (t.eval_every > 0 and step > 0 and step % t.eval_every == 0):
+        val_due = last or (t.eval_every > 0 and step > 0 and step % t.eval_every == 0)
+        hs_due = t.hellaswag_every > 0 and (last or (step > 0 and step % t.hellaswag_every == 0))
+        if val_due or hs_due:
             val_loss = evaluate(run)
             eval_row = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen}
+            if hs_due:
+                eval_row.update(hellaswag(run))
             run.record.log_eval(eval_row)
             if run.wandb:
                 run.wandb.log_eval(eval_row)
             if d.is_main:
-                log.info("step %d | val loss %.4f", step, val_loss)
+                hs = eval_row.get("hellaswag_acc_norm")
+                log.info(
+                    "step %d | val loss %.4f%s",
+                    step,
+                    val_loss,
+                    "" if hs is None else f" | hellaswag acc_norm {hs:.4f}",
+                )
+
+        step += 1  # steps done
+        saved = (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or (
+            step == t.max_steps and t.save_final
+        )
+        if saved:
+            save_checkpoint(run, step, tokens_seen, losses)
+        # SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
+        if run.stop.requested(d) and step < t.max_steps:
+            if not saved:
+                save_checkpoint(run, step, tokens_seen, losses)
+            run.stopped_by = run.stop.signum
+            if d.is_main:
+                log.warning(
+                    "%s received: stopped after step %d, checkpoint %s",
+                    run.stop.name,
+                    step - 1,
+                    run.last_checkpoint,
+                )
+            break
 
     if profiler is not None:
         profiler.stop()
@@ -414,7 +641,22 @@ def run_training(cfg: DictConfig) -> float | None:
     run = None
     try:
         run = setup(cfg)
-        summary = train(run)
+        with run.stop:  # SIGTERM/SIGUSR1 handlers (main thread only) while training
+            summary = train(run)
+        if run.stopped_by:
+            message = (
+                f"stopped by {run.stop.name}; checkpoint {run.last_checkpoint} saved; continue "
+                "with trainer.resume=auto in the same run folder"
+            )
+            run.record.finish(
+                "interrupted",
+                error=message,
+                summary=summary,
+                compile_seconds=summary["compile_seconds"],
+            )
+            if run.wandb:
+                run.wandb.finish(exit_code=1)
+            raise TrainingInterrupted(message, checkpoint.exit_code(run.stopped_by))
         # under FSDP every forward all-gathers parameters: all ranks sample, rank 0 writes
         if cfg.trainer.sample_tokens > 0 and (run.dist.is_main or run.dist.is_sharded):
             text = sample(run, cfg.trainer.sample_tokens, cfg.trainer.seed)
@@ -426,6 +668,8 @@ def run_training(cfg: DictConfig) -> float | None:
             run.wandb.run.summary.update({k: v for k, v in summary.items() if v is not None})
             run.wandb.finish()
         return summary["val_loss"]
+    except TrainingInterrupted:
+        raise  # the record is already finished as "interrupted"
     except KeyboardInterrupt:
         if run is not None:
             run.record.finish("interrupted", error="interrupted by the user (Ctrl-C)")
@@ -451,7 +695,11 @@ def _one_line(e: BaseException) -> str:
 def main(cfg: DictConfig) -> float | None:
     try:
         return run_training(cfg)
-    except (ConfigError, DataError, TrainingError) as e:
+    except TrainingInterrupted as e:
+        # preempted (SIGTERM/SIGUSR1): a checkpoint is saved; exit 128 + signal number
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (ConfigError, DataError, TrainingError, checkpoint.CheckpointError) as e:
         # expected problems: one line naming the fix, no traceback
         log.error("error: %s", e)
         print(f"error: {e}", file=sys.stderr)

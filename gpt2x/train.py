@@ -693,6 +693,13 @@ def _one_line(e: BaseException) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from gpt2x import sweep
+
+    # multirun (-m): a failed job is recorded and returns sweep.FAILED (+inf) so the other jobs
+    # run and the sweep ends with its summary (docs/sweeps.md); a single run exits as below
+    multirun = sweep.in_multirun()
+    if multirun:
+        sweep.begin_job()
     try:
         return run_training(cfg)
     except TrainingInterrupted as e:
@@ -703,7 +710,15 @@ def main(cfg: DictConfig) -> float | None:
         # expected problems: one line naming the fix, no traceback
         log.error("error: %s", e)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        sweep.record_failure(cfg, e)
+    except Exception as e:
+        if not multirun:
+            raise
+        log.exception("job failed")
+        sweep.record_failure(cfg, e)
+    return sweep.failed_job_result()  # outside `except`: the job's tensors can be freed now
 
 
 register_configs()

@@ -1,0 +1,452 @@
+"""Hydra multirun sweeps: failed jobs recorded (not fatal), job folder names, the summary.
+
+    python -m gpt2x.train -m +sweep=batch_size                  # sweeps/batch_size.yaml
+    python -m gpt2x.sweep outputs/multirun/<sweep_id>           # rebuild summary.md/.csv/plots
+
+Policy (docs/sweeps.md): in multirun mode a job that fails (bad setting, out of memory, NaN
+loss, a bug) is recorded in its own run folder (record.json status "failed" + a one-line
+reason) and returns `FAILED` (+inf) to the sweeper instead of raising, so the other jobs still
+run and Optuna sees a trial that is worse than any real one. At the end `SweepSummary` (a Hydra
+callback named in every sweeps/*.yaml) writes the summary into the sweep folder and ends the
+process with exit status 1 if no job completed (0 otherwise). Nothing here runs outside
+multirun mode: a single run keeps the trainer's own error handling (exit 2, tracebacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("gpt2x.sweep")
+
+FAILED = float("inf")  # what a failed job returns to the sweeper (Optuna minimizes val loss)
+OBJECTIVES = ("tokens_per_s", "val_loss")  # what `best` means: highest tokens/s, lowest val loss
+RUN_ID_ENV = "GPT2X_RUN_ID"
+MAX_NAME = 80  # characters of overrides in a job folder's name before it is shortened
+
+
+# --------------------------------------------------------------------------------------------
+# Job folder names
+
+
+def job_dirname() -> str:
+    """`<job num>_<overrides>` for the running job: deterministic, short, one path component.
+
+    Like Hydra's `${hydra.job.num}_${hydra.job.override_dirname}` (same exclude_keys, kv/item
+    separators), but the keys the sweeper sweeps (`hydra.sweeper.params`) come first, `/` in a
+    value becomes `-` (no nested folders), and more than MAX_NAME characters of overrides are
+    cut and end in 8 hex digits of a hash of the full list (a file name has at most 255 bytes).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hc = HydraConfig.get()
+    conf = hc.job.config.override_dirname
+    exclude = set(conf.exclude_keys or [])
+    swept = list((OmegaConf.select(hc, "sweeper.params") or {}).keys())
+    lines = []
+    for o in OverridesParser.create().parse_overrides(list(hc.overrides.task)):
+        key = o.key_or_group
+        if key in exclude:
+            continue
+        first = swept.index(key) if key in swept else len(swept)
+        lines.append((first, o.input_line.replace("=", conf.kv_sep, 1)))
+    lines.sort()
+    full = conf.item_sep.join(line for _, line in lines)
+    name = full.replace("/", "-").replace(os.sep, "-")
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(full.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_NAME - 9]}-{digest}"
+    return f"{hc.job.num}_{name}" if name else str(hc.job.num)
+
+
+def register_resolvers() -> None:
+    """`${gpt2x_job_dir:}` (sweeps/*.yaml: hydra.sweep.subdir); idempotent. Registered when this
+    module is imported, which Hydra does when it builds the sweep's callback, in every process
+    that runs jobs (joblib/submitit workers unpickle the callback)."""
+    if not OmegaConf.has_resolver("gpt2x_job_dir"):
+        OmegaConf.register_new_resolver("gpt2x_job_dir", job_dirname, use_cache=False)
+
+
+register_resolvers()
+
+
+# --------------------------------------------------------------------------------------------
+# Failed jobs
+
+
+def in_multirun() -> bool:
+    """True inside a Hydra multirun job (any launcher that runs `main` through run_job)."""
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def begin_job() -> None:
+    """Per-job reset in a multirun process: jobs of the sequential launcher share one process,
+    so a job's peak memory must not include the previous job's."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+    except Exception:  # noqa: BLE001 - a measurement nicety, never a reason to fail a job
+        pass
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _is_oom(e: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+    except Exception:  # noqa: BLE001
+        pass
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def failure_reason(cfg: Any, e: BaseException) -> str:
+    """The one-line reason recorded for a failed job; out-of-memory names the micro batch."""
+    detail = f"{type(e).__name__}: {_one_line(str(e))}"
+    if _is_oom(e):
+        kind = "CUDA" if "cuda" in f"{type(e).__name__} {e}".lower() else "CPU"
+        b = OmegaConf.select(cfg, "trainer.micro_batch_size", default=None)
+        return f"{kind} out of memory at micro_batch_size={b} ({detail})"
+    return detail
+
+
+def _read_record(run_dir: Path) -> dict | None:
+    try:
+        data = json.loads((run_dir / "record.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _resolved_config(cfg: Any) -> dict | None:
+    try:
+        from gpt2x.config import to_container
+
+        return to_container(cfg)
+    except Exception:  # noqa: BLE001 - a broken interpolation: keep the unresolved values
+        try:
+            return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def write_failed_record(
+    run_dir: str | Path, error: str, cfg: Any = None, overrides: Sequence[str] | None = None
+) -> Path:
+    """Make `run_dir/record.json` say status failed + error.
+
+    A record the trainer already finished as failed keeps everything and only gets `error`
+    replaced; a missing record (the job failed before the trainer wrote one: bad config, bad
+    data, a child process that died) or one still "running" gets the minimal fields a report
+    needs (config, overrides, command, times). Only rank 0 writes.
+    """
+    from gpt2x.record import _clean, atomic_write_text, config_hash, git_info, now, versions
+
+    run_dir = Path(run_dir)
+    path = run_dir / "record.json"
+    if os.environ.get("RANK", "0") != "0":
+        return path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = _read_record(run_dir)
+    if record is None:
+        config = _resolved_config(cfg) if cfg is not None else None
+        record = {
+            "schema": 1,
+            "run_id": run_dir.name,
+            "run_dir": str(run_dir),
+            "experiment": (config or {}).get("experiment", ""),
+            "status": "failed",
+            "error": error,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "overrides": list(overrides) if overrides is not None else _task_overrides(),
+            "config": config,
+            "config_hash": config_hash(config) if config else None,
+            "git": git_info(),
+            "versions": versions(),
+            "hardware": None,
+            "world_size": None,
+            "grad_accum_steps": None,
+            "tokens_per_step": None,
+            "started_at": now(),
+            "ended_at": None,
+            "compile_seconds": None,
+            "summary": None,
+            "wandb": None,
+        }
+    record.update(status="failed", error=error, ended_at=now())
+    atomic_write_text(path, json.dumps(_clean(record), indent=2) + "\n")
+    return path
+
+
+def _task_overrides() -> list[str]:
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
+
+
+def record_failure(cfg: Any, e: BaseException) -> str:
+    """In a multirun job: record why it failed, in its run folder. Returns the reason."""
+    reason = failure_reason(cfg, e)
+    run_dir = OmegaConf.select(cfg, "paths.run_dir", default=None)
+    if not run_dir and HydraConfig.initialized():
+        run_dir = HydraConfig.get().runtime.output_dir
+    log.error("job failed, the sweep goes on: %s", reason)
+    if run_dir:
+        record = _read_record(Path(run_dir))
+        keep = record is not None and record.get("status") == "failed" and not _is_oom(e)
+        if not keep:
+            write_failed_record(run_dir, reason, cfg)
+    return reason
+
+
+def failed_job_result() -> float:
+    """Called by `main` after a multirun job failed and its exception is gone: release what the
+    job held (CUDA memory above all, for the next job in this process); returns FAILED."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+    return FAILED
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+@dataclass
+class SweepResult:
+    """What `write_summary` found: job counts, the best row (or None) and the files written."""
+
+    completed: int
+    failed: int
+    best: dict | None
+    paths: dict[str, Path]
+    optuna: dict | None
+
+
+def optuna_results(sweep_dir: Path) -> dict | None:
+    """The Optuna sweeper's optimization_results.yaml ({name, best_params, best_value})."""
+    path = Path(sweep_dir) / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return data if isinstance(data, dict) else None
+
+
+def swept_key(sweep_dir: Path) -> str | None:
+    """The one key the sweep varied, from multirun.yaml (sweeper params and command-line sweeps)."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    cfg = OmegaConf.load(path)
+    keys = list((OmegaConf.select(cfg, "hydra.sweeper.params") or {}).keys())
+    for line in OmegaConf.select(cfg, "hydra.overrides.task") or []:
+        key, _, value = str(line).partition("=")
+        key = key.lstrip("+~")
+        if ("," in value or "(" in value) and key not in keys:
+            keys.append(key)
+    return keys[0] if len(keys) == 1 else None
+
+
+def _loss_spread(runs: Sequence[Any]) -> float | None:
+    """Largest |train loss difference| at equal steps between the completed runs (None if < 2)."""
+    curves = []
+    for r in runs:
+        if r.ok and r.metrics:
+            curves.append({m.get("step"): m.get("loss") for m in r.metrics})
+    if len(curves) < 2:
+        return None
+    spread = 0.0
+    for step, ref in curves[0].items():
+        for c in curves[1:]:
+            v = c.get(step)
+            if isinstance(ref, (int, float)) and isinstance(v, (int, float)):
+                spread = max(spread, abs(v - ref))
+    return spread
+
+
+def write_summary(
+    sweep_dir: str | Path,
+    x: str | None = None,
+    objective: str = "tokens_per_s",
+    basename: str = "summary",
+    title: str | None = None,
+) -> SweepResult:
+    """summary.md, summary.csv, loss.png, tokens_per_s.png and sweep.png (x given) in sweep_dir,
+    from the job folders' run records, via gpt2x.report. `best` marks the completed job with the
+    highest tokens/s (objective=tokens_per_s) or the lowest validation loss (val_loss)."""
+    from gpt2x import report
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    sweep_dir = Path(sweep_dir)
+    runs = report.load_runs(sweep_dir)
+    rows = report.summarize(runs, x=x)
+    if x is not None and objective == "val_loss":
+        scored = [r for r in rows if r["median_ms"] and _finite(r.get("val_loss"))]
+        best = min(scored, key=lambda r: r["val_loss"], default=None)
+        for row in rows:
+            row["best"] = row is best
+    best_row = next((r for r in rows if r.get("best")), None)
+    optuna = optuna_results(sweep_dir)
+    paths = report.write_report(rows, runs, sweep_dir, basename=basename, x=x, title=title)
+
+    completed = sum(1 for r in runs if r.ok)
+    extra = ["", "## Sweep", ""]
+    extra.append(
+        f"- jobs: {len(runs)}, completed: {completed}, not completed: {len(runs) - completed}"
+    )
+    for row in rows:
+        if row["status"] != "completed" or row.get("error"):
+            extra.append(f"  - {row['name']}: {row['status']} ({row.get('error') or 'no reason'})")
+    if best_row is not None and objective == "val_loss":
+        extra.append(
+            f"- best by validation loss: {best_row['name']} ({x}={best_row.get(x)}), "
+            f"val loss {best_row['val_loss']:.4f}"
+        )
+    spread = _loss_spread(runs)
+    if spread is not None and objective == "tokens_per_s":
+        extra.append(
+            f"- train-loss curves of the completed jobs differ by at most {spread:.2e} at equal "
+            "steps (same total batch per step: the same optimization, only speed and memory differ)"
+        )
+    if optuna is not None:
+        extra += ["", "## Optuna", ""]
+        if "best_params" in optuna:
+            params = ", ".join(f"{k}={v}" for k, v in (optuna.get("best_params") or {}).items())
+            extra.append(f"- best value (validation loss): {optuna.get('best_value')}")
+            extra.append(f"- best params: {params}")
+        else:
+            extra.append(f"- Pareto solutions: {optuna.get('solutions')}")
+        extra.append("- from `optimization_results.yaml` (written by the Optuna sweeper)")
+    with open(paths["md"], "a", encoding="utf-8") as f:
+        f.write("\n".join(extra) + "\n")
+    return SweepResult(completed, len(runs) - completed, best_row, paths, optuna)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+class SweepSummary(Callback):
+    """Hydra callback (sweeps/*.yaml, `hydra.callbacks`): one sweep id for all processes, and
+    the summary in the sweep folder when the multirun ends.
+
+    x: the swept config key (default: found in multirun.yaml). objective: what `best` means,
+    "tokens_per_s" (highest) or "val_loss" (lowest). fail_if_none_completed: exit status 1 when
+    no job completed (after writing the summary).
+    """
+
+    def __init__(
+        self,
+        x: str | None = None,
+        objective: str = "tokens_per_s",
+        basename: str = "summary",
+        fail_if_none_completed: bool = True,
+    ):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+        self.x = x
+        self.objective = objective
+        self.basename = basename
+        self.fail_if_none_completed = fail_if_none_completed
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # worker processes (joblib, submitit, torchrun children) must resolve the same sweep id
+        from gpt2x.config import run_id
+
+        os.environ.setdefault(RUN_ID_ENV, run_id())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from gpt2x.report import ReportError
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        x = self.x or swept_key(sweep_dir)
+        try:
+            result = write_summary(sweep_dir, x=x, objective=self.objective, basename=self.basename)
+        except ReportError as e:
+            log.error("sweep summary: %s", e)
+            result = None
+        else:
+            log.info(
+                "sweep summary: %d completed, %d not completed; %s",
+                result.completed,
+                result.failed,
+                result.paths["md"],
+            )
+            if result.best is not None:
+                log.info("best: %s (%s=%s)", result.best["name"], x, result.best.get(x))
+        if self.fail_if_none_completed and (result is None or result.completed == 0):
+            log.error("no job of the sweep completed (see the job folders' record.json)")
+            sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m gpt2x.sweep",
+        description="Rebuild a sweep's summary (summary.md/.csv, plots) from its job folders.",
+    )
+    p.add_argument("sweep_dir", help="the sweep folder (outputs/multirun/<sweep_id>)")
+    p.add_argument("--x", help="the swept config key (default: from multirun.yaml)")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="what `best` means (default: val_loss for an Optuna sweep, else tokens_per_s)",
+    )
+    p.add_argument("--basename", default="summary")
+    args = p.parse_args(argv)
+    from gpt2x.report import ReportError
+
+    sweep_dir = Path(args.sweep_dir)
+    objective = args.objective or (
+        "val_loss" if (sweep_dir / "optimization_results.yaml").is_file() else "tokens_per_s"
+    )
+    try:
+        result = write_summary(
+            sweep_dir,
+            x=args.x or swept_key(sweep_dir),
+            objective=objective,
+            basename=args.basename,
+        )
+    except ReportError as e:
+        print(f"gpt2x.sweep: error: {e}", file=sys.stderr)
+        return 2
+    print(Path(result.paths["md"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in result.paths.values()))
+    return 0 if result.completed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

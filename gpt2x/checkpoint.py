@@ -493,6 +493,12 @@ def resolve_resume(resume: str, run_dir: str | Path, dist: Any = None) -> Path |
     """
     resume = (resume or "").strip()
     if not resume:
+        if _is_main(dist) and list_checkpoints(checkpoints_dir(run_dir)):
+            log.warning(
+                "%s already has checkpoints; this run starts fresh and its checkpoints replace "
+                "or mix with them (trainer.resume=auto would continue instead)",
+                run_dir,
+            )
         return None
     found: str | None = None
     error: str | None = None

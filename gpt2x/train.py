@@ -275,6 +275,7 @@ def resume(run: Run, path: Path) -> None:
         scaler=run.scaler,
         loader=run.train_loader,
         dist=run.dist,
+        full_verify=False,  # resolve_resume verified the sha256s
     )
     run.start_step, run.tokens_seen = state.step, state.tokens_seen
     run.loss_history, run.skip_batches = state.loss_history, state.skip_batches

@@ -578,16 +578,17 @@ def test_bad_settings_are_config_errors(tmp_path, data_root):
 # DDP
 
 
-def _torchrun(run_dir: Path, data_root: Path, *extra: str, cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [
+def _torchrun_args(
+    run_dir: Path, data_root: Path, *extra: str, restarts: int = 0, entry=("-m", "gpt2x.train")
+) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        "-m",
-        "gpt2x.train",
+        f"--max-restarts={restarts}",
+        *entry,
         "parallel=ddp",
         *TINY,
         "trainer.total_batch_tokens=256",
@@ -597,19 +598,58 @@ def _torchrun(run_dir: Path, data_root: Path, *extra: str, cwd: Path) -> None:
         *COMMON,
         *extra,
     ]
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# gpt2x.train whose rank 1 gets SIGTERM during step 2 of the first attempt (a preempted worker),
+# at a deterministic point instead of racing a signal from outside against a fast run
+PREEMPTED_TRAIN = """
+import os, signal
+import gpt2x.train as train_mod
+
+real_step = train_mod.train_step
+
+
+def train_step(run, step):
+    row = real_step(run, step)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if step == 2 and run.dist.rank == 1 and first_attempt:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return row
+
+
+train_mod.train_step = train_step
+train_mod.main()
+"""
+
+
+def _torchrun(run_dir: Path, data_root: Path, *extra: str, cwd: Path, **kw) -> str:
+    args = _torchrun_args(run_dir, data_root, *extra, **kw)
+    proc = subprocess.run(
+        args, cwd=cwd, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.distributed
-def test_ddp_resume_matches_uninterrupted(tmp_path, data_root):
+def test_ddp_preempted_worker_torchrun_restart_resumes_exactly(tmp_path, data_root):
     ref = tmp_path / "ref"
-    _torchrun(ref, data_root, "trainer.checkpoint_every=3", "trainer.keep_last=0", cwd=tmp_path)
-    ckpt = ref / "checkpoints" / "step_000003"
-    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
-    resumed = tmp_path / "resumed"
-    _torchrun(resumed, data_root, f"trainer.resume={ckpt}", cwd=tmp_path)
+    _torchrun(ref, data_root, cwd=tmp_path)
+    assert json.loads((ref / "checkpoints/step_000008/meta.json").read_text())["world_size"] == 2
     ref_loss = [r["loss"] for r in rows(ref)]
-    assert [r["step"] for r in rows(resumed)] == list(range(3, 8))
-    assert [r["loss"] for r in rows(resumed)] == ref_loss[3:]
-    assert rows(resumed, "eval.jsonl")[-1] == rows(ref, "eval.jsonl")[-1]
+
+    # `torchrun --max-restarts=1 ... trainer.resume=auto` with one preempted worker: both ranks
+    # agree to stop, checkpoint and exit 143; torchrun restarts them and they resume
+    script = tmp_path / "preempted_train.py"
+    script.write_text(PREEMPTED_TRAIN)
+    restarted = tmp_path / "restarted"
+    out = _torchrun(
+        restarted, data_root, "trainer.resume=auto", cwd=tmp_path, restarts=1, entry=(str(script),)
+    )
+    assert "SIGTERM received: stopped after step 2" in out
+    rec = record(restarted)
+    assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
+    assert [r["step"] for r in rows(restarted)] == list(range(8))
+    assert [r["loss"] for r in rows(restarted)] == ref_loss

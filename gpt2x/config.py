@@ -223,7 +223,8 @@ def run_id() -> str:
         if explicit:
             _RUN_ID = explicit
         elif elastic and elastic != "none" and "RANK" in os.environ:
-            _RUN_ID = time.strftime("%Y-%m-%d_%H-%M") + "_torchrun-" + elastic[:8]
+            # no timestamp: ranks starting either side of a minute would disagree
+            _RUN_ID = "torchrun-" + elastic
         else:
             _RUN_ID = time.strftime("%Y-%m-%d_%H-%M-%S_") + secrets.token_hex(2)
     return _RUN_ID

@@ -218,8 +218,11 @@ def record_failure(cfg: Any, e: BaseException) -> str:
     if run_dir:
         record = _read_record(Path(run_dir))
         keep = record is not None and record.get("status") == "failed" and not _is_oom(e)
-        if not keep:
-            write_failed_record(run_dir, reason, cfg)
+        try:
+            if not keep:
+                write_failed_record(run_dir, reason, cfg)
+        except Exception:  # noqa: BLE001 - the sweep must go on even if the record cannot be written
+            log.exception("could not write the failed record in %s", run_dir)
     return reason
 
 
@@ -262,17 +265,23 @@ def optuna_results(sweep_dir: Path) -> dict | None:
 
 
 def swept_key(sweep_dir: Path) -> str | None:
-    """The one key the sweep varied, from multirun.yaml (sweeper params and command-line sweeps)."""
-    path = Path(sweep_dir) / "multirun.yaml"
+    """The one key the sweep varied: from multirun.yaml (the basic sweeper's: its params and
+    command-line sweeps), else from a job's .hydra/hydra.yaml (sweeper params; the Optuna sweeper
+    writes no multirun.yaml). None if there is not exactly one."""
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / "multirun.yaml"
     if not path.is_file():
-        return None
+        path = next(iter(sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))), None)
+        if path is None:
+            return None
     cfg = OmegaConf.load(path)
     keys = list((OmegaConf.select(cfg, "hydra.sweeper.params") or {}).keys())
-    for line in OmegaConf.select(cfg, "hydra.overrides.task") or []:
-        key, _, value = str(line).partition("=")
-        key = key.lstrip("+~")
-        if ("," in value or "(" in value) and key not in keys:
-            keys.append(key)
+    if path.name == "multirun.yaml":
+        for line in OmegaConf.select(cfg, "hydra.overrides.task") or []:
+            key, _, value = str(line).partition("=")
+            key = key.lstrip("+~")
+            if ("," in value or "(" in value) and key not in keys:
+                keys.append(key)
     return keys[0] if len(keys) == 1 else None
 
 
@@ -300,7 +309,8 @@ def write_summary(
     basename: str = "summary",
     title: str | None = None,
 ) -> SweepResult:
-    """summary.md, summary.csv, loss.png, tokens_per_s.png and sweep.png (x given) in sweep_dir,
+    """summary.md, summary.csv, loss.png, tokens_per_s.png, sweep.png (x given; + val_loss.png for
+    objective=val_loss) in sweep_dir,
     from the job folders' run records, via gpt2x.report. `best` marks the completed job with the
     highest tokens/s (objective=tokens_per_s) or the lowest validation loss (val_loss)."""
     from gpt2x import report
@@ -318,6 +328,8 @@ def write_summary(
     best_row = next((r for r in rows if r.get("best")), None)
     optuna = optuna_results(sweep_dir)
     paths = report.write_report(rows, runs, sweep_dir, basename=basename, x=x, title=title)
+    if x is not None and objective == "val_loss":
+        paths["val_loss"] = plot_val_loss(rows, x, sweep_dir / "val_loss.png")
 
     completed = sum(1 for r in runs if r.ok)
     extra = ["", "## Sweep", ""]
@@ -350,6 +362,48 @@ def write_summary(
     with open(paths["md"], "a", encoding="utf-8") as f:
         f.write("\n".join(extra) + "\n")
     return SweepResult(completed, len(runs) - completed, best_row, paths, optuna)
+
+
+def plot_val_loss(rows: Sequence[dict], x: str, path: Path) -> Path:
+    """Validation loss vs the swept key (log axis for positive numbers spanning >10x), best starred."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts = [
+        (r[x], r["val_loss"], bool(r.get("best")))
+        for r in rows
+        if r["median_ms"] and _finite(r.get("val_loss")) and _finite(r.get(x))
+    ]
+    pts.sort()
+    fig = Figure(figsize=(6.0, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-")
+        best = [p for p in pts if p[2]]
+        if best:
+            ax.plot(
+                [best[0][0]],
+                [best[0][1]],
+                marker="*",
+                markersize=16,
+                color="C3",
+                linestyle="none",
+                label=f"best ({x}={best[0][0]:.3g})",
+            )
+            ax.legend(fontsize=8)
+        xs = [p[0] for p in pts]
+        if min(xs) > 0 and max(xs) > 10 * min(xs):
+            ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(x)
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"Validation loss vs {x}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
 
 
 def _finite(v: Any) -> bool:

@@ -275,6 +275,7 @@ def test_optuna_lr_search_reports_the_best_value_and_groups_wandb_runs(tmp_path,
     rows = summary_rows(sweep_dir)
     best_row = next(r for r in rows if r["best"] == "True")
     assert float(best_row["optim.lr"]) == pytest.approx(best_lr)  # best = lowest val loss
+    assert (sweep_dir / "val_loss.png").read_bytes()[:8] == PNG_MAGIC
 
     # W&B: one run per job, finished (exit record), all in one group named after the sweep
     groups, ids = set(), set()
@@ -481,3 +482,9 @@ def test_swept_key_from_multirun_yaml(tmp_path):
     )
     assert swept_key(tmp_path) == "trainer.micro_batch_size"
     assert swept_key(tmp_path / "nowhere") is None
+    # the Optuna sweeper writes no multirun.yaml: a job's .hydra/hydra.yaml names the params
+    job = tmp_path / "optuna" / "0_optim.lr=0.001" / ".hydra"
+    job.mkdir(parents=True)
+    cfg = {"hydra": {"sweeper": {"params": {"optim.lr": "tag(log, interval(1e-4, 3e-2))"}}}}
+    OmegaConf.save(OmegaConf.create(cfg), job / "hydra.yaml")
+    assert swept_key(tmp_path / "optuna") == "optim.lr"

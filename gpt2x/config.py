@@ -248,6 +248,11 @@ def register_configs() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=name != "eval")
+    if not OmegaConf.has_resolver("gpt2x_job_dir"):
+        # short, deterministic multirun job folder names (Hydra's own can exceed 255 bytes)
+        from gpt2x.sweep import register_resolvers
+
+        register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schema in [

@@ -603,7 +603,9 @@ def _torchrun_args(
 TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # gpt2x.train whose rank 1 gets SIGTERM during step 2 of the first attempt (a preempted worker),
-# at a deterministic point instead of racing a signal from outside against a fast run
+# at a deterministic point instead of racing a signal from outside against a fast run.
+# (In-place `torchrun --max-restarts` restarts are not used here: with torch 2.13 + gloo on one
+# host the restarted group's rendezvous often fails on stale store keys: docs/checkpoints.md.)
 PREEMPTED_TRAIN = """
 import os, signal
 import gpt2x.train as train_mod
@@ -634,22 +636,104 @@ def _torchrun(run_dir: Path, data_root: Path, *extra: str, cwd: Path, **kw) -> s
 
 
 @pytest.mark.distributed
-def test_ddp_preempted_worker_torchrun_restart_resumes_exactly(tmp_path, data_root):
+def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(tmp_path, data_root):
     ref = tmp_path / "ref"
     _torchrun(ref, data_root, cwd=tmp_path)
     assert json.loads((ref / "checkpoints/step_000008/meta.json").read_text())["world_size"] == 2
     ref_loss = [r["loss"] for r in rows(ref)]
 
-    # `torchrun --max-restarts=1 ... trainer.resume=auto` with one preempted worker: both ranks
-    # agree to stop, checkpoint and exit 143; torchrun restarts them and they resume
+    # rank 1 is preempted (SIGTERM) during step 2: both ranks agree to stop at the step
+    # boundary, checkpoint and exit 143, so torchrun reports a failed worker group ...
     script = tmp_path / "preempted_train.py"
     script.write_text(PREEMPTED_TRAIN)
-    restarted = tmp_path / "restarted"
-    out = _torchrun(
-        restarted, data_root, "trainer.resume=auto", cwd=tmp_path, restarts=1, entry=(str(script),)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        _torchrun_args(run_dir, data_root, "trainer.resume=auto", entry=(str(script),)),
+        cwd=tmp_path,
+        env=TORCHRUN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 143" in out, out[-4000:]
     assert "SIGTERM received: stopped after step 2" in out
-    rec = record(restarted)
+    assert record(run_dir)["status"] == "interrupted" and ckpts(run_dir) == ["step_000003"]
+    # ... and the same command line again (a restart / requeue) continues exactly
+    _torchrun(run_dir, data_root, "trainer.resume=auto", cwd=tmp_path)
+    rec = record(run_dir)
     assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
-    assert [r["step"] for r in rows(restarted)] == list(range(8))
-    assert [r["loss"] for r in rows(restarted)] == ref_loss
+    assert [r["step"] for r in rows(run_dir)] == list(range(8))
+    assert [r["loss"] for r in rows(run_dir)] == ref_loss
+
+
+def test_save_restore_round_trip_with_an_active_grad_scaler(tmp_path):
+    """fp16 runs need CUDA; the GradScaler state is checked here with a CPU scaler."""
+    from types import SimpleNamespace
+
+    from gpt2x.model import GPT, GPTConfig
+    from gpt2x.optim import build_optimizer
+
+    def build():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+        optim_cfg = SimpleNamespace(
+            lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, fused=False
+        )
+        return (
+            model,
+            build_optimizer(model, optim_cfg),
+            torch.amp.GradScaler("cpu", init_scale=64.0),
+        )
+
+    model, optimizer, scaler = build()
+    x = torch.randint(0, 64, (2, 8))
+    for _ in range(2):
+        optimizer.zero_grad()
+        scaler.scale(model(x, x)[1]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    checkpoint.save(tmp_path, 2, model, optimizer, scaler=scaler, tokens_seen=32)
+    model2, optimizer2, scaler2 = build()
+    state = checkpoint.restore(
+        tmp_path / "checkpoints" / "step_000002", model2, optimizer2, scaler=scaler2
+    )
+    assert (state.step, state.tokens_seen) == (2, 32)
+    assert scaler2.get_scale() == scaler.get_scale() and scaler2.state_dict() == scaler.state_dict()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = optimizer.state_dict(), optimizer2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]  # betas stay tuples
+    for k in s1["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s1["state"][k][name], s2["state"][k][name])
+
+
+def test_hellaswag_eval_row_goes_to_wandb_as_val_hellaswag_acc_norm():
+    from gpt2x.metrics import WandbLogger
+
+    logged = []
+    logger = object.__new__(WandbLogger)
+    logger.run = type("Run", (), {"log": lambda self, data, step: logged.append((step, data))})()
+    logger.log_eval(
+        {
+            "step": 4,
+            "val_loss": 3.0,
+            "tokens_seen": 8,
+            "hellaswag_acc": 0.25,
+            "hellaswag_acc_norm": 0.5,
+            "hellaswag_n": 4,
+        }
+    )
+    assert logged == [
+        (
+            4,
+            {
+                "val/loss": 3.0,
+                "val/hellaswag_acc": 0.25,
+                "val/hellaswag_acc_norm": 0.5,
+                "val/hellaswag_n": 4,
+                "tokens_seen": 8,
+            },
+        )
+    ]

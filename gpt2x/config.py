@@ -134,14 +134,14 @@ class ParallelConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 100
     micro_batch_size: int = 8  # B: sequences per forward/backward on one rank
     seq_len: int = "${model.block_size}"  # type: ignore[assignment]  # T
     # tokens per optimization step over all ranks; grad accumulation = total / (B*T*world)
     total_batch_tokens: int = "${eval:'${trainer.micro_batch_size} * ${trainer.seq_len}'}"  # type: ignore[assignment]
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    eval_every: int = 100  # 0: only at the end
+    eval_every: int = 50  # 0: only at the end
     eval_batches: int = 10
     sample_tokens: int = 48  # length of the text sample at the end; 0 disables
     sample_prompt: str = "\n"

@@ -847,16 +847,9 @@ def _wandb_offline_reason() -> str | None:
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode in ("offline", "disabled", "dryrun"):
         return f"WANDB_MODE={mode}"
-    if os.environ.get("WANDB_API_KEY"):
-        return None
-    try:
-        import netrc
+    from gpt2x.metrics import wandb_api_key_configured
 
-        rc = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-        hosts = netrc.netrc(rc).hosts if os.path.exists(rc) else {}
-    except (OSError, netrc.NetrcParseError):
-        hosts = {}
-    if any("wandb" in h for h in hosts):
+    if wandb_api_key_configured():
         return None
     return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
 

@@ -1,0 +1,971 @@
+"""`python -m gpt2x.ablate ladder=nano_cpu`: run an optimization ladder and compare its rungs.
+
+    python -m gpt2x.ablate ladder=nano_cpu                      # experiments/ladder/nano_cpu/
+    python -m gpt2x.ablate ladder=gpt2_124m -- trainer.micro_batch_size=32
+    python -m gpt2x.ablate rungs=[ladder/nano_cpu/fp32,ladder/nano_cpu/bf16] steps=5 warmup=1
+    python -m gpt2x.ablate ladder=nano_cpu dry_run=true         # print the rung commands only
+
+A ladder is a small file, `experiments/ladder/<ladder>/ladder.yml`: the ordered rungs (each a
+named experiment, `experiments/ladder/<ladder>/<rung>.yaml`, that includes the previous rung
+and changes one thing), the measured steps and warm-up steps, the processes for distributed
+rungs and overrides for every rung. Each rung runs as its own subprocess, one after the other,
+
+    python -m gpt2x.train +experiment=<rung> <overrides> hydra.run.dir=<out>/<NN>_<rung>
+
+or, for a rung with parallel=ddp|fsdp, `torchrun --standalone --nproc_per_node=<nproc> -m
+gpt2x.train ...`, so a rung that crashes or runs out of memory fails alone: it is recorded as
+failed with a one-line reason and the next rung runs. At the end (or after Ctrl-C, with the
+finished rungs) the runner writes into the ablation folder, through gpt2x.report:
+`ablation.md` (header + table + per-rung re-run commands), `ablation.csv`, `loss.png`,
+`tokens_per_s.png`, and `ablation.json` (the manifest: ladder, rungs, exact commands, status).
+`python -m gpt2x.report <folder>` rebuilds the same table from the run records.
+
+Exit status: 0 every rung completed; 1 some rung failed (the table says which and why); 2 bad
+input (unknown ladder or rung, an override Hydra rejects); 130 interrupted by Ctrl-C (143 by
+SIGTERM) after writing the partial table. See docs/ladder.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt2x import CONF_DIR, REPO_ROOT
+
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+LADDER_DIR = EXPERIMENTS_DIR / "ladder"
+LADDER_FILE = "ladder.yml"
+TRAIN_MODULE = "gpt2x.train"
+BASENAME = "ablation"  # ablation.md / ablation.csv / ablation.json
+DEFAULT_STEPS = 10
+DEFAULT_WARMUP = 3
+CPU_NPROC = 2  # gloo processes for a distributed rung on a machine without CUDA
+# launcher variables a rung must not inherit from the runner's own environment
+LAUNCH_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "GPT2X_RUN_ID",
+)
+INTERRUPT_GRACE_S = 60.0  # after Ctrl-C, how long a rung may take to finish its record
+
+USAGE = """\
+usage: python -m gpt2x.ablate [ladder=NAME|PATH] [rungs=[A,B,...]] [steps=N] [warmup=N]
+                              [nproc=N] [out=DIR] [overrides=[K=V,...]] [wandb=true|--wandb]
+                              [timeout=SECONDS] [quiet=true] [dry_run=true] [-- K=V ...]
+
+  ladder     a folder under experiments/ladder/ (nano_cpu, gpt2_124m) or a ladder .yml file
+  rungs      experiment names to run in order instead of (or without) a ladder's list; names
+             without '/' are taken from the ladder's folder
+  steps      measured optimizer steps per rung (default: the ladder's, else 10)
+  warmup     steps run before timing starts, per rung (default: the ladder's, else 3)
+  nproc      processes for parallel=ddp|fsdp rungs (torchrun); default: the ladder's, else the
+             number of CUDA devices, else 2 gloo processes on CPU
+  out        the ablation folder (default: outputs/ablations/<ladder>_<timestamp>)
+  overrides  Hydra overrides for every rung (same as the ones after `--`)
+  wandb      at the end, also save a W&B report of the rungs (needs network and an API key)
+  timeout    a rung running longer than this is stopped and recorded as failed
+  quiet      do not echo the rungs' output (it is always in <rung folder>/rung.log)
+  dry_run    print the rung commands and exit
+"""
+
+
+class AblationError(ValueError):
+    """Bad input (unknown ladder or rung, a bad option); the message is one line."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM reached the runner."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class Options:
+    ladder: str | None = None
+    rungs: list[Any] | None = None
+    steps: int | None = None
+    warmup: int | None = None
+    nproc: int | None = None
+    out: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    wandb: bool = False
+    timeout: float | None = None
+    quiet: bool = False
+    dry_run: bool = False
+
+
+def split_list(text: str) -> list[str]:
+    """`[a,b=c,'d,e',f=[1,2]]` -> ['a', 'b=c', 'd,e', 'f=[1,2]']: commas inside brackets,
+    braces or quotes do not split; one level of quotes around an item is removed."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    items: list[str] = []
+    depth, quote, cur = 0, "", []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = ""
+            cur.append(ch)
+        elif ch in "'\"":
+            quote = ch
+            cur.append(ch)
+        elif ch in "[{(":
+            depth += 1
+            cur.append(ch)
+        elif ch in "]})":
+            depth -= 1
+            cur.append(ch)
+        elif ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    out = []
+    for item in (i.strip() for i in items):
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            item = item[1:-1]
+        if item:
+            out.append(item)
+    return out
+
+
+def _bool(key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise AblationError(f"{key}={value!r}: expected true or false")
+
+
+def _int(key: str, value: str, minimum: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise AblationError(f"{key}={value!r}: expected an integer") from None
+    if n < minimum:
+        raise AblationError(f"{key}={n}: must be >= {minimum}")
+    return n
+
+
+def parse_args(argv: list[str]) -> Options:
+    opts = Options()
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    else:
+        extra = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        if arg == "--wandb":
+            opts.wandb = True
+            continue
+        if arg in ("--dry-run", "--dry_run"):
+            opts.dry_run = True
+            continue
+        key, sep, value = arg.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep:
+            raise AblationError(
+                f"{arg!r}: expected key=value (rung overrides go after `--`); see --help"
+            )
+        if key == "ladder":
+            opts.ladder = value
+        elif key == "rungs":
+            opts.rungs = split_list(value)
+        elif key == "steps":
+            opts.steps = _int(key, value, 1)
+        elif key == "warmup":
+            opts.warmup = _int(key, value, 0)
+        elif key == "nproc":
+            opts.nproc = _int(key, value, 1)
+        elif key == "out":
+            opts.out = value
+        elif key == "overrides":
+            opts.overrides += split_list(value)
+        elif key == "wandb":
+            opts.wandb = _bool(key, value)
+        elif key == "timeout":
+            try:
+                opts.timeout = float(value) if value not in ("", "null", "none") else None
+            except ValueError:
+                raise AblationError(f"timeout={value!r}: expected seconds") from None
+        elif key == "quiet":
+            opts.quiet = _bool(key, value)
+        elif key == "dry_run":
+            opts.dry_run = _bool(key, value)
+        else:
+            raise AblationError(
+                f"unknown option {key!r} (ladder, rungs, steps, warmup, nproc, out, overrides, "
+                "wandb, timeout, quiet, dry_run); Hydra overrides for the rungs go after `--`"
+            )
+    opts.overrides += extra
+    if opts.ladder is None and not opts.rungs:
+        raise AblationError("name a ladder (ladder=nano_cpu) or the rungs (rungs=[a,b,...])")
+    return opts
+
+
+# --------------------------------------------------------------------------------------------
+# Ladders and rungs
+
+
+@dataclass
+class Ladder:
+    name: str
+    file: Path | None
+    rungs: list[Any]
+    steps: int = DEFAULT_STEPS
+    warmup: int = DEFAULT_WARMUP
+    nproc: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    description: str = ""
+    prefix: str = ""  # experiment prefix for rung names without '/' ("ladder/nano_cpu/")
+
+
+def ladder_names() -> list[str]:
+    return sorted(p.parent.name for p in LADDER_DIR.glob(f"*/{LADDER_FILE}"))
+
+
+def load_ladder(spec: str) -> Ladder:
+    """A ladder by name (experiments/ladder/<name>/ladder.yml) or by path to its file."""
+    from omegaconf import OmegaConf
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / LADDER_FILE
+    if not path.is_file():
+        path = LADDER_DIR / spec / LADDER_FILE
+    if not path.is_file():
+        raise AblationError(
+            f"no ladder {spec!r}: expected {LADDER_DIR / spec / LADDER_FILE} or a ladder file; "
+            f"ladders: {', '.join(ladder_names()) or 'none'}"
+        )
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # noqa: BLE001 - a YAML syntax error: one line
+        raise AblationError(f"cannot read {path}: {_one_line(str(e))}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rungs"), list) or not data["rungs"]:
+        raise AblationError(f"{path}: needs a non-empty `rungs:` list")
+    unknown = set(data) - {"name", "description", "rungs", "steps", "warmup", "nproc", "overrides"}
+    if unknown:
+        raise AblationError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    try:
+        prefix = path.resolve().parent.relative_to(EXPERIMENTS_DIR.resolve()).as_posix() + "/"
+    except ValueError:
+        prefix = ""  # a ladder file outside experiments/: rungs are full experiment names
+    return Ladder(
+        name=str(data.get("name") or path.parent.name),
+        file=path,
+        rungs=list(data["rungs"]),
+        steps=int(data.get("steps") or DEFAULT_STEPS),
+        warmup=int(data["warmup"]) if data.get("warmup") is not None else DEFAULT_WARMUP,
+        nproc=int(data["nproc"]) if data.get("nproc") else None,
+        overrides=[str(o) for o in data.get("overrides") or []],
+        description=str(data.get("description") or ""),
+        prefix=prefix,
+    )
+
+
+@dataclass
+class Rung:
+    """One rung of this ablation: what runs, where, and how it ended."""
+
+    index: int  # 1-based position in the ladder
+    name: str  # display name = the record's `experiment` (the table's `name` column)
+    short: str  # folder suffix and W&B job_type
+    experiment: str  # +experiment=<this>
+    overrides: list[str]  # every override after +experiment=, in order
+    dir: str = ""
+    launcher: str = "python"  # python | torchrun
+    nproc: int = 1
+    command: list[str] = field(default_factory=list)
+    status: str = "pending"  # pending | completed | failed | interrupted | not run
+    error: str | None = None
+    returncode: int | None = None
+    seconds: float | None = None
+    config_hash: str | None = None
+    started_at: str | None = None
+
+
+def _entry(ladder: Ladder | None, item: Any) -> tuple[str, str | None, list[str]]:
+    """(experiment, explicit name or None, extra overrides) of one `rungs` entry."""
+    prefix = ladder.prefix if ladder else ""
+    if isinstance(item, dict):
+        unknown = set(item) - {"experiment", "name", "overrides"}
+        if unknown or not item.get("experiment"):
+            raise AblationError(
+                f"rung {item!r}: a mapping needs `experiment:` (and optionally `name:`, "
+                "`overrides:`)"
+            )
+        exp, name = str(item["experiment"]), item.get("name")
+        extra = [str(o) for o in item.get("overrides") or []]
+    else:
+        exp, name, extra = str(item), None, []
+    exp = exp.removesuffix(".yaml").removeprefix("+experiment=").removeprefix("experiment/")
+    if "/" not in exp and prefix:
+        exp = prefix + exp
+    if not (EXPERIMENTS_DIR / f"{exp}.yaml").is_file():
+        raise AblationError(f"no experiment {exp!r} (expected {EXPERIMENTS_DIR / exp}.yaml)")
+    return exp, (str(name) if name else None), extra
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "rung"
+
+
+# --------------------------------------------------------------------------------------------
+# Composition (in-process, before anything runs: bad names/overrides stop here, in seconds)
+
+
+def _hydra_free(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+
+
+@contextlib.contextmanager
+def _world_size_env(n: int):
+    """WORLD_SIZE as torchrun will set it, while a distributed rung's config is resolved."""
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(n)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = old
+
+
+def compose_rung(rung: Rung, world_size: int | None = None) -> dict:
+    """The rung's resolved config, as the trainer will see it (paths.run_dir = its folder)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gpt2x.config import register_configs, to_container
+
+    register_configs()
+    overrides = [f"+experiment={rung.experiment}", *_hydra_free(rung.overrides)]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        OmegaConf.update(cfg, "paths.run_dir", rung.dir or "/tmp", merge=False)
+        ctx = _world_size_env(world_size) if world_size else contextlib.nullcontext()
+        with ctx:
+            return to_container(cfg)
+    except Exception as e:  # noqa: BLE001 - Hydra's composition errors: one line
+        raise AblationError(
+            f"rung {rung.name}: the config does not compose: {type(e).__name__}: "
+            f"{_one_line(str(e))}"
+        ) from None
+
+
+def _is_distributed(config: dict) -> bool:
+    return str((config.get("parallel") or {}).get("kind", "single")) in ("ddp", "fsdp")
+
+
+def default_nproc() -> int:
+    """The number of CUDA devices, else CPU_NPROC gloo processes."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        n = 0
+    return n if n > 0 else CPU_NPROC
+
+
+def _has_key(overrides: list[str], key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+
+
+def _int_value(overrides: list[str], key: str) -> int | None:
+    """The last `key=<int>` among the overrides, else None."""
+    found = None
+    for o in overrides:
+        k, _, v = o.lstrip("+~").partition("=")
+        if k == key:
+            with contextlib.suppress(ValueError):
+                found = int(v)
+    return found
+
+
+def plan(opts: Options) -> tuple[Ladder | None, list[Rung], dict]:
+    """The ladder, its rungs (composed and checked) and the ablation's settings."""
+    ladder = load_ladder(opts.ladder) if opts.ladder else None
+    items = opts.rungs if opts.rungs else (ladder.rungs if ladder else [])
+    common = [*(ladder.overrides if ladder else []), *opts.overrides]
+    steps = opts.steps or (ladder.steps if ladder else DEFAULT_STEPS)
+    warmup = (
+        opts.warmup if opts.warmup is not None else (ladder.warmup if ladder else DEFAULT_WARMUP)
+    )
+    # a rung override of the trainer's own keys wins over steps/warmup (and is reported as such)
+    given_warmup = _int_value(common, "trainer.warmup_steps_for_timing")
+    given_max = _int_value(common, "trainer.max_steps")
+    measure = []
+    if given_warmup is None:
+        measure.append(f"trainer.warmup_steps_for_timing={warmup}")
+    else:
+        warmup = given_warmup
+    if given_max is None:
+        measure.append(f"trainer.max_steps={warmup + steps}")
+    else:
+        steps = max(0, given_max - warmup)
+
+    rungs: list[Rung] = []
+    for i, item in enumerate(items, start=1):
+        exp, name, extra = _entry(ladder, item)
+        short = _safe(name or exp.rsplit("/", 1)[-1])
+        # (`experiment=` would be read as the config group: the runner renames the record)
+        own = [f"logger.job_type={short}"] if name else []
+        rungs.append(
+            Rung(
+                index=i,
+                name=name or exp,
+                short=short,
+                experiment=exp,
+                overrides=[*measure, *own, *extra, *common],
+            )
+        )
+    settings = {
+        "ladder": ladder.name if ladder else None,
+        "ladder_file": str(ladder.file) if ladder and ladder.file else None,
+        "description": ladder.description if ladder else "",
+        "steps": steps,
+        "warmup": warmup,
+        "nproc": opts.nproc or (ladder.nproc if ladder else None),
+        "overrides": common,
+    }
+    return ladder, rungs, settings
+
+
+def default_out(ladder: Ladder | None) -> Path:
+    root = Path(os.environ.get("GPT2X_HOME") or ".")
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    base = root / "outputs" / "ablations" / f"{ladder.name if ladder else 'rungs'}_{stamp}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}_{n}")
+    return out
+
+
+def _override(key: str, value: str) -> str:
+    """key=value, the value single-quoted for Hydra only where it needs it (spaces, commas...)."""
+    from gpt2x.launch import quote_override_value
+
+    plain = all(c.isalnum() or c in "/._-+@:" for c in value)
+    return f"{key}={value if plain else quote_override_value(value)}"
+
+
+def prepare(rungs: list[Rung], settings: dict, out: Path) -> None:
+    """Folders, launchers and exact commands; every rung's config composed once here."""
+    group = out.name
+    nproc = settings["nproc"]
+    for rung in rungs:
+        rung.dir = str((out / f"{rung.index:02d}_{rung.short}").absolute())
+        config = compose_rung(rung)
+        extra = []
+        if not _has_key(rung.overrides, "logger.group"):
+            extra.append(_override("logger.group", group))
+        if not (config.get("logger") or {}).get("job_type") and not _has_key(
+            rung.overrides, "logger.job_type"
+        ):
+            extra.append(f"logger.job_type={rung.short}")
+        rung.overrides = [*extra, *rung.overrides]
+        argv = [
+            "-m",
+            TRAIN_MODULE,
+            f"+experiment={rung.experiment}",
+            *rung.overrides,
+            _override("hydra.run.dir", rung.dir),
+        ]
+        if _is_distributed(config):
+            if nproc is None:
+                nproc = settings["nproc"] = default_nproc()
+            rung.launcher, rung.nproc = "torchrun", nproc
+            torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            rung.command = [sys.executable, *torchrun, *argv]
+        else:
+            rung.command = [sys.executable, *argv]
+
+
+# --------------------------------------------------------------------------------------------
+# Running one rung
+
+
+def _now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def read_record(run_dir: str | Path) -> dict | None:
+    try:
+        data = json.loads((Path(run_dir) / "record.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def child_env(rung: Rung) -> dict:
+    """The runner's environment without launcher variables; unbuffered output; on a machine
+    without CUDA, torchrun's ranks share the cores (OMP_NUM_THREADS, unless already set)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    # an exported-but-empty WANDB_* variable breaks wandb (docs: never export an empty one)
+    for key in [k for k, v in env.items() if k.startswith("WANDB_") and v == ""]:
+        del env[key]
+    if rung.launcher == "torchrun" and "OMP_NUM_THREADS" not in env and default_nproc_is_cpu():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, rung.nproc)))
+    return env
+
+
+def default_nproc_is_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> bool:
+    try:
+        os.killpg(proc.pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_child(proc: subprocess.Popen, first: int, grace_s: float) -> None:
+    """Signal the rung's process group with `first`, then SIGTERM, then SIGKILL, waiting for it
+    in between; another Ctrl-C while waiting moves on to the next signal at once."""
+    for sig, wait_s in ((first, grace_s), (signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None or not _signal_group(proc, sig):
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except (Interrupted, KeyboardInterrupt):
+            continue
+
+
+def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
+    """Run the rung's command in its own session, tee its output to <dir>/rung.log, then make
+    its record tell how it ended. Re-raises Interrupted after the rung has wound down."""
+    run_dir = Path(rung.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "rung.log"
+    rung.started_at = _now()
+    t0 = time.monotonic()
+    prefix = f"[{rung.index:02d} {rung.short}] "
+    timed_out = False
+    interrupt: Interrupted | None = None
+    with open(log_path, "w", encoding="utf-8", errors="replace") as log_file:
+        log_file.write("$ " + shlex.join(rung.command) + "\n")
+        log_file.flush()
+        proc = subprocess.Popen(
+            rung.command,
+            env=child_env(rung),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # the terminal's Ctrl-C reaches the runner only
+        )
+
+        def copy() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if echo:
+                    sys.stdout.write(prefix + line)
+                    sys.stdout.flush()
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            stop_child(proc, signal.SIGTERM, 30.0)
+        except (Interrupted, KeyboardInterrupt) as e:
+            interrupt = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+            # the trainer records itself as interrupted on SIGINT (and checkpoints on SIGTERM)
+            stop_child(proc, signal.SIGINT, INTERRUPT_GRACE_S)
+        except BaseException:
+            stop_child(proc, signal.SIGKILL, 5.0)
+            raise
+        finally:
+            proc.wait()
+            reader.join(timeout=10)
+    rung.returncode = proc.returncode
+    rung.seconds = round(time.monotonic() - t0, 2)
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    settle(rung, text, timed_out=timed_out, timeout=timeout, interrupted=interrupt is not None)
+    if interrupt is not None:
+        raise interrupt
+
+
+def failure_reason(text: str, returncode: int) -> str:
+    """One line: the trainer's `error:` line, else the last exception line, else the signal."""
+    from gpt2x.launch import failure_from_log
+
+    reason = failure_from_log(text, returncode)
+    if "SIGKILL" in reason and "memory" not in reason.lower():
+        reason += " (out of memory? the kernel's OOM killer sends SIGKILL)"
+    return reason
+
+
+def settle(
+    rung: Rung, text: str, *, timed_out: bool, timeout: float | None, interrupted: bool
+) -> None:
+    """Set the rung's status and reason, and make its record.json agree (writing a minimal
+    record where the trainer wrote none: a config error, a crash before the record started)."""
+    record = read_record(rung.dir)
+    rec_status = (record or {}).get("status")
+    rec_error = (record or {}).get("error")
+    if interrupted:
+        status = "interrupted"
+        reason = rec_error if rec_status == "interrupted" and rec_error else None
+        reason = reason or "interrupted by the user (Ctrl-C): the ablation stopped here"
+    elif timed_out:
+        status, reason = "failed", f"timed out after {timeout:g} s (ablate timeout={timeout:g})"
+    elif rung.returncode == 0 and rec_status == "completed":
+        status, reason = "completed", None
+    elif rec_status in ("failed", "interrupted") and rec_error:
+        status, reason = "failed", str(rec_error)
+    elif rung.returncode == 0:
+        status, reason = (
+            "failed",
+            "the trainer exited 0 but its record.json says "
+            + str(rec_status or "nothing (no record.json)"),
+        )
+    else:
+        status, reason = "failed", failure_reason(text, rung.returncode or 0)
+    rung.status, rung.error = status, (_one_line(reason) if reason else None)
+    renamed = record is not None and record.get("experiment") != rung.name
+    if renamed or (status != "completed" and (rec_status != status or rec_error != rung.error)):
+        record = write_record(rung, record)
+    rung.config_hash = (record or {}).get("config_hash")
+
+
+def write_record(rung: Rung, record: dict | None) -> dict:
+    """The rung's record.json with its final status, reason and name (atomic replace). A
+    missing record gets the fields a report needs: experiment, overrides, command, config."""
+    from gpt2x.record import atomic_write_text, config_hash, git_info, versions
+
+    if record is None:
+        config = None
+        with contextlib.suppress(AblationError):
+            config = compose_rung(rung, rung.nproc if rung.launcher == "torchrun" else None)
+        record = {
+            "schema": 1,
+            "run_id": Path(rung.dir).name,
+            "run_dir": rung.dir,
+            "experiment": rung.name,
+            "status": rung.status,
+            "error": rung.error,
+            "command": shlex.join(rung.command),
+            "overrides": [f"+experiment={rung.experiment}", *rung.overrides],
+            "config": config,
+            "config_hash": config_hash(config) if config else None,
+            "git": git_info(),
+            "versions": versions(),
+            "hardware": None,
+            "world_size": rung.nproc,
+            "grad_accum_steps": None,
+            "tokens_per_step": None,
+            "started_at": rung.started_at or _now(),
+            "ended_at": None,
+            "compile_seconds": None,
+            "summary": None,
+            "wandb": None,
+            "written_by": "gpt2x.ablate (the trainer wrote no record)",
+        }
+        if rung.name != rung.experiment:
+            record["experiment_config"] = rung.experiment
+    if record.get("experiment") != rung.name:
+        # a rung named in the ladder file (`name:`) is that name in the table; the experiment
+        # it was composed from stays in `experiment_config`
+        record["experiment_config"] = record.get("experiment")
+        record["experiment"] = rung.name
+    if record.get("status") != rung.status or record.get("error") != rung.error:
+        record.update(status=rung.status, error=rung.error, ended_at=_now())
+    atomic_write_text(Path(rung.dir) / "record.json", json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_manifest(out: Path, rungs: list[Rung], settings: dict, status: str) -> Path:
+    """ablation.json: what ran, in which order, with which exact commands, and how it ended."""
+    manifest = {
+        "schema": 1,
+        "name": out.name,
+        "status": status,
+        **settings,
+        "git_commit": settings.get("git_commit"),
+        "rungs": [
+            {**asdict(r), "command": shlex.join(r.command), "argv": r.command} for r in rungs
+        ],
+        "report": {
+            "basename": BASENAME,
+            "order": [r.name for r in rungs if r.status not in ("pending", "not run")],
+            "rebuild": f"python -m gpt2x.report {shlex.quote(str(out))}",
+        },
+        "updated_at": _now(),
+    }
+    path = out / f"{BASENAME}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def build_header(runs: list, rows: list[dict], rungs: list[Rung], settings: dict) -> dict:
+    """The ablation's own lines (ladder, exact command, measurement, seeds, config hashes,
+    interruption) followed by gpt2x.report's (date, hardware, versions, git, commands)."""
+    from gpt2x import report
+
+    ladder = settings.get("ladder")
+    if ladder:
+        ladder_line = f"{ladder} ({settings.get('ladder_file')})"
+        if settings.get("description"):
+            ladder_line += f": {settings['description']}"
+    else:
+        ladder_line = "rungs given on the command line"
+    seeds = sorted({str(report.config_value(r.config, "trainer.seed")) for r in runs if r.config})
+    header: dict[str, Any] = {
+        "ablation": settings.get("name"),
+        "ladder": ladder_line,
+        "ablate command": f"`{settings['command']}`",
+        "measured": (
+            f"{settings['steps']} optimizer steps per rung after {settings['warmup']} warm-up "
+            "steps (trainer.warmup_steps_for_timing); compile time is compile_s, outside it"
+        ),
+        "seeds": ", ".join(seeds) if seeds else None,
+        "overrides for every rung": " ".join(settings["overrides"]) or "none",
+        "config hashes": [
+            f"{r.index:02d} {r.short}: {r.config_hash or 'n/a'} ({r.status})"
+            for r in rungs
+            if r.status != "not run"
+        ],
+    }
+    not_run = [r.short for r in rungs if r.status == "not run"]
+    stopped = [r.short for r in rungs if r.status == "interrupted"]
+    if settings.get("interrupted"):
+        header["interrupted"] = (
+            f"by {settings['interrupted']}"
+            + (f" during {', '.join(stopped)}" if stopped else "")
+            + (f"; not run: {', '.join(not_run)}" if not_run else "")
+        )
+    multi = [r for r in rows if (r.get("world_size") or 1) > 1 and r.get("median_ms")]
+    if multi:
+        header["note"] = (
+            f"{', '.join(r['name'] for r in multi)}: every rank runs the base rung's B x T, so "
+            "a step holds world_size times the tokens of a 1-process step; compare tokens_per_s "
+            "(the speed-up columns compare step times)"
+        )
+    baseline = next((r["name"] for r in rows if r["median_ms"]), None)
+    header.update(report.build_header(runs, baseline))
+    return {k: v for k, v in header.items() if v not in (None, "", [])}
+
+
+def write_outputs(out: Path, rungs: list[Rung], settings: dict) -> tuple[list, list, dict]:
+    """ablation.md/.csv + plots through gpt2x.report, from the rungs' run records."""
+    from gpt2x import report
+
+    runs = report.load_runs([out])
+    expected = [r.name for r in rungs if r.status not in ("pending", "not run")]
+    names = [r.name for r in runs]
+    order = None if names == expected else [n for n in expected if n in names] or None
+    rows = report.summarize(runs, order=order)
+    header = build_header(runs, rows, rungs, settings)
+    paths = report.write_report(
+        rows, runs, out, header=header, basename=BASENAME, title=f"Ablation: {out.name}"
+    )
+    return runs, rows, paths
+
+
+def save_wandb_report(out: Path, runs: list, rows: list[dict]) -> None:
+    """The W&B report of the ablation's group, or one line saying why not."""
+    from gpt2x import report
+
+    logged = [r for r in runs if isinstance(r.record.get("wandb"), dict)]
+    if not logged:
+        print(
+            "gpt2x.ablate: W&B report not saved: no rung logged to W&B (logger=none or "
+            "logger.mode=disabled); the local report is complete"
+        )
+        return
+    offline_reason = getattr(report, "_wandb_offline_reason", lambda: None)()
+    offline = [r for r in logged if r.record["wandb"].get("mode") != "online"]
+    if offline_reason or offline:
+        why = offline_reason or f"{len(offline)} rung(s) logged offline"
+        print(
+            f"gpt2x.ablate: W&B report not saved: {why}; the local report is complete. Upload "
+            f"with `wandb sync {out}/*/wandb/offline-run-*`, then "
+            f"`python -m gpt2x.report {out} --wandb`"
+        )
+        return
+    try:
+        wr = report.build_wandb_report(
+            runs, group=out.name, title=f"gpt2x ablation: {out.name}", rows=rows
+        )
+        wr.save()
+        print(f"W&B report: {wr.url}")
+    except Exception as e:  # noqa: BLE001 - network/auth problems: one line, no traceback
+        print(f"gpt2x.ablate: W&B report not saved: {type(e).__name__}: {_one_line(str(e))}")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse_args(argv)
+        ladder, rungs, settings = plan(opts)
+        out = Path(opts.out).expanduser() if opts.out else default_out(ladder)
+        if (out / f"{BASENAME}.json").exists():
+            raise AblationError(f"{out} already holds an ablation; choose another out=")
+        prepare(rungs, settings, out)
+    except AblationError as e:
+        print(f"gpt2x.ablate: error: {e}", file=sys.stderr)
+        return 2
+    settings.update(
+        name=out.name,
+        command="python -m gpt2x.ablate " + shlex.join(argv),
+        cwd=os.getcwd(),
+        out=str(out.absolute()),
+        git_commit=_git_commit(),
+        started_at=_now(),
+        interrupted=None,
+    )
+    if opts.dry_run:
+        for rung in rungs:
+            print(f"# {rung.index:02d} {rung.short} ({rung.launcher}, nproc={rung.nproc})")
+            print(shlex.join(rung.command))
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"gpt2x.ablate: {len(rungs)} rungs -> {out}")
+    write_manifest(out, rungs, settings, "running")
+    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopped_by: int | None = None
+    try:
+        for rung in rungs:
+            if stopped_by is not None:
+                rung.status = "not run"
+                continue
+            print(
+                f"==> [{rung.index}/{len(rungs)}] {rung.name} ({rung.launcher}"
+                + (f", {rung.nproc} processes" if rung.launcher == "torchrun" else "")
+                + f"): {shlex.join(rung.command)}",
+                flush=True,
+            )
+            try:
+                run_rung(rung, opts.timeout, echo=not opts.quiet)
+            except Interrupted as e:
+                stopped_by = e.signum
+            print(
+                f"<== [{rung.index}/{len(rungs)}] {rung.name}: {rung.status}"
+                + (f" ({rung.error})" if rung.error else "")
+                + (f" in {rung.seconds:.1f} s" if rung.seconds is not None else ""),
+                flush=True,
+            )
+            write_manifest(out, rungs, settings, "running")
+    except Interrupted as e:  # between rungs
+        stopped_by = e.signum
+        for rung in rungs:
+            if rung.status == "pending":
+                rung.status = "not run"
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+    if stopped_by is not None:
+        settings["interrupted"] = signal.Signals(stopped_by).name
+    failed = [r for r in rungs if r.status == "failed"]
+    status = "interrupted" if stopped_by is not None else ("failed" if failed else "completed")
+    settings["ended_at"] = _now()
+    write_manifest(out, rungs, settings, status)
+    runs: list = []
+    rows: list[dict] = []
+    if any(read_record(r.dir) is not None for r in rungs if r.dir and Path(r.dir).exists()):
+        from gpt2x import report
+
+        try:
+            runs, rows, paths = write_outputs(out, rungs, settings)
+        except (report.ReportError, OSError) as e:
+            print(f"gpt2x.ablate: error: the report could not be written: {e}", file=sys.stderr)
+            return 1
+        print(report.markdown_table(rows, report.columns_of(rows)))
+        print("wrote " + ", ".join(str(p) for p in [*paths.values(), out / f"{BASENAME}.json"]))
+        print(f"rebuild: python -m gpt2x.report {shlex.quote(str(out))}")
+    if opts.wandb and runs:
+        save_wandb_report(out, runs, rows)
+    if stopped_by is not None:
+        print(f"gpt2x.ablate: interrupted ({signal.Signals(stopped_by).name}); partial table above")
+        return 128 + stopped_by
+    if failed:
+        print(
+            f"gpt2x.ablate: {len(failed)} of {len(rungs)} rungs failed: "
+            + "; ".join(f"{r.short}: {r.error}" for r in failed)
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

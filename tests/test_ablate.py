@@ -1,0 +1,378 @@
+"""gpt2x.ablate on CPU with a tiny model: the ladder configs, the files and table it writes, the
+report rebuilt from the folder, failed and interrupted rungs, the DDP rung, reproducibility."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, run_cli
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gpt2x import CONF_DIR, REPO_ROOT, ablate, report
+from gpt2x.config import register_configs
+from gpt2x.record import read_jsonl
+
+register_configs()
+
+LADDERS = ["nano_cpu", "gpt2_124m"]
+RUNGS = ["fp32", "tf32", "bf16", "compile", "flash", "vocab", "fused", "ddp"]
+# what each rung changes over the previous one (dotted keys of the resolved config)
+CHANGES = {
+    "tf32": {"precision.name", "precision.tf32"},
+    "bf16": {"precision.name", "precision.dtype"},
+    "compile": {"compile"},
+    "flash": {"attn.impl"},
+    "vocab": {"model.vocab_size"},
+    "fused": {"optim.fused"},
+    "ddp": {"parallel.kind"},
+}
+# tiny rungs: T follows the tiny model's context (the ladders fix T explicitly)
+RUNG_OVERRIDES = [*TINY, "trainer.seq_len=32", "logger=none"]
+STEPS = 2  # measured steps; TINY sets trainer.warmup_steps_for_timing=1 -> 3 steps per rung
+
+
+def compose_rung(name: str, *overrides: str) -> dict:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={name}", *overrides])
+    cfg.paths.run_dir = "/tmp/run"
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def ablate_cli(tmp_path: Path, data_root: Path, *args: str, check=True, rung_overrides=()):
+    return run_cli(
+        "gpt2x.ablate",
+        *args,
+        "quiet=true",
+        "--",
+        *RUNG_OVERRIDES,
+        f"paths.data_dir={data_root}",
+        *rung_overrides,
+        cwd=tmp_path,
+        check=check,
+    )
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_ladder(path: Path, rungs: list) -> Path:
+    path.write_text(yaml.safe_dump({"rungs": rungs, "steps": STEPS, "warmup": 1}))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The ladder configs (composition only: fast)
+
+
+@pytest.mark.parametrize("ladder", LADDERS)
+def test_each_rung_includes_the_previous_and_changes_one_thing(ladder):
+    folder = REPO_ROOT / "experiments" / "ladder" / ladder
+    spec = yaml.safe_load((folder / "ladder.yml").read_text())
+    assert spec["rungs"] == RUNGS
+    prev = None
+    for rung in RUNGS:
+        text = (folder / f"{rung}.yaml").read_text()
+        assert text.startswith("# @package _global_")
+        defaults = yaml.safe_load(text)["defaults"]
+        cfg = compose_rung(f"ladder/{ladder}/{rung}")
+        assert cfg["experiment"] == f"ladder/{ladder}/{rung}"
+        assert cfg["logger"]["job_type"] == rung and cfg["logger"]["group"]
+        if prev is None:
+            # the base fixes what every rung shares: data, seed, B, T, steps, eval off
+            t = cfg["trainer"]
+            assert cfg["data"]["name"] == "shakespeare" and t["seed"] == 1337
+            assert t["max_steps"] == spec["steps"] + spec["warmup"]
+            assert t["warmup_steps_for_timing"] == spec["warmup"]
+            assert t["eval_every"] == 0 and t["sample_tokens"] == 0
+            assert t["total_batch_tokens"] == t["micro_batch_size"] * t["seq_len"]
+        else:
+            assert defaults[0] == f"/experiment/ladder/{ladder}/{prev['name']}"
+            a, b = flatten(prev["cfg"]), flatten(cfg)
+            changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+            assert changed - {"experiment", "logger.job_type"} == CHANGES[rung], rung
+        prev = {"name": rung, "cfg": cfg}
+
+
+def test_gpt2_124m_rungs_use_the_lecture_shapes():
+    cfg = compose_rung("ladder/gpt2_124m/fp32")
+    assert (cfg["model"]["n_layer"], cfg["model"]["n_embd"], cfg["model"]["vocab_size"]) == (
+        12,
+        768,
+        50257,
+    )
+    assert (cfg["trainer"]["micro_batch_size"], cfg["trainer"]["seq_len"]) == (16, 1024)
+    big = compose_rung("ladder/gpt2_124m/bf16", "trainer.micro_batch_size=32")
+    assert big["trainer"]["total_batch_tokens"] == 32 * 1024  # the command line's B wins
+
+
+def test_ddp_rung_keeps_each_ranks_batch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for every rank
+    cfg = compose_rung("ladder/nano_cpu/ddp")
+    assert cfg["trainer"]["total_batch_tokens"] == 2 * 8 * 256
+
+
+def test_dry_run_prints_the_commands_with_one_wandb_group(tmp_path):
+    out = tmp_path / "abl"
+    proc = run_cli(
+        "gpt2x.ablate", "ladder=nano_cpu", "dry_run=true", f"out={out}", "nproc=3", cwd=tmp_path
+    )
+    lines = [line for line in proc.stdout.splitlines() if "gpt2x.train" in line]
+    assert len(lines) == 8 and not out.exists()
+    for rung, line in zip(RUNGS, lines):
+        assert f"+experiment=ladder/nano_cpu/{rung} " in line
+        assert "logger.group=abl " in line and f"hydra.run.dir={out}/" in line
+        assert "trainer.max_steps=13 " in line and "trainer.warmup_steps_for_timing=3 " in line
+    assert "torch.distributed.run --standalone --nproc_per_node=3 -m gpt2x.train" in lines[-1]
+    assert "torch.distributed.run" not in "".join(lines[:-1])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ladder=nope"], "no ladder 'nope'"),
+        (["rungs=[ladder/nano_cpu/fp3]"], "no experiment 'ladder/nano_cpu/fp3'"),
+        (["ladder=nano_cpu", "--", "precision=fp64"], "does not compose"),
+        (["ladder=nano_cpu", "stepz=3"], "unknown option 'stepz'"),
+        (["steps=3"], "name a ladder"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    assert ablate.main([*args, "dry_run=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_split_list():
+    assert ablate.split_list("[a,b=c,'d,e',f=[1,2]]") == ["a", "b=c", "d,e", "f=[1,2]"]
+    assert ablate.split_list("[]") == []
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny ladder end to end: fp32, a failing rung, tf32, bf16
+
+
+@pytest.fixture(scope="module")
+def tiny_ladder(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("ablate")
+    ladder = write_ladder(
+        tmp / "tiny.yml",
+        [
+            "ladder/nano_cpu/fp32",
+            # fp16 needs CUDA: a ConfigError before the trainer writes a record
+            {"name": "fp16", "experiment": "ladder/nano_cpu/bf16", "overrides": ["precision=fp16"]},
+            "ladder/nano_cpu/tf32",
+            "ladder/nano_cpu/bf16",
+        ],
+    )
+    out = tmp / "abl"
+    proc = ablate_cli(tmp, data_root, f"ladder={ladder}", f"out={out}", "--wandb", check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_tiny_ladder_writes_every_file_with_the_table_columns(tiny_ladder):
+    out, proc = tiny_ladder
+    for name in ("ablation.md", "ablation.csv", "ablation.json", "loss.png", "tokens_per_s.png"):
+        assert (out / name).stat().st_size > 0, name
+    dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert dirs == ["01_fp32", "02_fp16", "03_tf32", "04_bf16"]
+    for d in dirs:
+        assert (out / d / "record.json").exists() and (out / d / "rung.log").exists()
+    rows = read_csv(out / "ablation.csv")
+    assert list(rows[0]) == report.COLUMNS
+    assert [r["name"] for r in rows] == [
+        "ladder/nano_cpu/fp32",
+        "fp16",
+        "ladder/nano_cpu/tf32",
+        "ladder/nano_cpu/bf16",
+    ]
+    assert [r["status"] for r in rows] == ["completed", "failed", "completed", "completed"]
+    assert all(r["world_size"] == "1" for r in rows if r["status"] == "completed")
+    # W&B was asked for, but the rungs logged nowhere: one clear line, the run still finished
+    assert "W&B report not saved: no rung logged to W&B" in proc.stdout
+
+
+def test_speedups_follow_the_records_median_step_times(tiny_ladder):
+    out, _ = tiny_ladder
+    rows = read_csv(out / "ablation.csv")
+    good = [r for r in rows if r["status"] == "completed"]
+    medians = []
+    for row in good:
+        run_dir = out / next(d for d in os.listdir(out) if row["name"].endswith(d[3:]))
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        record = json.loads((run_dir / "record.json").read_text())
+        assert len(metrics) == 1 + STEPS and record["summary"]["steps"] == 1 + STEPS
+        median = statistics.median(m["ms"] for m in metrics[1:])  # 1 warm-up step skipped
+        assert float(row["median_ms"]) == pytest.approx(median, rel=1e-12)
+        assert float(row["tokens_per_s"]) == pytest.approx(
+            record["tokens_per_step"] / (median / 1000), rel=1e-12
+        )
+        assert float(row["loss"]) == metrics[-1]["loss"]
+        assert row["config_hash"] == record["config_hash"]
+        medians.append(median)
+    # vs previous: the previous *successful* rung (the failed fp16 row breaks no chain)
+    prev = [medians[0], *medians[:-1]]
+    for row, m, p in zip(good, medians, prev):
+        assert float(row["speedup_vs_prev"]) == pytest.approx(p / m, rel=1e-9)
+        assert float(row["speedup_vs_baseline"]) == pytest.approx(medians[0] / m, rel=1e-9)
+
+
+def test_failed_rung_is_recorded_with_its_reason_and_the_rest_complete(tiny_ladder):
+    out, proc = tiny_ladder
+    failed = read_csv(out / "ablation.csv")[1]
+    assert failed["status"] == "failed" and failed["median_ms"] == ""
+    assert "precision=fp16 needs CUDA" in failed["error"]
+    record = json.loads((out / "02_fp16" / "record.json").read_text())
+    assert record["status"] == "failed" and "precision=fp16 needs CUDA" in record["error"]
+    assert "precision=fp16" in record["overrides"] and record["config_hash"]
+    assert "1 of 4 rungs failed: fp16: precision=fp16 needs CUDA" in proc.stdout
+    md = (out / "ablation.md").read_text()
+    assert "precision=fp16 needs CUDA" in md
+
+
+def test_header_and_manifest_say_how_to_reproduce(tiny_ladder):
+    out, _ = tiny_ladder
+    md = (out / "ablation.md").read_text()
+    manifest = json.loads((out / "ablation.json").read_text())
+    assert manifest["status"] == "failed" and manifest["steps"] == STEPS
+    assert manifest["warmup"] == 1
+    assert [r["status"] for r in manifest["rungs"]] == ["completed", "failed"] + ["completed"] * 2
+    assert manifest["report"]["order"] == ["ladder/nano_cpu/fp32", "fp16"] + [
+        "ladder/nano_cpu/tf32",
+        "ladder/nano_cpu/bf16",
+    ]
+    assert "python -m gpt2x.ablate ladder=" in md and manifest["command"] in md
+    for rung in manifest["rungs"]:
+        assert rung["argv"][1:3] == ["-m", "gpt2x.train"]
+        assert f"hydra.run.dir={rung['dir']}" in rung["argv"]
+        assert f"{rung['index']:02d} {rung['short']}: {rung['config_hash']}" in md
+    record = json.loads((out / "01_fp32" / "record.json").read_text())
+    assert record["versions"]["torch"] in md and "seeds**: 1337" in md
+    if record["git"]["commit"]:
+        assert record["git"]["commit"] in md
+
+
+def test_report_rebuilds_the_same_table_from_the_folder(tiny_ladder, tmp_path, capsys):
+    out, _ = tiny_ladder
+    assert report.main([str(out), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ablation.csv").read_text() == (out / "ablation.csv").read_text()
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "tokens_per_s.png").exists()
+
+
+def test_losses_are_reproduced_exactly_in_fp32_on_cpu(tiny_ladder, tmp_path, data_root):
+    first, _ = tiny_ladder
+    out = tmp_path / "again"
+    ablate_cli(
+        tmp_path,
+        data_root,
+        "rungs=[ladder/nano_cpu/fp32,ladder/nano_cpu/tf32]",
+        f"steps={STEPS}",
+        f"out={out}",
+    )
+    again = read_csv(out / "ablation.csv")
+    before = [
+        r for r in read_csv(first / "ablation.csv") if r["name"] in {a["name"] for a in again}
+    ]
+    assert [r["name"] for r in again] == [r["name"] for r in before]
+    assert [r["loss"] for r in again] == [r["loss"] for r in before]  # the CSV's repr: exact
+    assert [r["config_hash"] for r in again] == [r["config_hash"] for r in before]
+    for a, b in (("01_fp32", "01_fp32"), ("02_tf32", "03_tf32")):
+        losses = [m["loss"] for m in read_jsonl(out / a / "metrics.jsonl")]
+        assert losses == [m["loss"] for m in read_jsonl(first / b / "metrics.jsonl")]
+        assert all(math.isfinite(v) for v in losses)
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C and the DDP rung
+
+
+def test_ctrl_c_keeps_finished_rungs_and_writes_a_partial_table(tmp_path, data_root):
+    ladder = write_ladder(
+        tmp_path / "long.yml",
+        [
+            "ladder/nano_cpu/fp32",
+            {
+                "name": "long",
+                "experiment": "ladder/nano_cpu/tf32",
+                "overrides": ["trainer.max_steps=100000"],
+            },
+            "ladder/nano_cpu/bf16",
+        ],
+    )
+    out = tmp_path / "abl"
+    cmd = [sys.executable, "-m", "gpt2x.ablate", f"ladder={ladder}", f"out={out}", "quiet=true"]
+    cmd += ["--", *RUNG_OVERRIDES, f"paths.data_dir={data_root}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = out / "02_long" / "metrics.jsonl"
+        while not (metrics.exists() and read_jsonl(metrics)):
+            assert proc.poll() is None and time.monotonic() < deadline, "rung 2 never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout[-3000:]
+    rows = read_csv(out / "ablation.csv")
+    assert [(r["name"], r["status"]) for r in rows] == [
+        ("ladder/nano_cpu/fp32", "completed"),
+        ("long", "interrupted"),
+    ]
+    manifest = json.loads((out / "ablation.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert [r["status"] for r in manifest["rungs"]] == ["completed", "interrupted", "not run"]
+    assert not (out / "03_bf16").exists()
+    assert (
+        "interrupted**: by SIGINT during long; not run: bf16" in (out / "ablation.md").read_text()
+    )
+
+
+@pytest.mark.distributed
+def test_ddp_rung_runs_under_torchrun_with_two_gloo_processes(tmp_path, data_root):
+    out = tmp_path / "abl"
+    # compile off: the rung's other settings (bf16, flash, fused, DDP) as in the ladder
+    ablate_cli(
+        tmp_path,
+        data_root,
+        "rungs=[ladder/nano_cpu/ddp]",
+        "nproc=2",
+        f"out={out}",
+        rung_overrides=["compile=false"],
+    )
+    rows = read_csv(out / "ablation.csv")
+    assert [(r["status"], r["world_size"]) for r in rows] == [("completed", "2")]
+    record = json.loads((out / "01_ddp" / "record.json").read_text())
+    assert record["config"]["parallel"]["kind"] == "ddp" and record["grad_accum_steps"] == 1
+    assert record["tokens_per_step"] == 2 * 4 * 32  # each rank keeps its B x T
+    manifest = json.loads((out / "ablation.json").read_text())
+    assert (
+        "torch.distributed.run --standalone --nproc_per_node=2" in manifest["rungs"][0]["command"]
+    )
+    assert "torchrun --standalone --nproc_per_node=2" in (out / "ablation.md").read_text()

@@ -454,7 +454,7 @@ def plan(opts: Options) -> tuple[Ladder | None, list[Rung], dict]:
         )
     settings = {
         "ladder": ladder.name if ladder else None,
-        "ladder_file": str(ladder.file) if ladder and ladder.file else None,
+        "ladder_file": _shown(ladder.file) if ladder and ladder.file else None,
         "description": ladder.description if ladder else "",
         "steps": steps,
         "warmup": warmup,
@@ -462,6 +462,14 @@ def plan(opts: Options) -> tuple[Ladder | None, list[Rung], dict]:
         "overrides": common,
     }
     return ladder, rungs, settings
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository where it lies inside it."""
+    try:
+        return path.resolve().relative_to(REPO_ROOT.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def default_out(ladder: Ladder | None) -> Path:
@@ -657,13 +665,14 @@ def settle(
     record = read_record(rung.dir)
     rec_status = (record or {}).get("status")
     rec_error = (record or {}).get("error")
-    if interrupted:
+    finished = rung.returncode == 0 and rec_status == "completed"
+    if interrupted and not finished:  # (a rung that ended just as Ctrl-C came stays completed)
         status = "interrupted"
         reason = rec_error if rec_status == "interrupted" and rec_error else None
         reason = reason or "interrupted by the user (Ctrl-C): the ablation stopped here"
     elif timed_out:
         status, reason = "failed", f"timed out after {timeout:g} s (ablate timeout={timeout:g})"
-    elif rung.returncode == 0 and rec_status == "completed":
+    elif finished:
         status, reason = "completed", None
     elif rec_status in ("failed", "interrupted") and rec_error:
         status, reason = "failed", str(rec_error)

@@ -376,3 +376,27 @@ def test_ddp_rung_runs_under_torchrun_with_two_gloo_processes(tmp_path, data_roo
         "torch.distributed.run --standalone --nproc_per_node=2" in manifest["rungs"][0]["command"]
     )
     assert "torchrun --standalone --nproc_per_node=2" in (out / "ablation.md").read_text()
+
+
+def test_rungs_share_one_wandb_group_with_the_rung_as_job_type(tmp_path, data_root):
+    out = tmp_path / "abl"
+    proc = run_cli(
+        "gpt2x.ablate",
+        "rungs=[ladder/nano_cpu/fp32]",
+        "steps=1",
+        f"out={out}",
+        "quiet=true",
+        "wandb=true",
+        "--",
+        *[o for o in RUNG_OVERRIDES if o != "logger=none"],
+        f"paths.data_dir={data_root}",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
+    )
+    record = json.loads((out / "01_fp32" / "record.json").read_text())
+    assert record["wandb"]["mode"] == "offline" and record["wandb"]["group"] == "abl"
+    assert record["config"]["logger"]["job_type"] == "fp32"
+    assert record["config"]["logger"]["tags"] == ["ladder", "nano_cpu"]
+    # offline: the report cannot be saved; one line says why and what to do
+    (line,) = [x for x in proc.stdout.splitlines() if "W&B report not saved" in x]
+    assert "WANDB_MODE=offline" in line and "wandb sync" in line

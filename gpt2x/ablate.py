@@ -817,8 +817,8 @@ def build_header(runs: list, rows: list[dict], rungs: list[Rung], settings: dict
     if multi:
         header["note"] = (
             f"{', '.join(r['name'] for r in multi)}: every rank runs the base rung's B x T, so "
-            "a step holds world_size times the tokens of a 1-process step; compare tokens_per_s "
-            "(the speed-up columns compare step times)"
+            "a step holds world_size times the tokens of a 1-process step (the speed-up columns "
+            "are tokens/s ratios, so they count that)"
         )
     baseline = next((r["name"] for r in rows if r["median_ms"]), None)
     header.update(report.build_header(runs, baseline))

@@ -345,9 +345,10 @@ def summarize(
     for row in rows:
         if not row["median_ms"]:
             continue
-        row["speedup_vs_prev"] = _ratio(prev["median_ms"], row["median_ms"]) if prev else 1.0
+        # throughput ratios, not step-time ratios: a DDP rung's step holds N times the tokens
+        row["speedup_vs_prev"] = _ratio(row["tokens_per_s"], prev["tokens_per_s"]) if prev else 1.0
         if base is not None:
-            row["speedup_vs_baseline"] = _ratio(base["median_ms"], row["median_ms"])
+            row["speedup_vs_baseline"] = _ratio(row["tokens_per_s"], base["tokens_per_s"])
             if row["loss"] is not None and base["loss"] is not None:
                 row["loss_vs_baseline"] = row["loss"] - base["loss"]
         prev = row
@@ -543,7 +544,7 @@ def write_report(
         md.append("")
     md += [
         "Times are medians over the measured steps (the first `trainer.warmup_steps_for_timing`"
-        " steps skipped); speed-ups are ratios of median step times. Column definitions:"
+        " steps skipped); speed-ups are tokens/s ratios. Column definitions:"
         " docs/report.md.",
         "",
         "## Runs",
@@ -826,8 +827,8 @@ def build_wandb_report(
     blocks = [
         wr.P(
             f"{len(runs)} runs compared by gpt2x.report from their local run records "
-            f"(W&B group: {label}). Speed-ups below are ratios of median step times over the "
-            f"measured steps; the panels show what each run logged to W&B."
+            f"(W&B group: {label}). Speed-ups below are tokens/s ratios over the measured "
+            f"steps; the panels show what each run logged to W&B."
         ),
     ]
     if rows:

@@ -770,9 +770,9 @@ def write_manifest(out: Path, rungs: list[Rung], settings: dict, status: str) ->
         "updated_at": _now(),
     }
     path = out / f"{BASENAME}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    from gpt2x.record import atomic_write_text
+
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     return path
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2x.record import atomic_write_bytes, fsync_dir
 from gpt2x.tokenizer import EOT, N_VOCAB, encode_documents, get_tokenizer
 from gpt2x.tokenizer import NAME as TOKENIZER_NAME
 
@@ -91,27 +92,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows)
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    _write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -225,8 +207,8 @@ def _download(url: str, dest: Path, expected: str) -> str:
                 "fix data.sha256 or data.source"
             )
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _write_bytes_atomic(dest, data)
-        _write_bytes_atomic(recorded_file, (actual + "\n").encode())
+        atomic_write_bytes(dest, data)
+        atomic_write_bytes(recorded_file, (actual + "\n").encode())
         return actual
     actual = sha256_file(dest)
     if recorded_file.is_file():
@@ -242,7 +224,7 @@ def _download(url: str, dest: Path, expected: str) -> str:
             "download it again, or fix data.sha256"
         )
     if not recorded_file.is_file():  # a file put there by hand: record it now
-        _write_bytes_atomic(recorded_file, (actual + "\n").encode())
+        atomic_write_bytes(recorded_file, (actual + "\n").encode())
     return actual
 
 
@@ -509,7 +491,7 @@ def _publish_shard(f: io.BufferedWriter, tmp: Path, final: Path) -> None:
     os.fsync(f.fileno())
     f.close()
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 class _ShardWriter:

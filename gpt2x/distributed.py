@@ -187,12 +187,18 @@ def setup(parallel_cfg, device: str) -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        minutes = float(getattr(parallel_cfg, "timeout_minutes", 10.0))
+        # a dead peer ends the job with an error instead of hanging forever
+        timeout = datetime.timedelta(minutes=float(getattr(parallel_cfg, "timeout_minutes", 10.0)))
+        store = _restart_safe_store(timeout)
         dist.init_process_group(
             backend=backend,
-            # a dead peer ends the job with an error instead of hanging forever
-            timeout=datetime.timedelta(minutes=minutes),
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
+            **(
+                {}
+                if store is None
+                else dict(store=store, rank=int(os.environ["RANK"]), world_size=world_size)
+            ),
         )
     rank = dist.get_rank()
     if rank != 0:
@@ -216,6 +222,33 @@ def setup(parallel_cfg, device: str) -> Dist:
         dev,
         reshard_after_forward=bool(getattr(parallel_cfg, "reshard_after_forward", True)),
         reduce_dtype=str(getattr(parallel_cfg, "reduce_dtype", "auto")),
+    )
+
+
+def _restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The store for `init_process_group` after an in-place `torchrun --max-restarts` restart.
+
+    torchrun's workers share its agent's TCPStore, which outlives a failed attempt, and every
+    attempt writes the process group's keys under the same names; a restarted worker can then
+    read the dead attempt's addresses ("Gloo connectFullMesh failed ... Connection refused",
+    pytorch/pytorch#167288). Prefixing the keys with the attempt number keeps attempts apart.
+    Only on one node: there one agent numbers the attempts for all ranks, while agents on
+    different nodes may count restarts differently. None means torch's default env:// store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if (
+        os.environ.get("GROUP_WORLD_SIZE", "1") != "1"
+        or "TORCHELASTIC_RESTART_COUNT" not in os.environ
+    ):
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(
+        f"gpt2x/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent_store
     )
 
 

@@ -604,8 +604,6 @@ TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # gpt2x.train whose rank 1 gets SIGTERM during step 2 of the first attempt (a preempted worker),
 # at a deterministic point instead of racing a signal from outside against a fast run.
-# (In-place `torchrun --max-restarts` restarts are not used here: with torch 2.13 + gloo on one
-# host the restarted group's rendezvous often fails on stale store keys: docs/checkpoints.md.)
 PREEMPTED_TRAIN = """
 import os, signal
 import gpt2x.train as train_mod
@@ -635,12 +633,19 @@ def _torchrun(run_dir: Path, data_root: Path, *extra: str, cwd: Path, **kw) -> s
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.distributed
-def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(tmp_path, data_root):
-    ref = tmp_path / "ref"
-    _torchrun(ref, data_root, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, data_root) -> list[float]:
+    """Per-step losses of an uninterrupted 2-process DDP run."""
+    ref = tmp_path_factory.mktemp("ddp_ref") / "run"
+    _torchrun(ref, data_root, cwd=ref.parent)
     assert json.loads((ref / "checkpoints/step_000008/meta.json").read_text())["world_size"] == 2
-    ref_loss = [r["loss"] for r in rows(ref)]
+    return [r["loss"] for r in rows(ref)]
+
+
+@pytest.mark.distributed
+def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(
+    tmp_path, data_root, ddp_reference
+):
 
     # rank 1 is preempted (SIGTERM) during step 2: both ranks agree to stop at the step
     # boundary, checkpoint and exit 143, so torchrun reports a failed worker group ...
@@ -664,7 +669,24 @@ def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(tmp_path,
     rec = record(run_dir)
     assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
     assert [r["step"] for r in rows(run_dir)] == list(range(8))
-    assert [r["loss"] for r in rows(run_dir)] == ref_loss
+    assert [r["loss"] for r in rows(run_dir)] == ddp_reference
+
+
+@pytest.mark.distributed
+def test_ddp_torchrun_max_restarts_resumes_in_place_exactly(tmp_path, data_root, ddp_reference):
+    """One `torchrun --max-restarts=1` command: the first attempt is preempted at step 2 and
+    checkpoints; torchrun restarts the group in place and `trainer.resume=auto` continues it."""
+    script = tmp_path / "preempted_train.py"
+    script.write_text(PREEMPTED_TRAIN)
+    run_dir = tmp_path / "run"
+    out = _torchrun(
+        run_dir, data_root, "trainer.resume=auto", cwd=tmp_path, restarts=1, entry=(str(script),)
+    )
+    assert "SIGTERM received: stopped after step 2" in out
+    rec = record(run_dir)
+    assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
+    assert [r["step"] for r in rows(run_dir)] == list(range(8))
+    assert [r["loss"] for r in rows(run_dir)] == ddp_reference
 
 
 def test_save_restore_round_trip_with_an_active_grad_scaler(tmp_path):

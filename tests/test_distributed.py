@@ -432,3 +432,28 @@ def test_export_scheduler_env_leaves_torchrun_and_single_tasks_alone(monkeypatch
         stack.callback(lambda: [os.environ.pop(k, None) for k in LAUNCH_ENV])
         assert distributed.export_scheduler_env()
         assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "2")
+
+
+def test_restarted_torchrun_attempts_use_their_own_store_keys(monkeypatch):
+    """After an in-place restart the process group's keys live under the attempt number, so a
+    restarted worker never reads the dead attempt's addresses (one node only)."""
+    import datetime
+
+    agent = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    timeout = datetime.timedelta(seconds=30)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    store = distributed._restart_safe_store(timeout)
+    store.set("rank_0", "127.0.0.1:1234")
+    assert agent.get("gpt2x/attempt_2/rank_0") == b"127.0.0.1:1234"
+    assert not agent.check(["rank_0"])
+    # several nodes may number their restarts differently, and without torchrun's agent store
+    # rank 0 hosts a fresh store per launch: both keep torch's default
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert distributed._restart_safe_store(timeout) is None
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert distributed._restart_safe_store(timeout) is None

@@ -579,7 +579,12 @@ def test_bad_settings_are_config_errors(tmp_path, data_root):
 
 
 def _torchrun_args(
-    run_dir: Path, data_root: Path, *extra: str, restarts: int = 0, entry=("-m", "gpt2x.train")
+    run_dir: Path,
+    data_root: Path,
+    *extra: str,
+    restarts: int = 0,
+    entry=("-m", "gpt2x.train"),
+    parallel: str = "ddp",
 ) -> list[str]:
     return [
         sys.executable,
@@ -589,7 +594,7 @@ def _torchrun_args(
         "--nproc_per_node=2",
         f"--max-restarts={restarts}",
         *entry,
-        "parallel=ddp",
+        f"parallel={parallel}",
         *TINY,
         "trainer.total_batch_tokens=256",
         f"paths.data_dir={data_root}",
@@ -634,17 +639,25 @@ def _torchrun(run_dir: Path, data_root: Path, *extra: str, cwd: Path, **kw) -> s
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory, data_root) -> list[float]:
-    """Per-step losses of an uninterrupted 2-process DDP run."""
-    ref = tmp_path_factory.mktemp("ddp_ref") / "run"
-    _torchrun(ref, data_root, cwd=ref.parent)
-    assert json.loads((ref / "checkpoints/step_000008/meta.json").read_text())["world_size"] == 2
-    return [r["loss"] for r in rows(ref)]
+def torchrun_reference(tmp_path_factory, data_root):
+    """Per-step losses of an uninterrupted 2-process run, for parallel=ddp or fsdp (cached)."""
+    cache: dict[str, list[float]] = {}
+
+    def losses(parallel: str) -> list[float]:
+        if parallel not in cache:
+            ref = tmp_path_factory.mktemp(f"{parallel}_ref") / "run"
+            _torchrun(ref, data_root, cwd=ref.parent, parallel=parallel)
+            meta = json.loads((ref / "checkpoints/step_000008/meta.json").read_text())
+            assert meta["world_size"] == 2
+            cache[parallel] = [r["loss"] for r in rows(ref)]
+        return cache[parallel]
+
+    return losses
 
 
 @pytest.mark.distributed
 def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(
-    tmp_path, data_root, ddp_reference
+    tmp_path, data_root, torchrun_reference
 ):
 
     # rank 1 is preempted (SIGTERM) during step 2: both ranks agree to stop at the step
@@ -669,24 +682,34 @@ def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(
     rec = record(run_dir)
     assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
     assert [r["step"] for r in rows(run_dir)] == list(range(8))
-    assert [r["loss"] for r in rows(run_dir)] == ddp_reference
+    assert [r["loss"] for r in rows(run_dir)] == torchrun_reference("ddp")
 
 
 @pytest.mark.distributed
-def test_ddp_torchrun_max_restarts_resumes_in_place_exactly(tmp_path, data_root, ddp_reference):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_max_restarts_resumes_in_place_exactly(
+    tmp_path, data_root, torchrun_reference, parallel
+):
     """One `torchrun --max-restarts=1` command: the first attempt is preempted at step 2 and
-    checkpoints; torchrun restarts the group in place and `trainer.resume=auto` continues it."""
+    checkpoints; torchrun restarts the group in place and `trainer.resume=auto` continues it
+    (under FSDP2 the checkpoint is gathered from the shards and re-sharded on load)."""
     script = tmp_path / "preempted_train.py"
     script.write_text(PREEMPTED_TRAIN)
     run_dir = tmp_path / "run"
     out = _torchrun(
-        run_dir, data_root, "trainer.resume=auto", cwd=tmp_path, restarts=1, entry=(str(script),)
+        run_dir,
+        data_root,
+        "trainer.resume=auto",
+        cwd=tmp_path,
+        restarts=1,
+        entry=(str(script),),
+        parallel=parallel,
     )
     assert "SIGTERM received: stopped after step 2" in out
     rec = record(run_dir)
     assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
     assert [r["step"] for r in rows(run_dir)] == list(range(8))
-    assert [r["loss"] for r in rows(run_dir)] == ddp_reference
+    assert [r["loss"] for r in rows(run_dir)] == torchrun_reference(parallel)
 
 
 def test_save_restore_round_trip_with_an_active_grad_scaler(tmp_path):

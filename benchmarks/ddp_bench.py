@@ -101,7 +101,7 @@ def main() -> None:
         # the same global batch for both runs: 1 process accumulates nproc micro-steps
         f"trainer.total_batch_tokens={a.micro_batch * seq_len * a.nproc}",
         "trainer.eval_every=0",
-        "trainer.eval_batches=1",
+        f"trainer.eval_tokens={a.micro_batch * seq_len}",
         "trainer.sample_tokens=0",
         "trainer.save_final=false",
         "logger=none",

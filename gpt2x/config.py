@@ -142,7 +142,9 @@ class TrainerConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     eval_every: int = 50  # 0: only at the end
-    eval_batches: int = 10
+    # the fixed validation set: the first eval_tokens // seq_len windows of the val split, the
+    # same for every micro batch size and world size (so val losses compare across runs)
+    eval_tokens: int = 20480
     sample_tokens: int = 48  # length of the text sample at the end; 0 disables
     sample_prompt: str = "\n"
     log_every: int = 1
@@ -308,6 +310,11 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     for key in ("max_steps", "micro_batch_size", "seq_len"):
         if t[key] <= 0:
             raise ConfigError(f"trainer.{key}={t[key]} must be positive")
+    if t.eval_tokens < t.seq_len:
+        raise ConfigError(
+            f"trainer.eval_tokens={t.eval_tokens} is less than one sequence; set "
+            f"trainer.eval_tokens>={t.seq_len} (trainer.seq_len)"
+        )
     if o.lr <= 0 or not math.isfinite(o.lr):
         raise ConfigError(f"optim.lr={o.lr} must be a positive number")
     if not 0.0 <= o.min_lr_ratio <= 1.0:

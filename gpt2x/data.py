@@ -945,6 +945,25 @@ class ShardLoader:
     def batches_per_epoch(self) -> int:
         return self._batches
 
+    @property
+    def total_windows(self) -> int:
+        """Windows of seq_len+1 tokens in the whole split (all ranks)."""
+        return self._total_windows
+
+    def validation_windows(self, eval_tokens: int) -> int:
+        """How many windows the fixed validation set of `eval_tokens` tokens holds: the first
+        eval_tokens // seq_len of the split. DataError if the split is smaller."""
+        n = int(eval_tokens) // self.seq_len
+        if n > self._total_windows:
+            raise DataError(
+                f"trainer.eval_tokens={eval_tokens} needs {n} windows of seq_len+1="
+                f"{self.seq_len + 1} tokens but the {self.split} split of {self.dir} has "
+                f"{self._total_windows}; set trainer.eval_tokens<="
+                f"{self._total_windows * self.seq_len} or raise data.val_fraction / "
+                "data.val_tokens and prepare again"
+            )
+        return n
+
     # -- order
     def _seed_words(self, *extra: int) -> list[int]:
         return [self.seed % (1 << 64), *extra]
@@ -986,13 +1005,23 @@ class ShardLoader:
 
     # -- reading
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        order, counts, cum = self._epoch_layout()
         first = self.batch * self._global + self.rank * self.batch_size
-        pos = np.arange(first, first + self.batch_size)
+        x, y = self.read_windows(np.arange(first, first + self.batch_size))
+        self.batch += 1
+        if self.batch == self._batches:
+            self.epoch += 1
+            self.batch = 0
+        return x, y
+
+    def read_windows(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the windows at positions `pos` of this epoch's order (no position change);
+        with shuffle=False position i is the i-th window of the split in manifest order."""
+        order, counts, cum = self._epoch_layout()
+        pos = np.asarray(pos, np.int64)
         k = np.searchsorted(cum, pos, side="right")
         local = pos - (cum[k] - counts[k])
         shard_ids = order[k]
-        out = np.empty((self.batch_size, self.seq_len + 1), np.int64)
+        out = np.empty((len(pos), self.seq_len + 1), np.int64)
         for shard in np.unique(shard_ids):
             rows = np.flatnonzero(shard_ids == shard)
             windows = local[rows]
@@ -1001,10 +1030,6 @@ class ShardLoader:
                 windows = perm[windows]
             idx = windows[:, None] * self.seq_len + self._offsets
             out[rows] = self._map(int(shard))[idx]
-        self.batch += 1
-        if self.batch == self._batches:
-            self.epoch += 1
-            self.batch = 0
         t = torch.from_numpy(out)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 

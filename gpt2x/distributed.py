@@ -375,6 +375,13 @@ def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.is_distributed and d.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def barrier(d: Dist) -> None:
     if d.is_distributed and d.world_size > 1:
         dist.barrier()

@@ -1,8 +1,8 @@
 """`python -m gpt2x.evaluate checkpoint=<path> [hellaswag=true]`: evaluate a checkpoint.
 
-Validation loss is computed exactly as the trainer does (the first `eval_batches` batches of the
-prepared val split, read as the training run's ranks read them), so it reproduces the run's
-`val_loss` for the same checkpoint; `hellaswag=true` adds HellaSwag acc / acc_norm
+Validation loss is computed exactly as the trainer does (`gpt2x.train.validation_loss_sum` over
+the first `eval_tokens // seq_len` windows of the prepared val split, the same set for any batch
+or world size), so it reproduces the run's `val_loss` for the same checkpoint; `hellaswag=true` adds HellaSwag acc / acc_norm
 (gpt2x/hellaswag.py). Prints one JSON line.
 
     python -m gpt2x.evaluate checkpoint=outputs/runs/<id> hellaswag=true hellaswag_limit=500
@@ -17,14 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from gpt2x import checkpoint
+from gpt2x.config import TrainerConfig
 
 OPTIONS = {
     "checkpoint": ("", "checkpoint folder, run folder or checkpoints/ folder"),
     "val": (True, "compute the validation loss"),
-    "eval_batches": (0, "validation batches; 0 = the run's trainer.eval_batches"),
+    "eval_tokens": (0, "validation tokens; 0 = the run's trainer.eval_tokens"),
     "data_dir": ("", "prepared data folder; '' = the run's data.dir"),
     "hellaswag": (False, "also score HellaSwag"),
     "hellaswag_path": ("", "hellaswag jsonl; '' = the run's trainer.hellaswag_path or val split"),
@@ -34,40 +33,20 @@ OPTIONS = {
 }
 
 
-@torch.no_grad()
 def val_loss(
-    model,
-    config: dict,
-    data_dir: str | Path,
-    eval_batches: int,
-    world_size: int,
-    autocast_ctx,
-    device: torch.device,
+    model, config: dict, data_dir: str | Path, eval_tokens: int, autocast_ctx, device
 ) -> float:
-    """The trainer's validation loss: each of the run's ranks' first eval_batches batches."""
+    """The trainer's validation loss for this model, in one process."""
     from gpt2x.data import ShardLoader
+    from gpt2x.train import validation_loss_sum
 
     t = config["trainer"]
-    per_rank = []
-    for rank in range(world_size):
-        loader = ShardLoader(
-            data_dir,
-            "val",
-            batch_size=t["micro_batch_size"],
-            seq_len=t["seq_len"],
-            rank=rank,
-            world_size=world_size,
-            seed=t["seed"],
-            shuffle=False,
-        )
-        total = torch.zeros((), device=device)
-        for _ in range(eval_batches):
-            x, y = loader.next_batch()
-            with autocast_ctx():
-                _, loss = model(x.to(device), y.to(device))
-            total += loss.float()
-        per_rank.append(total / eval_batches)
-    return (sum(per_rank) / world_size).item()
+    reader = ShardLoader(data_dir, "val", batch_size=1, seq_len=t["seq_len"], shuffle=False)
+    model.eval()
+    total, count = validation_loss_sum(
+        model, reader, eval_tokens, t["micro_batch_size"], 0, 1, device, autocast_ctx
+    ).tolist()
+    return total / count
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -101,16 +80,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t = config.get("trainer", {})
     if args["val"]:
         data_dir = args["data_dir"] or config.get("data", {}).get("dir", "")
-        batches = args["eval_batches"] or int(t.get("eval_batches", 10))
+        eval_tokens = args["eval_tokens"] or int(t.get("eval_tokens", TrainerConfig.eval_tokens))
         try:
             result["val_loss"] = val_loss(
-                model,
-                config,
-                data_dir,
-                batches,
-                int(meta.get("world_size", 1)),
-                autocast_ctx,
-                device,
+                model, config, data_dir, eval_tokens, autocast_ctx, device
             )
         except (DataError, OSError, KeyError) as e:
             checkpoint.fail(f"validation data {data_dir!r}: {e} (set data_dir=...)")

@@ -172,7 +172,9 @@ def setup(cfg: DictConfig) -> Run:
     train_loader = ShardLoader(data_dir, "train", shuffle=cfg.data.shuffle, **loader_args)
     if t.overfit_one_batch:
         train_loader = RepeatFirstBatch(train_loader)
-    val_loader = ShardLoader(data_dir, "val", shuffle=False, **loader_args)
+    # validation reads fixed windows by position (see validation_loss_sum): a plain reader
+    val_loader = ShardLoader(data_dir, "val", batch_size=1, seq_len=t.seq_len, shuffle=False)
+    val_loader.validation_windows(t.eval_tokens)  # a too-small val split fails before training
 
     raw_model = build_model(cfg, d.device)
     model = distributed.wrap_model(raw_model, d, cfg.precision)
@@ -405,18 +407,62 @@ def train_step(run: Run, step: int) -> dict:
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean loss over the first trainer.eval_batches batches of the fixed validation tokens."""
+    """Mean per-token loss over the fixed validation set (trainer.eval_tokens), all ranks."""
     cfg, d = run.cfg, run.dist
     run.model.eval()
-    run.val_loader.reset()
-    total = torch.zeros((), device=d.device)
-    for _ in range(cfg.trainer.eval_batches):
-        x, y = run.val_loader.next_batch()
-        with autocast(cfg.precision, d.device):
-            _, loss = run.model(x.to(d.device), y.to(d.device))
-        total += loss.float()
-    run.model.train()
-    return distributed.all_reduce_mean(total / cfg.trainer.eval_batches, d).item()
+    try:
+        totals = validation_loss_sum(
+            run.model,
+            run.val_loader,
+            cfg.trainer.eval_tokens,
+            cfg.trainer.micro_batch_size,
+            d.rank,
+            d.world_size,
+            d.device,
+            lambda: autocast(cfg.precision, d.device),
+        )
+    finally:
+        run.model.train()
+    total, count = distributed.all_reduce_sum(totals, d).tolist()
+    return total / count
+
+
+@torch.no_grad()
+def validation_loss_sum(
+    model,
+    reader: ShardLoader,
+    eval_tokens: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    autocast_ctx,
+) -> torch.Tensor:
+    """[sum of per-token losses, tokens] over this rank's share of the fixed validation set (the
+    first eval_tokens // seq_len windows of the val split; window i belongs to rank
+    i % world_size). Every rank runs the same number of full (batch_size, seq_len) batches,
+    padded with ignored targets, so a compiled model never sees a new shape and FSDP's
+    collectives line up; summed over ranks the result does not depend on batch or world size."""
+    n = reader.validation_windows(eval_tokens)
+    mine = np.arange(rank, n, world_size)
+    steps = math.ceil(math.ceil(n / world_size) / batch_size)
+    # float64 sums where the device has it (MPS does not)
+    totals = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64)
+    totals = totals.to(device)
+    T = reader.seq_len
+    for i in range(steps):
+        pos = mine[i * batch_size : (i + 1) * batch_size]
+        x = torch.zeros(batch_size, T, dtype=torch.long)
+        y = torch.full((batch_size, T), -1, dtype=torch.long)  # -1: ignored by the loss
+        if len(pos):
+            x[: len(pos)], y[: len(pos)] = reader.read_windows(pos)
+        with autocast_ctx():
+            _, loss = model(x.to(device), y.to(device))
+        if len(pos):  # the model's loss is the mean over the real (unpadded) tokens
+            tokens = len(pos) * T
+            totals[0] += loss.to(totals.dtype) * tokens
+            totals[1] += tokens
+    return totals
 
 
 def find_hellaswag(cfg: DictConfig, d: distributed.Dist) -> Path | None:

@@ -192,3 +192,61 @@ def test_opens_few_maps(data_dir):
     loader = ShardLoader(data_dir, "train", B, T, seed=0)
     read(loader, loader.batches_per_epoch)
     assert len(loader._maps) <= ShardLoader.MAX_OPEN
+
+
+# ---------------------------------------------------------------------------------------------
+# the fixed validation set (gpt2x.train.validation_loss_sum)
+
+
+def test_validation_set_is_the_same_for_any_batch_and_world_size(data_dir):
+    import contextlib
+
+    from gpt2x.model import GPT, GPTConfig
+    from gpt2x.train import validation_loss_sum
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=T, n_layer=1, n_head=2, n_embd=16)).eval()
+    reader = ShardLoader(data_dir, "val", batch_size=1, seq_len=T, shuffle=False)
+    n = 70  # windows: crosses a shard boundary (a 1000-token shard holds 62 windows of 16)
+    eval_tokens = n * T + T - 1  # a partial window is not part of the set
+    assert reader.validation_windows(eval_tokens) == n
+    # the set is the first n windows of the val split, in manifest order
+    x, y = reader.read_windows(np.arange(n))
+    in_order = list(all_windows(data_dir, "val"))  # manifest order, then window order
+    assert window_keys(x, y) == in_order[:n]
+    with torch.no_grad():
+        reference = model(x, y)[1].item()
+
+    for batch_size, world_size in [(4, 1), (3, 1), (1, 1), (70, 1), (4, 2), (6, 3), (8, 5)]:
+        total = torch.zeros(2, dtype=torch.float64)
+        shapes = []
+        for rank in range(world_size):
+
+            def counted(xb, yb, calls=shapes, rank=rank):
+                calls.append((rank, tuple(xb.shape)))
+                return model(xb, yb)
+
+            total += validation_loss_sum(
+                counted,
+                reader,
+                eval_tokens,
+                batch_size,
+                rank,
+                world_size,
+                torch.device("cpu"),
+                contextlib.nullcontext,
+            )
+        assert total[1].item() == n * T
+        assert (total[0] / total[1]).item() == pytest.approx(reference, rel=1e-6)
+        # every rank makes the same number of forwards (FSDP all-gathers in each), all full-size
+        per_rank = [sum(r == k for r, _ in shapes) for k in range(world_size)]
+        assert len(set(per_rank)) == 1 and per_rank[0] >= 1
+        assert {s for _, s in shapes} == {(batch_size, T)}
+
+
+def test_validation_set_larger_than_the_split_names_the_limit(data_dir):
+    reader = ShardLoader(data_dir, "val", batch_size=1, seq_len=T, shuffle=False)
+    limit = reader.total_windows * T
+    assert reader.validation_windows(limit) == reader.total_windows
+    with pytest.raises(DataError, match=f"set trainer.eval_tokens<={limit} or raise"):
+        reader.validation_windows(limit + T)

@@ -31,7 +31,14 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 3
 # B=4, T=32, 512 tokens per step: 1 process accumulates 4 micro-steps, 2 ranks 2 each
-COMMON = [*TINY, "logger=none", f"trainer.max_steps={STEPS}", "trainer.total_batch_tokens=512"]
+# 7 validation windows: uneven over 2 ranks and over batches of 4, so padding is exercised
+COMMON = [
+    *TINY,
+    "logger=none",
+    f"trainer.max_steps={STEPS}",
+    "trainer.total_batch_tokens=512",
+    "trainer.eval_tokens=224",
+]
 LAUNCH_ENV = (
     "RANK",
     "LOCAL_RANK",
@@ -96,9 +103,16 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(files[-1])
 
 
+def val_losses(run_dir: Path) -> list[float]:
+    return [r["val_loss"] for r in read_jsonl(run_dir / "eval.jsonl")]
+
+
 def assert_same_training(run_dir: Path, reference: Path, rel: float = 1e-6) -> None:
-    """Same per-step losses and final weights as the 1-process run, to fp32 rounding."""
+    """Same per-step losses, validation losses (the same fixed set, split over the ranks) and
+    final weights as the 1-process run, to fp32 rounding."""
     assert losses(run_dir) == pytest.approx(losses(reference), rel=rel)
+    assert len(val_losses(reference)) == 1
+    assert val_losses(run_dir) == pytest.approx(val_losses(reference), rel=rel)
     mine, ref = final_weights(run_dir), final_weights(reference)
     assert mine.keys() == ref.keys()
     for name, r in ref.items():

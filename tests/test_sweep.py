@@ -33,10 +33,10 @@ from gpt2x.sweep import (
 register_configs()
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# the tiny model of the other tests, minus its eval_batches: the sweep file sizes validation
-# from the total batch, so every job evaluates the same tokens
+# the tiny model of the other tests, minus its micro batch (swept) and its eval_tokens (the
+# sweep file sets its own)
 SWEEP_TINY = [
-    o for o in TINY if not o.startswith(("trainer.eval_batches=", "trainer.micro_batch_size="))
+    o for o in TINY if not o.startswith(("trainer.eval_tokens=", "trainer.micro_batch_size="))
 ]
 TOTAL = 4 * 32  # tokens per optimization step in the batch-size sweeps: B=1,2,4 -> accum 4,2,1
 
@@ -253,7 +253,7 @@ def test_optuna_lr_search_reports_the_best_value_and_groups_wandb_runs(tmp_path,
         "hydra.sweeper.n_trials=3",
         "trainer.max_steps=3",
         "trainer.micro_batch_size=4",
-        "trainer.eval_batches=2",
+        "trainer.eval_tokens=256",
         "logger=wandb",
         env=env,
     )

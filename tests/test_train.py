@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, register_configs
+from gpt2x.data import DataError
 from gpt2x.record import read_jsonl
 from gpt2x.train import TrainingError, run_training
 
@@ -206,6 +207,15 @@ def test_cli_bad_batch_is_one_line_before_compute(tmp_path, data_root):
     assert len(errors) == 1 and "trainer.total_batch_tokens" in errors[0]
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_validation_set_sizes_are_checked_before_training(tmp_path, data_root):
+    with pytest.raises(ConfigError, match=r"trainer.eval_tokens=16 .* set trainer.eval_tokens>=32"):
+        run_training(tiny_cfg(tmp_path, data_root, "trainer.eval_tokens=16"))
+    # far more than Shakespeare's val split holds
+    with pytest.raises(DataError, match=r"set trainer.eval_tokens<=\d+ or raise data.val_"):
+        run_training(tiny_cfg(tmp_path, data_root, "trainer.eval_tokens=100000000"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_cli_missing_data_file_is_one_line(tmp_path, data_root):

@@ -155,12 +155,12 @@ def split_list(text: str) -> list[str]:
 
 
 def _bool(key: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("true", "1", "yes", "on"):
-        return True
-    if v in ("false", "0", "no", "off"):
-        return False
-    raise AblationError(f"{key}={value!r}: expected true or false")
+    from gpt2x.config import parse_bool
+
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise AblationError(f"{key}={value!r}: expected true or false") from None
 
 
 def _int(key: str, value: str, minimum: int) -> int:
@@ -566,27 +566,16 @@ def default_nproc_is_cpu() -> bool:
         return True
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> bool:
-    try:
-        os.killpg(proc.pid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
 def stop_child(proc: subprocess.Popen, first: int, grace_s: float) -> None:
     """Signal the rung's process group with `first`, then SIGTERM, then SIGKILL, waiting for it
     in between; another Ctrl-C while waiting moves on to the next signal at once."""
-    for sig, wait_s in ((first, grace_s), (signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None or not _signal_group(proc, sig):
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except (Interrupted, KeyboardInterrupt):
-            continue
+    from gpt2x.launch import stop_process_group
+
+    stop_process_group(
+        proc,
+        ((first, grace_s), (signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)),
+        interrupts=(Interrupted, KeyboardInterrupt),
+    )
 
 
 def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:

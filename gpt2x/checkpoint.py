@@ -828,15 +828,6 @@ def exit_code(signum: int) -> int:
 # a small `key=value` command line, shared by gpt2x.sample / gpt2x.export / gpt2x.evaluate
 
 
-def _to_bool(v: str) -> bool:
-    low = v.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{v!r} is not true/false")
-
-
 def parse_kv(
     prog: str,
     argv: Iterable[str],
@@ -845,6 +836,8 @@ def parse_kv(
 ) -> dict:
     """Parse `key=value` arguments against {key: (default, help)}; the default's type converts
     the value (None means string). Prints a one-line `error:` and exits 2 on bad input."""
+    from gpt2x.config import parse_bool
+
     argv = list(argv)
     usage = f"usage: python -m {prog} " + " ".join(
         f"{k}=<{k}>" if k in required else f"[{k}={options[k][0]!r}]" for k in options
@@ -863,7 +856,7 @@ def parse_kv(
         default = options[key][0]
         try:
             if isinstance(default, bool):
-                out[key] = _to_bool(value)
+                out[key] = parse_bool(value)
             elif isinstance(default, int):
                 out[key] = int(value)
             elif isinstance(default, float):

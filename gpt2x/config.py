@@ -326,6 +326,16 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     grad_accum_steps(cfg, world_size)
 
 
+def parse_bool(value: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off) from a command-line value; ValueError otherwise."""
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r}: expected true or false")
+
+
 def to_container(cfg: Any) -> dict:
     """The resolved config as plain Python types (enums as their names), for records and W&B."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
@@ -341,6 +351,7 @@ __all__ = [
     "ParallelKind",
     "WandbMode",
     "grad_accum_steps",
+    "parse_bool",
     "register_configs",
     "run_id",
     "to_container",

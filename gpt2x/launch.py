@@ -293,13 +293,28 @@ class TorchrunLauncher(Launcher):
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGTERM the job's process group (torchrun forwards it to the ranks), then SIGKILL."""
-    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)):
+    stop_process_group(proc, ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)))
+
+
+def stop_process_group(
+    proc: subprocess.Popen,
+    steps: Sequence[tuple[int, float]],
+    interrupts: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+) -> None:
+    """Send each (signal, seconds to wait) of `steps` in turn to the process group led by `proc`
+    (started with start_new_session=True) until it has exited. An interrupt while waiting
+    moves on to the next signal at once (a second Ctrl-C escalates)."""
+    for sig, wait_s in steps:
+        if proc.poll() is not None:
+            return
         try:
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             return
         try:
             proc.wait(timeout=wait_s)
             return
         except subprocess.TimeoutExpired:
+            continue
+        except interrupts:
             continue

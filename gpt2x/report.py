@@ -596,6 +596,12 @@ def _figure(width: float = 8.0, height: float = 4.5):
     return fig
 
 
+def mark_best(ax, x: float, y: float, label: str) -> None:
+    """The best point of a sweep plot: a large red star, named in the legend."""
+    ax.plot([x], [y], marker="*", markersize=16, color="C3", linestyle="none", label=label)
+    ax.legend(fontsize=8)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -690,16 +696,7 @@ def plot_sweep(rows: Sequence[dict], x: str, path: Path) -> Path:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
             if best_i is not None and good[best_i][col] is not None:
-                ax.plot(
-                    [xs[best_i]],
-                    [good[best_i][col]],
-                    marker="*",
-                    markersize=16,
-                    color="C3",
-                    linestyle="none",
-                    label=f"best ({x}={good[best_i].get(x)})",
-                )
-                ax.legend(fontsize=8)
+                mark_best(ax, xs[best_i], good[best_i][col], f"best ({x}={good[best_i].get(x)})")
         else:
             ax.text(
                 0.5,

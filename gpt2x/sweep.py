@@ -369,6 +369,8 @@ def plot_val_loss(rows: Sequence[dict], x: str, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from gpt2x.report import mark_best
+
     pts = [
         (r[x], r["val_loss"], bool(r.get("best")))
         for r in rows
@@ -382,16 +384,7 @@ def plot_val_loss(rows: Sequence[dict], x: str, path: Path) -> Path:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-")
         best = [p for p in pts if p[2]]
         if best:
-            ax.plot(
-                [best[0][0]],
-                [best[0][1]],
-                marker="*",
-                markersize=16,
-                color="C3",
-                linestyle="none",
-                label=f"best ({x}={best[0][0]:.3g})",
-            )
-            ax.legend(fontsize=8)
+            mark_best(ax, best[0][0], best[0][1], f"best ({x}={best[0][0]:.3g})")
         xs = [p[0] for p in pts]
         if min(xs) > 0 and max(xs) > 10 * min(xs):
             ax.set_xscale("log")

@@ -19,7 +19,12 @@ from omegaconf import OmegaConf, open_dict
 
 from gpt2x import CONF_DIR
 from gpt2x.config import register_configs
-from gpt2x.launch import failure_from_log, quote_override_value, torchrun_command
+from gpt2x.launch import (
+    failure_from_log,
+    quote_override_value,
+    stop_process_group,
+    torchrun_command,
+)
 from gpt2x.record import read_jsonl
 from gpt2x.sweep import (
     FAILED,
@@ -488,3 +493,26 @@ def test_swept_key_from_multirun_yaml(tmp_path):
     cfg = {"hydra": {"sweeper": {"params": {"optim.lr": "tag(log, interval(1e-4, 3e-2))"}}}}
     OmegaConf.save(OmegaConf.create(cfg), job / "hydra.yaml")
     assert swept_key(tmp_path / "optuna") == "optim.lr"
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_stop_process_group_escalates_until_the_group_is_gone(ignores_sigterm):
+    """A timed-out job: SIGTERM to its process group, SIGKILL if that is ignored."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import signal, sys, time\n"
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores_sigterm else "")
+        + "print('ready', flush=True)\ntime.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout.readline().strip() == "ready"  # the handler is installed
+    stop_process_group(proc, ((signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)))
+    expected = signal.SIGKILL if ignores_sigterm else signal.SIGTERM
+    assert proc.returncode == -expected
+    proc.stdout.close()
+    stop_process_group(proc, ((signal.SIGKILL, 1.0),))  # already gone: nothing to do

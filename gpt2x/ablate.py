@@ -814,8 +814,11 @@ def build_header(runs: list, rows: list[dict], rungs: list[Rung], settings: dict
     return {k: v for k, v in header.items() if v not in (None, "", [])}
 
 
-def write_outputs(out: Path, rungs: list[Rung], settings: dict) -> tuple[list, list, dict]:
-    """ablation.md/.csv + plots through gpt2x.report, from the rungs' run records."""
+def write_outputs(
+    out: Path, rungs: list[Rung], settings: dict, dest: Path | None = None
+) -> tuple[list, list, dict]:
+    """ablation.md/.csv + plots through gpt2x.report, from the rungs' run records in `out`
+    (written to `dest`, default `out`)."""
     from gpt2x import report
 
     runs = report.load_runs([out])
@@ -825,9 +828,30 @@ def write_outputs(out: Path, rungs: list[Rung], settings: dict) -> tuple[list, l
     rows = report.summarize(runs, order=order)
     header = build_header(runs, rows, rungs, settings)
     paths = report.write_report(
-        rows, runs, out, header=header, basename=BASENAME, title=f"Ablation: {out.name}"
+        rows, runs, dest or out, header=header, basename=BASENAME, title=f"Ablation: {out.name}"
     )
     return runs, rows, paths
+
+
+def is_ablation_folder(folder: Path) -> bool:
+    return (Path(folder) / f"{BASENAME}.json").is_file()
+
+
+def rebuild(out: Path, dest: Path | None = None) -> tuple[list, list, dict]:
+    """The ablation's report again, from its manifest and the rung folders: the same table,
+    header and plots the runner wrote (`python -m gpt2x.report <ablation folder>`)."""
+    try:
+        manifest = json.loads((out / f"{BASENAME}.json").read_text())
+        fields = set(Rung.__dataclass_fields__)
+        rungs = [
+            Rung(**{**{k: v for k, v in r.items() if k in fields}, "command": r.get("argv", [])})
+            for r in manifest["rungs"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        from gpt2x.report import ReportError
+
+        raise ReportError(f"{out / f'{BASENAME}.json'} is unreadable: {e}") from None
+    return write_outputs(out, rungs, manifest, dest)
 
 
 def save_wandb_report(out: Path, runs: list, rows: list[dict]) -> None:

@@ -891,23 +891,44 @@ def _err(msg: str) -> None:
     print(f"gpt2x.report: error: {msg}", file=sys.stderr)
 
 
+def _is_plain_ablation_rebuild(args: argparse.Namespace) -> bool:
+    """One ablation folder (gpt2x.ablate's ablation.json) and no option that changes the table."""
+    from gpt2x import ablate
+
+    changed = (args.x, args.order, args.baseline, args.warmup, args.title)
+    return (
+        len(args.folders) == 1
+        and ablate.is_ablation_folder(Path(args.folders[0]))
+        and args.basename == ablate.BASENAME
+        and not any(v is not None for v in changed)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runs = load_runs(args.folders)
-        order = [s.strip() for s in args.order.split(",") if s.strip()] if args.order else None
-        rows = summarize(runs, baseline=args.baseline, warmup=args.warmup, order=order, x=args.x)
-        baseline = args.baseline or next((r["name"] for r in rows if r["median_ms"]), None)
         out = Path(args.out) if args.out else Path(args.folders[0])
-        paths = write_report(
-            rows,
-            runs,
-            out,
-            header=build_header(runs, baseline),
-            basename=args.basename,
-            x=args.x,
-            title=args.title,
-        )
+        if _is_plain_ablation_rebuild(args):
+            # an ablation folder: its own header, order and title, from ablation.json
+            from gpt2x import ablate
+
+            runs, rows, paths = ablate.rebuild(Path(args.folders[0]), out)
+        else:
+            runs = load_runs(args.folders)
+            order = [s.strip() for s in args.order.split(",") if s.strip()] if args.order else None
+            rows = summarize(
+                runs, baseline=args.baseline, warmup=args.warmup, order=order, x=args.x
+            )
+            baseline = args.baseline or next((r["name"] for r in rows if r["median_ms"]), None)
+            paths = write_report(
+                rows,
+                runs,
+                out,
+                header=build_header(runs, baseline),
+                basename=args.basename,
+                x=args.x,
+                title=args.title,
+            )
     except ReportError as e:
         _err(str(e))
         return 2

@@ -280,7 +280,20 @@ def test_report_rebuilds_the_same_table_from_the_folder(tiny_ladder, tmp_path, c
     out, _ = tiny_ladder
     assert report.main([str(out), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "ablation.csv").read_text() == (out / "ablation.csv").read_text()
+    # the runner's own header (ladder, command, config hashes) and title come back too; only
+    # the report's own date differs
+
+    def undated(path: Path) -> list[str]:
+        return [
+            line for line in path.read_text().splitlines() if not line.startswith("- **date**:")
+        ]
+
+    assert undated(tmp_path / "ablation.md") == undated(out / "ablation.md")
     assert (tmp_path / "loss.png").exists() and (tmp_path / "tokens_per_s.png").exists()
+    # an option that changes the table makes it a plain report of the same runs
+    assert report.main([str(out), "--out", str(tmp_path / "t"), "--title", "Mine"]) == 0
+    md = (tmp_path / "t" / "ablation.md").read_text()
+    assert md.startswith("# Mine") and "ablate command" not in md
 
 
 def test_losses_are_reproduced_exactly_in_fp32_on_cpu(tiny_ladder, tmp_path, data_root):

@@ -367,19 +367,15 @@ def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextMan
 # ----------------------------------------------------------------------------- collectives
 
 
-def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.is_distributed and d.world_size > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= d.world_size
-    return value
-
-
 def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.is_distributed and d.world_size > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    return all_reduce_sum(value, d) / d.world_size
 
 
 def barrier(d: Dist) -> None:

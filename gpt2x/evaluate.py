@@ -2,8 +2,8 @@
 
 Validation loss is computed exactly as the trainer does (`gpt2x.train.validation_loss_sum` over
 the first `eval_tokens // seq_len` windows of the prepared val split, the same set for any batch
-or world size), so it reproduces the run's `val_loss` for the same checkpoint; `hellaswag=true` adds HellaSwag acc / acc_norm
-(gpt2x/hellaswag.py). Prints one JSON line.
+or world size), so it reproduces the run's `val_loss` for the same checkpoint; `hellaswag=true`
+adds HellaSwag acc / acc_norm (gpt2x/hellaswag.py). Prints one JSON line.
 
     python -m gpt2x.evaluate checkpoint=outputs/runs/<id> hellaswag=true hellaswag_limit=500
 """

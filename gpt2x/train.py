@@ -447,8 +447,9 @@ def validation_loss_sum(
     mine = np.arange(rank, n, world_size)
     steps = math.ceil(math.ceil(n / world_size) / batch_size)
     # float64 sums where the device has it (MPS does not)
-    totals = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64)
-    totals = totals.to(device)
+    totals = torch.zeros(
+        2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
+    )
     T = reader.seq_len
     for i in range(steps):
         pos = mine[i * batch_size : (i + 1) * batch_size]

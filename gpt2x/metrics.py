@@ -246,8 +246,11 @@ class WandbLogger:
             "project": self.run.project,
         }
 
-    def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self.run.summary.update({})
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+    def finish(self, exit_code: int = 0, summary: dict | None = None) -> None:
+        """End the W&B run (a no-op when W&B is disabled: there is no run)."""
+        if self.run is None:
+            return
+        if summary:
+            self.run.summary.update({k: v for k, v in summary.items() if v is not None})
+        self.run.finish(exit_code=exit_code)
+        self.run = None

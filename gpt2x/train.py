@@ -713,8 +713,7 @@ def run_training(cfg: DictConfig) -> float | None:
                 log.info("sample:\n%s", text)
         run.record.finish("completed", summary=summary, compile_seconds=summary["compile_seconds"])
         if run.wandb:
-            run.wandb.run.summary.update({k: v for k, v in summary.items() if v is not None})
-            run.wandb.finish()
+            run.wandb.finish(summary=summary)
         return summary["val_loss"]
     except TrainingInterrupted:
         raise  # the record is already finished as "interrupted"

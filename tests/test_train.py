@@ -307,3 +307,17 @@ def test_readme_commands_are_the_ones_tested():
     assert 'pip install -e ".[dev]"' in readme and "python -m gpt2x.train" in readme
     assert "python -m pytest" in readme
     assert "python -m pytest" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize(
+    "how", [("logger.mode=disabled",), ()], ids=["logger.mode", "WANDB_MODE"]
+)
+def test_wandb_disabled_completes_and_records_no_wandb_run(tmp_path, data_root, how):
+    env = {"WANDB_MODE": "disabled"} if not how else {"WANDB_MODE": ""}
+    proc, run_dir = cli_train(
+        tmp_path, data_root, "trainer.max_steps=2", "logger=wandb", *how, env=env
+    )
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["status"] == "completed", record["error"]
+    assert record["wandb"] is None and not (run_dir / "wandb").exists()
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1]

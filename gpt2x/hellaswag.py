@@ -32,18 +32,22 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "HELLASWAG_URLS",
+    "Batch",
     "HellaSwagError",
+    "batch_predictions",
+    "bucket_width",
     "default_cache_dir",
     "evaluate_hellaswag",
     "hellaswag_path",
     "load_examples",
+    "make_batches",
     "render_example",
     "score_batch",
 ]
@@ -280,6 +284,115 @@ def score_batch(logits_fn: LogitsFn, tokens: torch.Tensor, mask: torch.Tensor) -
 
 
 # ----------------------------------------------------------------------------------------------
+# batched scoring
+
+# Row widths are rounded up to a multiple of this (capped at max_len): a handful of shapes, so a
+# torch.compile'd model compiles a few graphs instead of one per row length.
+WIDTH_MULTIPLE = 64
+
+
+class Batch(NamedTuple):
+    """``E`` examples as ``4 * E`` rows of one fixed shape, on the host (moved per forward)."""
+
+    tokens: torch.Tensor  # (4E, W) int64, right-padded with PAD_TOKEN
+    mask: torch.Tensor  # (4E, W) int64, 1 exactly on the scored ending tokens
+    labels: torch.Tensor  # (E,) int64; -1 marks a padding example, which is never counted
+    index: torch.Tensor  # (E,) int64, position in the examples list; -1 for padding
+    scored: torch.Tensor  # (K,) int64 flat positions r * W + t whose logits predict a mask-1 token
+
+
+def bucket_width(width: int, max_len: int | None = None, pad_to_max_len: bool = False) -> int:
+    """``width`` rounded up to a multiple of :data:`WIDTH_MULTIPLE`, capped at ``max_len``."""
+    if pad_to_max_len:
+        if max_len is None:
+            raise ValueError("pad_to_max_len=True needs max_len")
+        return max_len
+    width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    return width if max_len is None else min(width, max_len)
+
+
+def _pack(
+    rendered: list[tuple[int, torch.Tensor, torch.Tensor, int]], n_examples: int, width: int
+) -> Batch:
+    rows = NUM_ENDINGS * n_examples
+    tokens = torch.full((rows, width), PAD_TOKEN, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    labels = torch.full((n_examples,), -1, dtype=torch.long)
+    index = torch.full((n_examples,), -1, dtype=torch.long)
+    for j, (i, t, m, label) in enumerate(rendered):
+        r = NUM_ENDINGS * j
+        tokens[r : r + NUM_ENDINGS, : t.size(1)] = t
+        mask[r : r + NUM_ENDINGS, : m.size(1)] = m
+        labels[j], index[j] = label, i
+    # position t predicts token t + 1; found here on the host so the device never has to sync
+    scored = (mask[:, 1:] == 1).nonzero()
+    return Batch(tokens, mask, labels, index, scored[:, 0] * width + scored[:, 1])
+
+
+def make_batches(
+    examples: Sequence[dict],
+    encode: Encode,
+    examples_per_batch: int = 16,
+    max_len: int | None = None,
+    pad_to_max_len: bool = False,
+    num_batches: int | None = None,
+) -> list[Batch]:
+    """Tokenize every example once (:func:`render_example`) and pack them into batches.
+
+    Examples are sorted by row width, longest first (the largest shape runs first, so running
+    out of memory shows up at once), and ``examples_per_batch`` go into each batch; the last one
+    is filled with padding examples so every batch has ``4 * examples_per_batch`` rows. Widths
+    are :func:`bucket_width`. With ``num_batches`` all-padding batches are appended up to that
+    count (equal forward counts on every rank).
+    """
+    if examples_per_batch < 1:
+        raise ValueError(f"examples_per_batch must be >= 1, got {examples_per_batch}")
+    rendered = [(i, *render_example(ex, encode, max_len=max_len)) for i, ex in enumerate(examples)]
+    rendered.sort(key=lambda r: -r[1].size(1))  # stable: ties keep file order
+    batches = []
+    for start in range(0, len(rendered), examples_per_batch):
+        chunk = rendered[start : start + examples_per_batch]
+        width = bucket_width(chunk[0][1].size(1), max_len, pad_to_max_len)
+        batches.append(_pack(chunk, examples_per_batch, width))
+    if num_batches is not None:
+        if num_batches < len(batches):
+            raise ValueError(f"num_batches={num_batches} < the {len(batches)} batches needed")
+        # reuse the last width so a compiled model sees no new shape
+        width = batches[-1].tokens.size(1) if batches else bucket_width(1, max_len, pad_to_max_len)
+        batches += [_pack([], examples_per_batch, width) for _ in range(num_batches - len(batches))]
+    return batches
+
+
+@torch.no_grad()
+def batch_predictions(
+    logits_fn: LogitsFn, batch: Batch, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example ``(pred, pred_norm)`` as (E,) device tensors; the batched :func:`score_batch`.
+
+    Right padding is safe: in a causal model position t attends to positions <= t only, so pad
+    tokens after a row's last token cannot change the logits at any scored position (left
+    padding would, by shifting the position embeddings), and the mask keeps pads out of the
+    loss. Rows never interact (attention, LayerNorm, MLP are per row), so padding examples
+    cannot change real ones. Only the scored positions go through the float32 cross-entropy,
+    not all (4E, W, V) logits.
+    """
+    tokens = batch.tokens.to(device, non_blocking=True)
+    logits = _as_logits(logits_fn(tokens))
+    rows, width = tokens.shape
+    if logits.shape[:2] != (rows, width):
+        raise ValueError(
+            f"logits_fn returned shape {tuple(logits.shape)} for input {(rows, width)}"
+        )
+    scored = batch.scored.to(device, non_blocking=True)
+    picked = logits.reshape(rows * width, -1).index_select(0, scored).float()
+    losses = F.cross_entropy(picked, tokens.view(-1)[scored + 1], reduction="none")
+    total = torch.zeros(rows, device=losses.device).index_add_(0, scored // width, losses)
+    count = batch.mask[:, 1:].sum(dim=1).clamp_min(1).to(device, non_blocking=True)
+    mean = total / count
+    return total.view(-1, NUM_ENDINGS).argmin(dim=1), mean.view(-1, NUM_ENDINGS).argmin(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
 # evaluation loop
 
 
@@ -302,75 +415,78 @@ def evaluate_hellaswag(
     max_len: int | None = None,
     pad_to_max_len: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    examples_per_batch: int = 16,
 ) -> dict:
     """Score HellaSwag; returns ``acc``, ``acc_norm`` and the counts behind them.
 
-    * Example ``i`` is scored by the rank with ``i % world_size == rank``.
-    * If ``torch.distributed`` is initialized and ``world_size > 1`` the counts are all-reduced
-      (SUM), so every rank returns the global ``acc``/``acc_norm``/``n``/``correct``/
-      ``correct_norm``. All ranks then also run the same number of forward passes (a rank with
-      one example fewer runs an uncounted dummy forward), which FSDP's collectives need.
+    * Example ``i`` is scored by the rank with ``i % world_size == rank``; all examples are
+      tokenized up front, ``examples_per_batch`` examples (``4 *`` as many rows) per forward.
+      Every forward has the same batch dimension (``min(examples_per_batch, examples per
+      rank)``) and a width from :func:`bucket_width`; sorted by length, little is padding.
+    * Every rank runs the same number of forwards (a rank with fewer examples runs uncounted
+      all-padding batches), which FSDP's collectives need.
+    * Counts stay on ``device`` until the end; if ``torch.distributed`` is initialized and
+      ``world_size > 1`` they are all-reduced (SUM) once, so every rank returns the global
+      ``acc``/``acc_norm``/``n``/``correct``/``correct_norm``.
     * ``rank_n``, ``rank_correct``, ``rank_correct_norm`` are always this rank's own share.
     * ``path=None`` means the cached/downloaded validation split (:func:`hellaswag_path`).
     * ``max_len`` (the model's block size) left-truncates long contexts; ``pad_to_max_len``
       pads every batch to exactly ``max_len`` columns (one static shape for compiled models).
     * ``autocast_ctx`` (e.g. ``torch.autocast("cuda", torch.bfloat16)``) is entered once around
       the forward passes; losses are computed in float32 regardless.
+    * ``progress(done, total)`` is called after each batch with this rank's example counts.
     * The caller puts the model in eval mode; ``acc`` is NaN when ``n == 0``.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     if pad_to_max_len and max_len is None:
         raise ValueError("pad_to_max_len=True needs max_len")
+    if examples_per_batch < 1:
+        raise ValueError(f"examples_per_batch must be >= 1, got {examples_per_batch}")
     if path is None:
         path = hellaswag_path("val")
     examples = load_examples(path, limit=limit)
-    distributed = _dist_active(world_size)
-    n_total = len(examples)
-    steps = math.ceil(n_total / world_size)
-    rank_steps = len(range(rank, n_total, world_size))
+    mine = examples[rank::world_size]
+    # from global counts, so every rank gets the same batch size and number of batches
+    per_rank = math.ceil(len(examples) / world_size)
+    per_batch = max(1, min(examples_per_batch, per_rank))
+    num_batches = math.ceil(per_rank / per_batch)
+    batches = make_batches(mine, encode, per_batch, max_len, pad_to_max_len, num_batches)
 
-    def prepare(ex: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        tokens, mask, label = render_example(ex, encode, max_len=max_len)
-        if pad_to_max_len and tokens.size(1) < max_len:
-            pad = max_len - tokens.size(1)
-            tokens = F.pad(tokens, (0, pad), value=PAD_TOKEN)
-            mask = F.pad(mask, (0, pad), value=0)
-        return tokens.to(device), mask.to(device), label
-
-    correct = correct_norm = n = 0
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # correct, correct_norm, n
+    done = 0
     ctx = autocast_ctx if autocast_ctx is not None else contextlib.nullcontext()
     with ctx:
-        for step in range(steps):
-            i = step * world_size + rank
-            if i >= n_total:
-                if distributed:  # keep forward counts equal across ranks (FSDP collectives)
-                    tokens, _, _ = prepare(examples[0])
-                    logits_fn(tokens)
-                continue
-            tokens, mask, label = prepare(examples[i])
-            pred, pred_norm = score_batch(logits_fn, tokens, mask)
-            correct += int(pred == label)
-            correct_norm += int(pred_norm == label)
-            n += 1
+        for batch in batches:
+            pred, pred_norm = batch_predictions(logits_fn, batch, device)
+            labels = batch.labels.to(device, non_blocking=True)
+            real = labels >= 0
+            counts += torch.stack(
+                [((pred == labels) & real).sum(), ((pred_norm == labels) & real).sum(), real.sum()]
+            )
+            done += int((batch.index >= 0).sum())  # a host tensor: no device sync
             if progress is not None:
-                progress(n, rank_steps)
+                progress(done, len(mine))
 
-    result = {"rank_n": n, "rank_correct": correct, "rank_correct_norm": correct_norm}
-    if distributed:
+    totals = counts
+    if _dist_active(world_size):
         import torch.distributed as dist
 
-        counts = torch.tensor([correct, correct_norm, n], dtype=torch.long, device=device)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        correct, correct_norm, n = (int(c) for c in counts.tolist())
-    result.update(
-        acc=correct / n if n else float("nan"),
-        acc_norm=correct_norm / n if n else float("nan"),
-        n=n,
-        correct=correct,
-        correct_norm=correct_norm,
-    )
-    return result
+        totals = counts.clone()
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    (correct, correct_norm, n), (rank_correct, rank_correct_norm, rank_n) = torch.stack(
+        [totals, counts]
+    ).tolist()  # the one host sync
+    return {
+        "rank_n": rank_n,
+        "rank_correct": rank_correct,
+        "rank_correct_norm": rank_correct_norm,
+        "acc": correct / n if n else float("nan"),
+        "acc_norm": correct_norm / n if n else float("nan"),
+        "n": n,
+        "correct": correct,
+        "correct_norm": correct_norm,
+    }
 
 
 # ----------------------------------------------------------------------------------------------

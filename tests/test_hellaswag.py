@@ -268,10 +268,11 @@ def test_rank_split_counts_sum_to_single_process(tiny_gpt2):
         return tiny_gpt2(t).logits
 
     full = evaluate_hellaswag(logits_fn, byte_encode, TINY)
-    seen = []
+    seen: list[list[list[int]]] = [[], []]
     parts = [
         evaluate_hellaswag(
-            lambda t: seen.append(t[0, :8].tolist()) or logits_fn(t),
+            # the first 8 tokens of each example's first row (every 4th row)
+            lambda t, r=r: seen[r].extend(t[::4, :8].tolist()) or logits_fn(t),
             byte_encode,
             TINY,
             rank=r,
@@ -283,9 +284,10 @@ def test_rank_split_counts_sum_to_single_process(tiny_gpt2):
     for key in ("correct", "correct_norm", "n"):
         assert sum(p[f"rank_{key}"] for p in parts) == full[key]
         assert sum(p[key] for p in parts) == full[key]  # no process group: global == local
-    # rank r got examples r, r+2, r+4: every example was scored exactly once
+    # rank r got examples r, r+2, r+4 (in length order): every example was scored exactly once
     firsts = [byte_encode(ex["ctx"])[:8] for ex in load_examples(TINY)]
-    assert seen == [firsts[i] for i in (0, 2, 4, 1, 3, 5)]
+    assert sorted(seen[0]) == sorted(firsts[i] for i in (0, 2, 4))
+    assert sorted(seen[1]) == sorted(firsts[i] for i in (1, 3, 5))
     with pytest.raises(ValueError, match="rank"):
         evaluate_hellaswag(logits_fn, byte_encode, TINY, rank=2, world_size=2)
 
@@ -305,7 +307,13 @@ def _distributed_worker(rank, world_size, init_file, out_dir, limit):
             return table[t]
 
         res = evaluate_hellaswag(
-            logits_fn, byte_encode, TINY, limit=limit, rank=rank, world_size=world_size
+            logits_fn,
+            byte_encode,
+            TINY,
+            limit=limit,
+            rank=rank,
+            world_size=world_size,
+            examples_per_batch=2,
         )
         res["forward_calls"] = len(calls)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
@@ -317,7 +325,9 @@ def _distributed_worker(rank, world_size, init_file, out_dir, limit):
 def test_all_reduce_across_two_gloo_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    limit = 5  # odd: rank 1 scores one example fewer and runs one uncounted dummy forward
+    # rank 0 scores 3 examples in 2 batches of 2, rank 1 scores 2 in one batch and then runs an
+    # uncounted all-padding batch so both run 2 forwards
+    limit = 5
     mp.spawn(
         _distributed_worker,
         args=(2, str(tmp_path / "init"), str(tmp_path), limit),
@@ -328,11 +338,204 @@ def test_all_reduce_across_two_gloo_processes(tmp_path):
     single = evaluate_hellaswag(lambda t: table[t], byte_encode, TINY, limit=limit)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank_n"] for r in results] == [3, 2]
-    assert [r["forward_calls"] for r in results] == [3, 3]
+    assert [r["forward_calls"] for r in results] == [2, 2]
     for r in results:  # every rank returns the global numbers
         for key in ("n", "correct", "correct_norm", "acc", "acc_norm"):
             assert r[key] == single[key]
     assert sum(r["rank_correct"] for r in results) == single["correct"]
+
+
+# ------------------------------------------------------------------------------- batched vs reference
+
+MAX_LEN = 128  # the tiny GPT's block size
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    from gpt2x.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=MAX_LEN, vocab_size=257, n_layer=2, n_head=2, n_embd=32)
+    return GPT(cfg).to("cpu").eval()
+
+
+def gpt_logits_fn(model):
+    return lambda t: model(t)  # (logits, None): the tuple form evaluate_hellaswag accepts
+
+
+@pytest.fixture(scope="module")
+def synthetic_file(tmp_path_factory) -> Path:
+    """41 examples of varied lengths (byte tokens): short rows, rows just over MAX_LEN, long
+    contexts, and one ending longer than MAX_LEN by itself (cut from the left too)."""
+    gen = torch.Generator().manual_seed(3)
+    words = ["the", "a", "man", "woman", "dog", "runs", "jumps", "over", "into", "slowly"]
+
+    def text(n_words: int) -> str:
+        return " ".join(words[i] for i in torch.randint(len(words), (n_words,), generator=gen))
+
+    rows = []
+    for i in range(41):
+        short = i % 3 == 0  # 14 short examples: rows under 64 bytes
+        n_ctx = int(torch.randint(1, 4 if short else 60, (1,), generator=gen))
+        n_end = 4 if short else 15
+        endings: list[str] = []
+        while len(endings) < 4:  # distinct endings: identical rows would tie exactly
+            ending = text(int(torch.randint(1, n_end, (1,), generator=gen)))
+            endings += [ending] if ending not in endings else []
+        if i == 7:
+            endings[2] = text(40)  # ~200 bytes > MAX_LEN
+        label = int(torch.randint(4, (1,), generator=gen))
+        rows.append({"ind": i, "ctx": text(n_ctx), "endings": endings, "label": label})
+    path = write_jsonl(tmp_path_factory.mktemp("synthetic") / "synthetic.jsonl", rows)
+    widths = [render_example(ex, byte_encode)[0].size(1) for ex in rows]
+    assert min(widths) < 64 and max(widths) > 2 * MAX_LEN  # lengths really vary
+    assert len(byte_encode(" " + rows[7]["endings"][2])) > MAX_LEN
+    return path
+
+
+def reference_preds(logits_fn, examples, max_len):
+    """One example (4 rows) per forward: render_example + score_batch, the reference path.
+    Also asserts no near-tie, so that exact equality of predictions is a fair test."""
+    preds = []
+    for ex in examples:
+        tokens, mask, _ = render_example(ex, byte_encode, max_len=max_len)
+        total, mean = hs.ending_losses(logits_fn, tokens, mask)
+        for loss in (total, mean):
+            best2 = loss.sort().values[:2]
+            assert float(best2[1] - best2[0]) > 1e-4
+        preds.append(score_batch(logits_fn, tokens, mask))
+    return preds
+
+
+def batched_preds(logits_fn, examples, examples_per_batch, max_len, pad_to_max_len):
+    preds: dict[int, tuple[int, int]] = {}
+    batches = hs.make_batches(examples, byte_encode, examples_per_batch, max_len, pad_to_max_len)
+    for batch in batches:
+        pred, pred_norm = hs.batch_predictions(logits_fn, batch, "cpu")
+        for j, i in enumerate(batch.index.tolist()):
+            if i >= 0:
+                assert i not in preds
+                preds[i] = (int(pred[j]), int(pred_norm[j]))
+    return [preds[i] for i in range(len(examples))]
+
+
+def label_counts(preds, examples) -> tuple[int, int]:
+    labels = [ex["label"] for ex in examples]
+    return (
+        sum(p == y for (p, _), y in zip(preds, labels)),
+        sum(q == y for (_, q), y in zip(preds, labels)),
+    )
+
+
+@pytest.mark.parametrize("which", ["tiny", "synthetic"])
+def test_batched_equals_one_at_a_time(tiny_gpt, synthetic_file, which):
+    path = TINY if which == "tiny" else synthetic_file
+    examples = load_examples(path)
+    logits_fn = gpt_logits_fn(tiny_gpt)
+    ref = reference_preds(logits_fn, examples, MAX_LEN)
+    for per_batch in (1, 5, 16):
+        for pad in (False, True):
+            got = batched_preds(logits_fn, examples, per_batch, MAX_LEN, pad)
+            assert got == ref, (per_batch, pad)
+    correct, correct_norm = label_counts(ref, examples)
+    for per_batch, pad in ((16, False), (3, True)):
+        res = evaluate_hellaswag(
+            logits_fn,
+            byte_encode,
+            path,
+            device="cpu",
+            max_len=MAX_LEN,
+            pad_to_max_len=pad,
+            examples_per_batch=per_batch,
+        )
+        assert (res["n"], res["correct"], res["correct_norm"]) == (
+            len(examples),
+            correct,
+            correct_norm,
+        )
+        assert res["acc"] == correct / len(examples)
+        assert res["acc_norm"] == correct_norm / len(examples)
+
+
+def test_right_padding_and_other_rows_leave_logits_unchanged(tiny_gpt):
+    row = torch.tensor([byte_encode("A man clips a leash onto a small brown dog.")])
+    alone = tiny_gpt(row)[0]
+    n = row.size(1)
+    padded = F.pad(row, (0, MAX_LEN - n), value=hs.PAD_TOKEN)
+    batch = torch.cat([torch.randint(1, 257, (1, MAX_LEN)), padded, torch.zeros_like(padded)])
+    torch.testing.assert_close(tiny_gpt(batch)[0][1:2, :n], alone, rtol=1e-5, atol=1e-5)
+    # left padding would not be safe: the positions shift
+    left = F.pad(row, (MAX_LEN - n, 0), value=hs.PAD_TOKEN)
+    assert not torch.allclose(tiny_gpt(left)[0][:, -n:], alone, atol=1e-3)
+
+
+def test_bucket_width():
+    assert [hs.bucket_width(w) for w in (1, 64, 65, 200)] == [64, 64, 128, 256]
+    assert [hs.bucket_width(w, max_len=100) for w in (1, 64, 65, 100)] == [64, 64, 100, 100]
+    assert hs.bucket_width(3, max_len=100, pad_to_max_len=True) == 100
+    with pytest.raises(ValueError, match="needs max_len"):
+        hs.bucket_width(3, pad_to_max_len=True)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_fixed_shapes_and_padding_examples(synthetic_file, pad):
+    examples = load_examples(synthetic_file)
+    table = torch.randn(257, 257, generator=torch.Generator().manual_seed(1))
+    shapes = []
+
+    def logits_fn(t):
+        shapes.append(tuple(t.shape))
+        return table[t]
+
+    res = evaluate_hellaswag(
+        logits_fn,
+        byte_encode,
+        synthetic_file,
+        max_len=MAX_LEN,
+        pad_to_max_len=pad,
+        examples_per_batch=8,
+    )
+    assert res["n"] == 41
+    assert len(shapes) == math.ceil(41 / 8)
+    assert {b for b, _ in shapes} == {32}  # fixed batch dimension, 8 examples x 4 endings
+    widths = [w for _, w in shapes]
+    assert set(widths) == ({MAX_LEN} if pad else {64, MAX_LEN})
+    assert widths == sorted(widths, reverse=True)  # longest first
+    batches = hs.make_batches(examples, byte_encode, 8, MAX_LEN, pad)
+    last = batches[-1]
+    assert last.labels.tolist()[1:] == [-1] * 7 and last.index.tolist()[1:] == [-1] * 7
+    assert not last.tokens[4:].any() and not last.mask[4:].any()  # padding rows: token 0, mask 0
+    assert sorted(i for b in batches for i in b.index.tolist() if i >= 0) == list(range(41))
+    with pytest.raises(ValueError, match="examples_per_batch"):
+        evaluate_hellaswag(logits_fn, byte_encode, synthetic_file, examples_per_batch=0)
+
+
+def test_two_ranks_in_one_process_equal_forwards_and_counts(tiny_gpt, synthetic_file):
+    logits_fn = gpt_logits_fn(tiny_gpt)
+    kw = dict(limit=9, device="cpu", max_len=MAX_LEN, examples_per_batch=4)
+    single = evaluate_hellaswag(logits_fn, byte_encode, synthetic_file, **kw)
+    calls: list[list[torch.Tensor]] = [[], []]
+    progress: list[list[tuple[int, int]]] = [[], []]
+    parts = []
+    for r in (0, 1):
+        parts.append(
+            evaluate_hellaswag(
+                lambda t, r=r: calls[r].append(t) or logits_fn(t),
+                byte_encode,
+                synthetic_file,
+                rank=r,
+                world_size=2,
+                progress=lambda done, total, r=r: progress[r].append((done, total)),
+                **kw,
+            )
+        )
+    # 9 examples: rank 0 gets 5 (batches of 4 + 1), rank 1 gets 4 (one batch + one padding batch)
+    assert [p["rank_n"] for p in parts] == [5, 4]
+    assert [len(c) for c in calls] == [2, 2]
+    assert not calls[1][1].any()  # rank 1's second forward is all padding
+    assert progress == [[(4, 5), (5, 5)], [(4, 4), (4, 4)]]
+    for key in ("n", "correct", "correct_norm"):
+        assert sum(p[f"rank_{key}"] for p in parts) == single[key]
 
 
 # ------------------------------------------------------------------------------- download

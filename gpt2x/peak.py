@@ -150,7 +150,7 @@ def measure_peak_flops(
     best, spent, call_s, prev_n = 0.0, 0.0, 0.0, 0
     with _ieee_fp32():
         for n in sorted(sizes):
-            if prev_n and call_s * (n / prev_n) ** 3 * (1 + repeats) > budget_s - spent:
+            if prev_n and call_s * (n / prev_n) ** 3 * (1 + repeats) * inner > budget_s - spent:
                 break
             begin = time.perf_counter()
             a = torch.randn(n, n, device=device, dtype=dtype)

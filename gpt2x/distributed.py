@@ -8,7 +8,8 @@ scheduler's own (`scheduler_env`). nccl on CUDA, gloo on CPU. Everything else in
 
 Wrapping: DDP, or FSDP2 (`fully_shard` per transformer block, then the root) with a
 MixedPrecisionPolicy from the `precision` group. `no_sync` skips gradient communication for
-the micro-steps of gradient accumulation under both. See docs/distributed.md.
+the micro-steps of gradient accumulation under both. `compile_model` applies torch.compile in
+the way that suits the wrapping (whole model, or per block under FSDP). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import datetime
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -143,11 +144,13 @@ _FROM_SCHEDULER = export_scheduler_env()
 # ----------------------------------------------------------------------------- setup / teardown
 
 
-def pick_device(device: str, local_rank: int) -> torch.device:
+def pick_device(device: str, local_rank: int, world_size: int = 1) -> torch.device:
+    """This rank's device for trainer.device. `cuda` (no index) and `auto` give each rank
+    cuda:LOCAL_RANK; an explicit `cuda:N` is only valid for a world of one (every rank on one
+    GPU is NCCL's "Duplicate GPU detected" error at the first collective)."""
     if device == "auto":
         if torch.cuda.is_available():
-            # one GPU per task (CUDA_VISIBLE_DEVICES bound by the scheduler) or all GPUs visible
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            return _rank_gpu(local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -158,8 +161,32 @@ def pick_device(device: str, local_rank: int) -> torch.device:
                 f"trainer.device={device} but CUDA is not available; use trainer.device=cpu"
             )
         if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+            return _rank_gpu(local_rank)
+        if world_size > 1:
+            raise ConfigError(
+                f"trainer.device={device} puts all {world_size} ranks on one GPU; use "
+                "trainer.device=cuda (each rank takes cuda:LOCAL_RANK)"
+            )
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"trainer.device={device} but only {torch.cuda.device_count()} CUDA device(s) "
+                "are visible; use trainer.device=cuda"
+            )
     return dev
+
+
+def _rank_gpu(local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK, modulo the visible GPUs: a scheduler that binds one GPU per task
+    (CUDA_VISIBLE_DEVICES) leaves each task one device, cuda:0. More ranks on this node than
+    visible GPUs (when there are several) would put two ranks on one GPU: refuse that."""
+    count = torch.cuda.device_count()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's; unset under srun
+    if count > 1 and local_world > count:
+        raise ConfigError(
+            f"{local_world} ranks on this node but {count} visible GPUs; start at most {count} "
+            "processes per node (torchrun --nproc_per_node)"
+        )
+    return torch.device("cuda", local_rank % count)
 
 
 def setup(parallel_cfg, device: str) -> Dist:
@@ -174,13 +201,17 @@ def setup(parallel_cfg, device: str) -> Dist:
                 f"parallel=single was launched with WORLD_SIZE={world_size}; "
                 "use parallel=ddp (or parallel=fsdp) under torchrun"
             )
-        return Dist(kind, 0, 0, 1, pick_device(device, 0))
+        dev = pick_device(device, 0)
+        if dev.type == "cuda":
+            # cuda:N for N > 0: kernels, caches and NCCL/cuBLAS handles follow the current device
+            torch.cuda.set_device(dev)
+        return Dist(kind, 0, 0, 1, dev)
     if "RANK" not in os.environ:
         # a plain `python -m gpt2x.train parallel=ddp` is a world of one: run it as such
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dev = pick_device(device, local_rank)
+    dev = pick_device(device, local_rank, world_size)
     backend = parallel_cfg.backend
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -308,7 +339,8 @@ def wrap_model(model: torch.nn.Module, d: Dist, precision_cfg=None) -> torch.nn.
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [d.device.index] if d.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        # gradients live in DDP's all-reduce buckets: no copy into/out of them per step
+        return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
     if d.kind is ParallelKind.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -323,8 +355,50 @@ def wrap_model(model: torch.nn.Module, d: Dist, precision_cfg=None) -> torch.nn.
             fully_shard(block, **kwargs)
         # the root holds what is left: embeddings, final LayerNorm and the LM head. wte and
         # lm_head share one Parameter; both live in the root group, so the tie survives.
-        fully_shard(model, **kwargs)
+        # No reshard_after_forward here: FSDP2's root default keeps these gathered from forward
+        # to backward, which needs them at once (resharding would gather wte again).
+        fully_shard(model, **({"mp_policy": mp} if mp is not None else {}))
         return model
+    return model
+
+
+COMPILE_SCOPES = ("model", "block")
+
+
+def compile_model(
+    model: torch.nn.Module,
+    kind: ParallelKind,
+    mode: str | None = None,
+    scope: str = "model",
+    backend: str | Callable = "inductor",
+) -> torch.nn.Module:
+    """torch.compile the (wrapped) model; call after `wrap_model` and `build_optimizer`.
+
+    scope="model" with single/ddp: `torch.compile(model)`, one graph for the whole forward
+    (DDP's DDPOptimizer splits it at bucket boundaries). Under fsdp, or scope="block": each
+    transformer block is compiled in place (`Block.compile`), plus `GPT.head_and_loss` where the
+    model has it. Compiling the FSDP root instead compiles only the blocks: FSDP2's hooks are
+    hidden from dynamo, so GPT.forward itself (embeddings, ln_f, LM head, loss) runs eagerly.
+    In place, so parameter names (state_dict, checkpoints) stay free of `_orig_mod.`.
+    mode: torch.compile's mode ("default" or None, "reduce-overhead", "max-autotune", ...).
+    backend: torch.compile's backend (tests pass a recording one).
+    """
+    if scope not in COMPILE_SCOPES:
+        raise ConfigError(f"compile scope={scope!r} is unknown; use model or block")
+    mode = None if mode == "default" else mode
+    if scope == "model" and kind is not ParallelKind.fsdp:
+        return torch.compile(model, mode=mode, backend=backend)
+    gpt = unwrap(model)
+    blocks = getattr(getattr(gpt, "transformer", None), "h", None)
+    if blocks is None:
+        raise ConfigError(f"per-block compile expects a GPT (transformer.h), got {type(gpt)}")
+    for block in blocks:
+        block.compile(mode=mode, backend=backend)
+    head = getattr(gpt, "head_and_loss", None)
+    if head is not None:
+        # an instance attribute shadowing the method: GPT.forward's self.head_and_loss(...)
+        # now calls the compiled one, and it holds no parameters of its own
+        gpt.head_and_loss = torch.compile(head, mode=mode, backend=backend)
     return model
 
 

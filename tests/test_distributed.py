@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,8 +24,7 @@ from conftest import TINY, run_cli
 from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR, distributed
-from gpt2x.config import ParallelKind, register_configs
-from gpt2x.record import read_jsonl
+from gpt2x.config import ConfigError, ParallelKind, register_configs
 
 register_configs()
 pytestmark = pytest.mark.distributed
@@ -83,6 +83,10 @@ def torchrun(
             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def only_run_dir(parent: Path) -> Path:
@@ -471,3 +475,150 @@ def test_restarted_torchrun_attempts_use_their_own_store_keys(monkeypatch):
     monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     assert distributed._restart_safe_store(timeout) is None
+
+
+# ----------------------------------------------------------------------------- compile, devices
+
+
+@pytest.mark.slow
+def test_fsdp_compile_covers_blocks_and_head(tmp_path):
+    """Under FSDP2, compile_model compiles every block and head_and_loss (ln_f + lm_head + loss),
+    not only what dynamo reaches through the FSDP root; inductor's losses equal eager FSDP's."""
+    out = tmp_path / "compile.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(Path(__file__).parent / "compile_worker.py"),
+            str(out),
+            "--inductor",
+        ],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2
+    blocks = [g for g in r["graphs"] if "scaled_dot_product_attention" in g["ops"]]
+    heads = [g for g in r["graphs"] if "cross_entropy" in g["ops"]]
+    # one graph serves both blocks (same code), called n_layer=2 times x 2 steps
+    assert sum(g["calls"] for g in blocks) == 2 * 2
+    assert sum(g["calls"] for g in heads) == 2
+    assert all("linear" in g["ops"] and "layer_norm" in g["ops"] for g in heads)
+    assert r["compiled"] == pytest.approx(r["eager"], rel=1e-5)
+    assert r["eager"][1] != r["eager"][0]  # the optimizer step changed the loss
+    assert not any("_orig_mod" in k for k in r["keys"])
+
+
+def test_compile_model_scopes():
+    from gpt2x.model import GPT, GPTConfig
+
+    def tiny() -> GPT:
+        return GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=1, n_embd=8))
+
+    whole = distributed.compile_model(tiny(), ParallelKind.single, mode="default")
+    assert isinstance(whole, torch._dynamo.eval_frame.OptimizedModule)
+    per_block = tiny()
+    keys = list(per_block.state_dict())
+    out = distributed.compile_model(per_block, ParallelKind.single, scope="block")
+    assert out is per_block and list(out.state_dict()) == keys  # in place, same names
+    assert all(b._compiled_call_impl is not None for b in out.transformer.h)
+    # under fsdp the scope is always per block (compiling the root misses GPT.forward)
+    fsdp = distributed.compile_model(tiny(), ParallelKind.fsdp, scope="model")
+    assert all(b._compiled_call_impl is not None for b in fsdp.transformer.h)
+    with pytest.raises(ConfigError, match="use model or block"):
+        distributed.compile_model(tiny(), ParallelKind.single, scope="layer")
+
+
+def world_of_one(kind: str, **parallel) -> tuple[torch.nn.Module, distributed.Dist]:
+    """A tiny GPT wrapped for `kind` in this process (a real 1-rank gloo group)."""
+    from gpt2x.model import GPT, GPTConfig
+
+    for key in LAUNCH_ENV:
+        os.environ.pop(key, None)
+    d = distributed.setup(SimpleNamespace(kind=kind, backend="auto", **parallel), "cpu")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    return distributed.wrap_model(model, d), d
+
+
+def test_fsdp_root_stays_gathered_from_forward_to_backward(restore_env):
+    """The root (wte = lm_head, wpe, ln_f) keeps FSDP2's root default: not resharded after
+    forward, so backward does not all-gather it again; blocks follow
+    parallel.reshard_after_forward. FSDP2 swaps the module's parameters: DTensor = sharded."""
+    from torch.distributed.tensor import DTensor
+
+    x = torch.randint(0, 64, (2, 16))
+    for reshard in (True, False):
+        model, _ = world_of_one("fsdp", reshard_after_forward=reshard)
+        _, loss = model(x, x)
+        assert not isinstance(model.transformer.wte.weight, DTensor)
+        assert not isinstance(model.transformer.ln_f.weight, DTensor)
+        assert isinstance(model.transformer.h[0].mlp.c_fc.weight, DTensor) is reshard
+        loss.backward()
+        assert isinstance(model.transformer.wte.weight, DTensor)  # resharded after backward
+        distributed.teardown()
+
+
+def test_ddp_gradients_are_views_into_its_buckets(restore_env):
+    model, _ = world_of_one("ddp")
+    assert model.gradient_as_bucket_view
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)[1].backward()
+    # a tiny model fits one bucket: every gradient is a view of the same flat buffer
+    storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == 1
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """torch.cuda as on a machine with 4 GPUs; set_device calls are recorded."""
+    calls: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(torch.device(dev)))
+    for key in LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    return calls
+
+
+def test_each_rank_takes_its_own_gpu(fake_gpus, monkeypatch):
+    cuda = torch.device
+    assert distributed.pick_device("cuda", 3, world_size=8) == cuda("cuda", 3)
+    assert distributed.pick_device("auto", 2, world_size=8) == cuda("cuda", 2)
+    # one GPU per task bound by the scheduler: rank 5 sees one device, cuda:0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.pick_device("cuda", 5, world_size=8) == cuda("cuda", 0)
+    # an explicit index is fine for a world of one (a 1-rank ddp/fsdp run included)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.pick_device("cuda:2", 0, world_size=1) == cuda("cuda", 2)
+
+
+def test_explicit_gpu_index_with_several_ranks_is_a_config_error(fake_gpus, monkeypatch):
+    with pytest.raises(ConfigError, match="use trainer.device=cuda "):
+        distributed.pick_device("cuda:0", 1, world_size=2)
+    with pytest.raises(ConfigError, match="only 4 CUDA device"):
+        distributed.pick_device("cuda:4", 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on a 4-GPU node
+    with pytest.raises(ConfigError, match="nproc_per_node"):
+        distributed.pick_device("cuda", 5, world_size=8)
+    # through setup, before any process group: the one-line error, nothing initialised
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = SimpleNamespace(kind="ddp", backend="auto")
+    with pytest.raises(ConfigError, match="puts all 2 ranks on one GPU"):
+        distributed.setup(cfg, "cuda:0")
+    assert not torch.distributed.is_initialized() and fake_gpus == []
+
+
+def test_single_process_on_gpu_n_makes_it_the_current_device(fake_gpus):
+    d = distributed.setup(SimpleNamespace(kind="single"), "cuda:3")
+    assert d.device == torch.device("cuda", 3) and fake_gpus == [torch.device("cuda", 3)]

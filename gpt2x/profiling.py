@@ -1,0 +1,211 @@
+"""Why a rung got faster: one optimization step's time split by what it was spent on.
+
+`profile_steps` runs a few full steps under torch.profiler and sums the *self* time of every op
+(CPU time on CPU, the op's own kernels' device time on CUDA) into the categories below, so no
+nanosecond is counted twice. Whatever no op accounts for (Python, the autograd engine's glue,
+waiting, an idle GPU) is "other", so the categories add up to the profiled step time.
+
+Op names map to categories through `categorize` (a pure function over the table `PATTERNS`).
+Some categories *claim* everything that runs inside them: the elementwise ops of a for-loop
+AdamW are optimizer time, the log-softmax inside `cross_entropy` is loss time, the softmax of
+SDPA's math fallback is attention time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
+from torch.profiler import ProfilerActivity, profile, record_function
+
+# the order of the stacked bars in plots (gpt2x/plots.py keeps a torch-free copy)
+CATEGORIES = (
+    "matmul",
+    "attention",
+    "loss",
+    "elementwise+norm",
+    "fused kernels",
+    "optimizer",
+    "communication",
+    "data/host",
+    "other",
+)
+
+# (regex, category), first match wins; matched against the op name with the autograd engine's
+# "evaluate_function: " prefix removed. Names are what torch 2.13 records on CPU and CUDA.
+PATTERNS: tuple[tuple[str, str], ...] = (
+    # inductor kernels (cpp kernels are named only with TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1,
+    # otherwise their time is the self time of "## Call CompiledFxGraph <hash> ##")
+    (r"flex_attention", "attention"),
+    (r"^triton_tem_", "matmul"),  # a GEMM template with a fused epilogue
+    (r"^(graph_\d+_)?cpp_fused_|^triton_(poi|red|per|for)_|^## Call CompiledFxGraph",
+     "fused kernels"),
+    # the compiled graph's runtime wrappers: guards, AOT autograd, the call into the graph
+    (r"^(Torch-Compiled Region|TorchDynamo Cache Lookup|CompiledFunction|AOTDispatcher|"
+     r"Pregraph bytecode)", "fused kernels"),
+    # "Optimizer.step#AdamW.step", "Optimizer.zero_grad#...", fused and foreach kernels
+    # (clip_grad_norm_ runs as _foreach_norm: counted here too)
+    (r"^Optimizer\.|^aten::_fused_(adamw?|sgd|adagrad)_|^aten::_foreach_", "optimizer"),
+    (r"^(nccl|gloo|mpi|ucc):|^c10d::|^_?c10d_functional::|^record_param_comms|"
+     r"^FSDP::(all_gather|post_backward_reduce|post_backward_rs_wait|.*prefetch)", "communication"),
+    (r"DataLoader|^aten::_?pin_memory|^aten::(item|_local_scalar_dense)$", "data/host"),
+    (r"^aten::(cross_entropy_loss|_?log_softmax|_log_softmax_backward_data|nll_loss\w*)$", "loss"),
+    # naive attention's two bmm's stay matmul; its mask + softmax are attention
+    (r"^aten::(_?scaled_dot_product\w*|_flash_attention\w*|_efficient_attention\w*|"
+     r"_cudnn_attention\w*|_?softmax|_softmax_backward_data|_safe_softmax|masked_fill_?)$",
+     "attention"),
+    (r"^aten::(mm|addmm|bmm|baddbmm|addbmm|matmul|linear|_addmm_activation|mv|addmv|dot|"
+     r"einsum|_int_mm|_scaled_mm\w*|_weight_int\w+|mkldnn_linear\w*|_mkldnn_matmul)$|"
+     r"^mkldnn::_linear", "matmul"),
+    # views, allocation, metadata: no data moves, only dispatcher cost
+    (r"^(aten::)?(view|_unsafe_view|reshape|as_strided|transpose|t|permute|expand|slice|select|"
+     r"narrow|split|split_with_sizes|chunk|unbind|unsqueeze|squeeze|detach|alias|lift_fresh|"
+     r"empty|empty_strided|empty_like|resize_|resolve_conj|resolve_neg|contiguous)$", "other"),
+    # every other aten op moves data without a matmul: layer norm, GELU, adds, casts, copies,
+    # dropout, embedding, reductions; AccumulateGrad adds a gradient into .grad
+    (r"^aten::|^torch::autograd::AccumulateGrad$", "elementwise+norm"),
+)
+_COMPILED = [(re.compile(p), c) for p, c in PATTERNS]
+_BACKWARD = re.compile(r"^(\w+?)Backward\d*$")  # autograd node "NativeLayerNormBackward0"
+_PREFIX = "autograd::engine::evaluate_function: "
+
+# categories whose ops own everything that runs inside them
+CLAIMING = frozenset({"optimizer", "loss", "attention", "communication", "data/host"})
+
+STEP_MARK = "gpt2x::profiled_step"
+
+
+class ProfilingUnavailable(RuntimeError):
+    """torch.profiler cannot run here; the caller reports it and carries on."""
+
+
+def categorize(op_name: str) -> str:
+    """The category of one profiler event name (an op, a kernel, an autograd node)."""
+    name = op_name.removeprefix(_PREFIX)
+    for pattern, category in _COMPILED:
+        if pattern.search(name):
+            return category
+    # an autograd node counts as its forward op: "AddmmBackward0" -> "aten::addmm"
+    m = _BACKWARD.match(name)
+    if m:
+        return categorize("aten::" + re.sub(r"(?<!^)(?=[A-Z])", "_", m.group(1)).lower())
+    return "other"
+
+
+@dataclass
+class Breakdown:
+    """Milliseconds per step by category (summing to step_ms) over `steps` profiled steps."""
+
+    step_ms: float
+    categories: dict[str, float]
+    steps: int
+    device: str
+    top_ops: list[tuple[str, str, float]]  # (op name, category, ms per step), largest first
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Breakdown:
+        return cls(
+            step_ms=float(d["step_ms"]),
+            categories={k: float(v) for k, v in d["categories"].items()},
+            steps=int(d["steps"]),
+            device=str(d["device"]),
+            top_ops=[(str(n), str(c), float(ms)) for n, c, ms in d["top_ops"]],
+        )
+
+    def summary(self) -> str:
+        """One line for a log: the step time and each non-empty category's share."""
+        parts = [
+            f"{c} {ms:.1f} ({100 * ms / self.step_ms:.0f}%)"
+            for c, ms in self.categories.items()
+            if ms > 0 and self.step_ms > 0
+        ]
+        return f"{self.step_ms:.1f} ms/step on {self.device}: " + ", ".join(parts)
+
+
+def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device) -> Breakdown:
+    """Run `step_fn` (one full optimization step) `steps` times under torch.profiler and split
+    the mean step time by category. Raises ProfilingUnavailable where the profiler cannot run."""
+    device = torch.device(device)
+    if steps < 1:
+        raise ValueError(f"steps={steps}: profile at least 1 step")
+    if device.type not in ("cpu", "cuda"):
+        raise ProfilingUnavailable(f"no step breakdown on {device.type} (cpu and cuda only)")
+    if not torch.profiler.kineto_available():
+        raise ProfilingUnavailable("this torch build has no Kineto profiler; no step breakdown")
+    if torch.autograd.profiler._is_profiler_enabled:
+        raise ProfilingUnavailable("another torch.profiler is running (debug=profiler?); skipped")
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    prof = profile(activities=activities)
+    sync()  # earlier work must not land in the first profiled step
+    try:
+        prof.start()
+    except (RuntimeError, AssertionError) as e:
+        raise ProfilingUnavailable(f"torch.profiler failed to start: {e}".splitlines()[0]) from e
+    walls = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            with record_function(STEP_MARK):
+                step_fn()
+                sync()  # the step ends when its kernels do
+            walls.append(time.perf_counter() - t0)
+    finally:
+        prof.stop()
+    events = prof.events()
+    if cuda:
+        # kernels hang off the CPU op that launched them, on whichever thread that ran
+        roots = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+        if not any(e.kernels for e in events):
+            raise ProfilingUnavailable("the profiler saw no CUDA kernels (CUPTI missing?)")
+    else:
+        roots = [e for e in events if e.name == STEP_MARK]  # one thread: no overlap
+    return _breakdown(roots, cuda, 1e3 * sum(walls) / steps, steps, str(device))
+
+
+def _breakdown(
+    roots: list[FunctionEvent], cuda: bool, step_ms: float, steps: int, device: str
+) -> Breakdown:
+    per_op: dict[tuple[str, str], float] = defaultdict(float)  # (name, category) -> us
+    stack: list[tuple[FunctionEvent, str | None]] = []
+    for root in roots:
+        if root.name == STEP_MARK:
+            # the marker's own self time is the Python between ops: left to "other"
+            stack.extend((c, None) for c in root.cpu_children)
+        else:
+            stack.append((root, None))
+    while stack:
+        event, claim = stack.pop()
+        cat = claim or categorize(event.name)
+        if cuda:
+            for k in event.kernels:
+                # copies between host and device are data movement whatever op issued them
+                host = k.name.startswith("Memcpy") and ("HtoD" in k.name or "DtoH" in k.name)
+                per_op[(event.name, "data/host" if host else cat)] += k.duration
+        else:
+            per_op[(event.name, cat)] += event.self_cpu_time_total
+        inner = claim or (cat if cat in CLAIMING else None)
+        stack.extend((c, inner) for c in event.cpu_children)
+
+    ms = {key: us / 1e3 / steps for key, us in per_op.items()}
+    categories = dict.fromkeys(CATEGORIES, 0.0)
+    for (_, cat), v in ms.items():
+        categories[cat] += v
+    # the unattributed rest; below 0 only when kernels overlap (e.g. NCCL on its own stream)
+    categories["other"] += max(0.0, step_ms - sum(categories.values()))
+    top = sorted(((n, c, v) for (n, c), v in ms.items()), key=lambda t: -t[2])[:15]
+    return Breakdown(step_ms, categories, steps, device, top)

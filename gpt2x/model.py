@@ -21,8 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 ATTN_IMPLS = ("naive", "sdpa", "flash")
+LOSS_IMPLS = ("plain", "chunked")
 
 
 @dataclass
@@ -35,13 +37,40 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
     attn: str = "naive"  # "naive" | "sdpa" | "flash"
+    # "plain": logits (B*T, V), then cross-entropy | "chunked": LM head + cross-entropy fused,
+    # loss_chunk_size rows at a time, never holding the whole (B*T, V) logits
+    loss: str = "plain"
+    # 1024 rows: one chunk's fp32 logits at V=50304 are 206 MB (the lecture's 16x1024 batch
+    # needs 3.3 GB for all of them), and a 1024 x n_embd x V matmul still fills a GPU
+    loss_chunk_size: int = 1024
+    # recompute each block's activations in backward instead of storing them (training only)
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.attn = str(getattr(self.attn, "value", self.attn))  # accept config.AttnImpl too
+        self.loss = str(getattr(self.loss, "value", self.loss))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.attn not in ATTN_IMPLS:
             raise ValueError(f"attn={self.attn!r} is unknown; use one of {', '.join(ATTN_IMPLS)}")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
+        check_loss_impl(self.loss)
+
+
+def check_loss_impl(loss: str) -> None:
+    """Raise ValueError (one line naming the fix) if loss implementation `loss` is unknown or
+    this torch lacks it."""
+    loss = str(getattr(loss, "value", loss))
+    if loss not in LOSS_IMPLS:
+        raise ValueError(f"loss={loss!r} is unknown; use one of {', '.join(LOSS_IMPLS)}")
+    has_chunked = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
+    if loss == "chunked" and not has_chunked:
+        version = ".".join(torch.__version__.split(".")[:2])
+        raise ValueError(
+            "loss=chunked needs torch.nn.functional.linear_cross_entropy (torch >= 2.13); "
+            f"this is torch {version}; use loss=plain"
+        )
 
 
 class CausalSelfAttention(nn.Module):
@@ -142,24 +171,68 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         # LayerNorm keeps PyTorch's default: weight 1, bias 0
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab_size) and the mean
-        cross-entropy over targets (positions with target -1 are ignored), or None."""
+        cross-entropy over targets (positions with target -1 are ignored), or None. With
+        loss=chunked and targets, logits are None (see head_and_loss)."""
         seq_len, block_size = idx.size(1), self.config.block_size
         if seq_len > block_size:
             raise ValueError(f"sequence length {seq_len} exceeds block_size={block_size}")
         pos = torch.arange(seq_len, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            # fp32 for the softmax over ~50k classes, even when the matmuls ran in bf16
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
-            )
+            if self.config.activation_checkpointing and self.training:
+                # keep only the block's input; its activations are recomputed in backward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.head_and_loss(x, targets)
+
+    def head_and_loss(
+        self, x: Tensor, targets: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Final LayerNorm, LM head and loss of the residual stream x (B, T, C). Returns
+        (logits, None) without targets; with targets (logits, loss) for loss=plain and
+        (None, loss) for loss=chunked, which never materialises the logits."""
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        if self.config.loss == "chunked":
+            return None, self._chunked_loss(x, targets)
+        logits = self.lm_head(x)
+        # fp32 for the softmax over ~50k classes, even when the matmuls ran in bf16
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+        )
         return logits, loss
+
+    def _chunked_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        weight = self.lm_head.weight
+        device_type = x.device.type
+        # The op sits outside autocast (it would run in fp32) and returns its input dtype.
+        # Training under autocast casts by hand, as autocast's matmul would: the head runs in
+        # bf16 with fp32 logits, softmax and sums; only the returned value is rounded to bf16
+        # (<= 2**-9 relative; the gradients are not). Without grad (evaluation) it stays fp32:
+        # there is no backward to speed up, and validation losses keep full precision.
+        if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled():
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        options = nn.LinearCrossEntropyOptions(
+            batch_chunk_size=self.config.loss_chunk_size, acc_dtype=torch.float32
+        )
+        targets = targets.reshape(-1)
+        # sum, then divide in fp32: "mean" would scale loss and gradients by 1/count in bf16
+        total = F.linear_cross_entropy(
+            x.reshape(-1, x.size(-1)),
+            weight,
+            targets,
+            reduction="sum",
+            ignore_index=-1,
+            options=options,
+        )
+        return total.float() / (targets != -1).sum()
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; tied weights count once. non_embedding leaves out the position

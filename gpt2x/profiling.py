@@ -44,29 +44,45 @@ PATTERNS: tuple[tuple[str, str], ...] = (
     # otherwise their time is the self time of "## Call CompiledFxGraph <hash> ##")
     (r"flex_attention", "attention"),
     (r"^triton_tem_", "matmul"),  # a GEMM template with a fused epilogue
-    (r"^(graph_\d+_)?cpp_fused_|^triton_(poi|red|per|for)_|^## Call CompiledFxGraph",
-     "fused kernels"),
+    (
+        r"^(graph_\d+_)?cpp_fused_|^triton_(poi|red|per|for)_|^## Call CompiledFxGraph",
+        "fused kernels",
+    ),
     # the compiled graph's runtime wrappers: guards, AOT autograd, the call into the graph
-    (r"^(Torch-Compiled Region|TorchDynamo Cache Lookup|CompiledFunction|AOTDispatcher|"
-     r"Pregraph bytecode)", "fused kernels"),
+    (
+        r"^(Torch-Compiled Region|TorchDynamo Cache Lookup|CompiledFunction|AOTDispatcher|"
+        r"Pregraph bytecode)",
+        "fused kernels",
+    ),
     # "Optimizer.step#AdamW.step", "Optimizer.zero_grad#...", fused and foreach kernels
     # (clip_grad_norm_ runs as _foreach_norm: counted here too)
     (r"^Optimizer\.|^aten::_fused_(adamw?|sgd|adagrad)_|^aten::_foreach_", "optimizer"),
-    (r"^(nccl|gloo|mpi|ucc):|^c10d::|^_?c10d_functional::|^record_param_comms|"
-     r"^FSDP::(all_gather|post_backward_reduce|post_backward_rs_wait|.*prefetch)", "communication"),
+    (
+        r"^(nccl|gloo|mpi|ucc):|^c10d::|^_?c10d_functional::|^record_param_comms|"
+        r"^FSDP::(all_gather|post_backward_reduce|post_backward_rs_wait|.*prefetch)",
+        "communication",
+    ),
     (r"DataLoader|^aten::_?pin_memory|^aten::(item|_local_scalar_dense)$", "data/host"),
     (r"^aten::(cross_entropy_loss|_?log_softmax|_log_softmax_backward_data|nll_loss\w*)$", "loss"),
     # naive attention's two bmm's stay matmul; its mask + softmax are attention
-    (r"^aten::(_?scaled_dot_product\w*|_flash_attention\w*|_efficient_attention\w*|"
-     r"_cudnn_attention\w*|_?softmax|_softmax_backward_data|_safe_softmax|masked_fill_?)$",
-     "attention"),
-    (r"^aten::(mm|addmm|bmm|baddbmm|addbmm|matmul|linear|_addmm_activation|mv|addmv|dot|"
-     r"einsum|_int_mm|_scaled_mm\w*|_weight_int\w+|mkldnn_linear\w*|_mkldnn_matmul)$|"
-     r"^mkldnn::_linear", "matmul"),
+    (
+        r"^aten::(_?scaled_dot_product\w*|_flash_attention\w*|_efficient_attention\w*|"
+        r"_cudnn_attention\w*|_?softmax|_softmax_backward_data|_safe_softmax|masked_fill_?)$",
+        "attention",
+    ),
+    (
+        r"^aten::(mm|addmm|bmm|baddbmm|addbmm|matmul|linear|_addmm_activation|mv|addmv|dot|"
+        r"einsum|_int_mm|_scaled_mm\w*|_weight_int\w+|mkldnn_linear\w*|_mkldnn_matmul)$|"
+        r"^mkldnn::_linear",
+        "matmul",
+    ),
     # views, allocation, metadata: no data moves, only dispatcher cost
-    (r"^(aten::)?(view|_unsafe_view|reshape|as_strided|transpose|t|permute|expand|slice|select|"
-     r"narrow|split|split_with_sizes|chunk|unbind|unsqueeze|squeeze|detach|alias|lift_fresh|"
-     r"empty|empty_strided|empty_like|resize_|resolve_conj|resolve_neg|contiguous)$", "other"),
+    (
+        r"^(aten::)?(view|_unsafe_view|reshape|as_strided|transpose|t|permute|expand|slice|select|"
+        r"narrow|split|split_with_sizes|chunk|unbind|unsqueeze|squeeze|detach|alias|lift_fresh|"
+        r"empty|empty_strided|empty_like|resize_|resolve_conj|resolve_neg|contiguous)$",
+        "other",
+    ),
     # every other aten op moves data without a matmul: layer norm, GELU, adds, casts, copies,
     # dropout, embedding, reductions; AccumulateGrad adds a gradient into .grad
     (r"^aten::|^torch::autograd::AccumulateGrad$", "elementwise+norm"),

@@ -359,3 +359,182 @@ def test_greedy_equals_argmax_rollout_and_crops_context():
             logits = model(idx[:, -32:])[0][:, -1, :90]
             idx = torch.cat((idx, logits.argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(out, idx)
+
+
+# ---- chunked LM head + loss ----------------------------------------------------------------
+
+
+def _loss_and_grads(
+    loss: str, *, bf16: bool = False, mask: bool = False, seed: int = 0, **kw
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """One fwd+bwd of a perturbed tiny model (same weights and batch for every variant)."""
+    model = tiny(loss=loss, **kw)
+    perturb_(model, seed)
+    idx, targets = tokens(96, T=16, seed=seed + 1), tokens(96, T=16, seed=seed + 2)
+    if mask:
+        targets[:, 10:] = -1  # how validation pads its last batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits, value = model(idx, targets)
+    value.backward()
+    return value.detach(), _grads(model), logits
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The residual stream that forward hands to head_and_loss."""
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.size(1)))
+    for block in model.transformer.h:
+        x = block(x)
+    return x
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_chunked_loss_matches_plain_fp32(mask):
+    ref, ref_grads, ref_logits = _loss_and_grads("plain", mask=mask)
+    # chunk of 7 rows: 32 rows in 5 chunks, the last one partial
+    value, grads, logits = _loss_and_grads("chunked", mask=mask, loss_chunk_size=7)
+    assert ref_logits is not None and logits is None  # chunked never builds the logits
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    assert "transformer.wte.weight" in grads  # the tied head: embedding + head gradient
+    for n, g in ref_grads.items():
+        assert torch.allclose(grads[n], g, rtol=1e-4, atol=1e-6), n
+        assert _rel(grads[n], g) < 1e-5, n
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_plain(mask):
+    # the fp32 run is the reference for both bf16 paths: bf16 matmuls cost ~1% of gradient
+    # accuracy in either; the chunked value is rounded to bf16 once (2**-9 relative, plus
+    # bf16 logits of the target), the plain one is an fp32 mean over bf16 logits
+    ref, ref_grads, _ = _loss_and_grads("plain", mask=mask)
+    plain, plain_grads, _ = _loss_and_grads("plain", bf16=True, mask=mask)
+    value, grads, _ = _loss_and_grads("chunked", bf16=True, mask=mask, loss_chunk_size=7)
+    assert value.dtype == torch.float32
+    assert plain.item() == pytest.approx(ref.item(), rel=5e-3)
+    assert value.item() == pytest.approx(ref.item(), rel=5e-3)
+    for n, g in ref_grads.items():
+        assert _rel(plain_grads[n], g) < 2e-2, n
+        assert _rel(grads[n], g) < 2e-2, n
+    # not vacuous: the bf16 runs do differ from fp32
+    assert max(_rel(grads[n], g) for n, g in ref_grads.items()) > 1e-4
+
+
+def test_chunked_loss_without_grad_stays_fp32_under_autocast():
+    # evaluation (no backward): the chunked head runs in fp32, so the validation loss is at
+    # least as precise as the plain path's fp32 softmax over bf16 logits
+    plain, chunked = tiny(), tiny(loss="chunked", loss_chunk_size=5)
+    perturb_(plain)
+    chunked.load_state_dict(plain.state_dict())
+    idx, targets = tokens(96), tokens(96, seed=2)
+    targets[1, 4:] = -1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ref = plain(idx, targets)
+        x = _hidden(plain, idx)
+        _, value = chunked(idx, targets)
+    # the exact fp32 head on the same (bf16-computed) hidden states
+    exact = torch.nn.functional.cross_entropy(
+        plain.lm_head(plain.transformer.ln_f(x.float())).float().view(-1, 96),
+        targets.view(-1),
+        ignore_index=-1,
+    )
+    assert value.item() == pytest.approx(exact.item(), rel=1e-5)
+    assert value.item() == pytest.approx(ref.item(), rel=2e-3)
+
+
+def test_chunked_without_targets_returns_logits_like_plain():
+    plain, chunked = tiny(), tiny(loss="chunked")
+    perturb_(plain)
+    chunked.load_state_dict(plain.state_dict())
+    idx = tokens(96)
+    logits, value = chunked(idx)
+    assert value is None
+    assert torch.equal(logits, plain(idx)[0])
+    # sampling works on the chunked model as on the plain one
+    a, b = (
+        m.generate(idx, 5, generator=torch.Generator().manual_seed(0)) for m in (plain, chunked)
+    )
+    assert torch.equal(a, b)
+
+
+def test_head_and_loss_is_the_tail_of_forward():
+    model = tiny()
+    perturb_(model)
+    idx, targets = tokens(96), tokens(96, seed=2)
+    x = _hidden(model, idx)
+    logits, value = model.head_and_loss(x, targets)
+    ref_logits, ref = model(idx, targets)
+    assert torch.equal(logits, ref_logits) and torch.equal(value, ref)
+    assert model.head_and_loss(x)[1] is None
+
+
+def test_loss_option_errors(monkeypatch):
+    import gpt2x.model as m
+
+    with pytest.raises(ValueError, match="loss='fused' is unknown; use one of plain, chunked"):
+        GPTConfig(loss="fused")
+    with pytest.raises(ValueError, match="loss_chunk_size=0 must be >= 1"):
+        GPTConfig(loss="chunked", loss_chunk_size=0)
+    m.check_loss_impl("plain")
+    m.check_loss_impl("chunked")
+    # an older torch: no linear_cross_entropy
+    monkeypatch.delattr(m.F, "linear_cross_entropy")
+    monkeypatch.setattr(m.torch, "__version__", "2.9.1+cu128")
+    expected = (
+        "loss=chunked needs torch.nn.functional.linear_cross_entropy (torch >= 2.13); "
+        "this is torch 2.9; use loss=plain"
+    )
+    with pytest.raises(ValueError) as e:
+        GPT(GPTConfig(**TINY, vocab_size=96, loss="chunked"))
+    assert str(e.value) == expected
+    with pytest.raises(ValueError) as e:
+        m.check_loss_impl("chunked")
+    assert str(e.value) == expected
+    tiny()  # loss=plain does not need it
+
+
+# ---- activation checkpointing --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_changes_nothing_but_memory(dropout):
+    results = []
+    for ac in (False, True):
+        model = tiny(activation_checkpointing=ac, dropout=dropout, attn="sdpa")
+        perturb_(model)
+        model.train()
+        torch.manual_seed(123)  # the same dropout masks; recomputation must replay them
+        idx = tokens(96)
+        _, value = model(idx, idx)
+        value.backward()
+        results.append((value.detach(), _grads(model)))
+    (ref, ref_grads), (value, grads) = results
+    assert torch.equal(value, ref)
+    for n, g in ref_grads.items():
+        assert torch.allclose(grads[n], g, rtol=1e-6, atol=1e-7), n
+
+
+def test_activation_checkpointing_only_in_training(monkeypatch):
+    import gpt2x.model as m
+
+    calls = []
+
+    def counting(fn, *args, **kw):
+        calls.append(kw)
+        return fn(*args)
+
+    monkeypatch.setattr(m, "checkpoint", counting)
+    model = tiny(activation_checkpointing=True)
+    model.train()
+    model(tokens(96))
+    assert calls == [{"use_reentrant": False}] * 2  # one per block
+    calls.clear()
+    model.eval()
+    model(tokens(96))
+    assert calls == []
+    tiny()(tokens(96))  # off by default
+    assert calls == []

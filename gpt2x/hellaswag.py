@@ -7,6 +7,10 @@ tokens only is collected per row:
 * ``acc``      -- predicted ending = the row with the lowest *total* ending loss;
 * ``acc_norm`` -- predicted ending = the row with the lowest *mean* (per-token) ending loss.
 
+:func:`score_batch` scores one example (4 rows) per forward and is the reference;
+:func:`evaluate_hellaswag` tokenizes all examples once and runs many per forward
+(:func:`make_batches`, :func:`batch_predictions`), with the same predictions.
+
 The data is the official jsonl release (https://github.com/rowanz/hellaswag, ``data/``); one
 line per example with at least ``ctx`` (str), ``endings`` (4 str) and ``label`` (int), plus
 ``ind``, ``activity_label``, ``ctx_a``, ``ctx_b``, ``split``, ``split_type``, ``source_id``.
@@ -307,7 +311,7 @@ def bucket_width(width: int, max_len: int | None = None, pad_to_max_len: bool = 
         if max_len is None:
             raise ValueError("pad_to_max_len=True needs max_len")
         return max_len
-    width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    width = math.ceil(width / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
     return width if max_len is None else min(width, max_len)
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2x.config import AttnImpl
@@ -538,3 +539,77 @@ def test_activation_checkpointing_only_in_training(monkeypatch):
     assert calls == []
     tiny()(tokens(96))  # off by default
     assert calls == []
+
+
+# ---- float8 (gpt2x.float8) -----------------------------------------------------------------
+
+FP8_HINT = (
+    "(float8 training needs an NVIDIA GPU with compute capability 8.9+, e.g. H100/H200); "
+    "use precision=bf16"
+)
+
+
+def test_float8_module_filter_picks_the_block_linears():
+    from gpt2x.float8 import float8_module_filter
+
+    model = tiny()
+    picked = [n for n, m in model.named_modules() if float8_module_filter(m, n)]
+    assert picked == [
+        f"transformer.h.{i}.{m}"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert not float8_module_filter(model.lm_head, "lm_head")  # the tied head stays
+    assert not float8_module_filter(model.transformer.h[0].ln_1, "transformer.h.0.ln_1")
+    # a wrapper's prefix does not hide a block; dims not multiples of 16 are skipped
+    assert float8_module_filter(nn.Linear(32, 48), "_orig_mod.transformer.h.3.mlp.c_fc")
+    assert not float8_module_filter(nn.Linear(32, 40), "transformer.h.0.mlp.c_fc")
+    assert not float8_module_filter(nn.Linear(24, 48), "transformer.h.0.mlp.c_fc")
+    assert not float8_module_filter(nn.Linear(32, 48), "transformer.hh.0.c_fc")
+
+
+def test_float8_filter_with_torchao_conversion():
+    # torchao's swap itself runs anywhere (only the float8 matmuls need the GPU)
+    float8 = pytest.importorskip("torchao.float8")
+    from gpt2x.float8 import float8_module_filter
+
+    model = tiny()
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    float8.convert_to_float8_training(model, module_filter_fn=float8_module_filter)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds.pop("lm_head") == "Linear"
+    assert set(kinds.values()) == {"Float8Linear"} and len(kinds) == 8
+    assert model.lm_head.weight is model.transformer.wte.weight  # tying intact
+    assert model.transformer.h[0].mlp.c_fc.weight is weight  # the same Parameters
+
+
+def test_float8_unavailable_messages(monkeypatch):
+    import sys
+
+    from gpt2x import float8
+
+    for device in ("cpu", torch.device("cpu")):
+        with pytest.raises(float8.Float8Unavailable) as e:
+            float8.convert_to_float8(tiny(), device)
+        assert str(e.value) == f"precision=fp8 is not available on cpu {FP8_HINT}"
+        assert isinstance(e.value, ValueError)
+    # the GPUs this machine does not have, as torch.cuda would report them
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(float8.Float8Unavailable, match="on cuda \\(no CUDA device is visible\\)"):
+        float8.check_float8("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    with pytest.raises(float8.Float8Unavailable) as e:
+        float8.check_float8("cuda")
+    assert str(e.value) == (
+        f"precision=fp8 is not available on NVIDIA A100-SXM4-80GB (compute capability 8.0) "
+        f"{FP8_HINT}"
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "torchao", None)  # "not installed"
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(
+        float8.Float8Unavailable, match="^precision=fp8 needs torchao: pip install torchao$"
+    ):
+        float8.check_float8("cuda")

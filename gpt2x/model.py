@@ -5,7 +5,8 @@ pre-LayerNorm blocks, GELU(tanh) MLP 4x wide, final LayerNorm, LM head tied to t
 embedding. Parameter names follow Hugging Face's GPT-2, so loading a checkpoint is a rename-free
 copy; only HF's Conv1D layers (which store weights as (in, out)) need a transpose.
 
-Nothing here knows about optimizers, precision or parallelism: the trainer wraps this module.
+Nothing here knows about optimizers or parallelism, and precision only as autocast sets it (the
+chunked loss follows autocast by hand): the trainer wraps this module.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class GPTConfig:
     # loss_chunk_size rows at a time, never holding the whole (B*T, V) logits
     loss: str = "plain"
     # 1024 rows: one chunk's fp32 logits at V=50304 are 206 MB (the lecture's 16x1024 batch
-    # needs 3.3 GB for all of them), and a 1024 x n_embd x V matmul still fills a GPU
+    # needs 3.3 GB for all of them), and each chunk's matmul stays large (79 GFLOP at 768 wide)
     loss_chunk_size: int = 1024
     # recompute each block's activations in backward instead of storing them (training only)
     activation_checkpointing: bool = False
@@ -212,13 +213,17 @@ class GPT(nn.Module):
         weight = self.lm_head.weight
         device_type = x.device.type
         # The op sits outside autocast (it would run in fp32) and returns its input dtype.
-        # Training under autocast casts by hand, as autocast's matmul would: the head runs in
-        # bf16 with fp32 logits, softmax and sums; only the returned value is rounded to bf16
-        # (<= 2**-9 relative; the gradients are not). Without grad (evaluation) it stays fp32:
-        # there is no backward to speed up, and validation losses keep full precision.
-        if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled():
-            dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
+        # Training under bf16 autocast casts by hand, as autocast's matmul would: the head runs
+        # in bf16 with fp32 logits, softmax and sums; the returned value is rounded to bf16 (a
+        # few 1e-3 relative; gradients are as close as the plain path's). Without grad it stays
+        # fp32: no backward to speed up, and validation losses keep full precision. fp16 stays
+        # fp32 too: the summed loss would overflow fp16's 65504.
+        autocast_bf16 = (
+            torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.bfloat16
+        )
+        if autocast_bf16 and torch.is_grad_enabled():
+            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         options = nn.LinearCrossEntropyOptions(
             batch_chunk_size=self.config.loss_chunk_size, acc_dtype=torch.float32
         )

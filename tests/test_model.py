@@ -613,3 +613,16 @@ def test_float8_unavailable_messages(monkeypatch):
         float8.Float8Unavailable, match="^precision=fp8 needs torchao: pip install torchao$"
     ):
         float8.check_float8("cuda")
+
+
+def test_chunked_loss_under_fp16_autocast_does_not_overflow():
+    # 16,384 rows of loss ~4.6 sum past fp16's 65504: the chunked head must not sum in fp16
+    model = tiny(loss="chunked")
+    idx, targets = tokens(96, B=512, T=32), tokens(96, B=512, T=32, seed=2)
+    _, ref = tiny()(idx, targets)
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, value = model(idx, targets)
+    value.backward()
+    assert torch.isfinite(value)
+    assert value.item() == pytest.approx(ref.item(), rel=1e-3)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

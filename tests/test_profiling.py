@@ -107,12 +107,12 @@ def test_category_lists_agree():
     assert {c for _, c in PATTERNS} <= set(CATEGORIES)
 
 
-def tiny_step(attn: str = "sdpa", fused: bool = False, compile: bool = False, seed: int = 0):
+def tiny_step(attn: str = "sdpa", compile: bool = False):
     """One AdamW step of the tiny GPT on CPU, and the list its own wall times go into."""
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512, attn=attn)
     model = GPT(cfg).to(CPU)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     fwd = torch.compile(model) if compile else model
     x, y = torch.randint(0, 512, (4, 64)), torch.randint(0, 512, (4, 64))
     walls: list[float] = []
@@ -148,7 +148,7 @@ def test_tiny_gpt_step_breakdown(attn):
     assert b.steps == 3 and len(walls) == 3 and b.device == "cpu"
     # the profiled step time is the step's own wall time (plus the marker's microseconds)
     own_ms = 1e3 * sum(walls) / len(walls)
-    assert own_ms <= b.step_ms <= 1.1 * own_ms + 0.5
+    assert own_ms <= b.step_ms <= 1.2 * own_ms + 2.0
     cats = b.categories
     for c in ("matmul", "attention", "loss", "elementwise+norm", "optimizer"):
         assert cats[c] > 0, c
@@ -162,10 +162,11 @@ def test_tiny_gpt_step_breakdown(attn):
 
 
 def test_matmul_only_step_is_matmul():
-    a, w = torch.randn(256, 256), torch.randn(256, 256)
-    b = profile_steps(lambda: torch.mm(a, w), 5, CPU)
+    a, w = torch.randn(512, 512), torch.randn(512, 512)
+    b = profile_steps(lambda: torch.mm(a, w), 3, CPU)
     check_sums(b)
-    assert b.categories["matmul"] > 0.8 * b.step_ms
+    assert b.categories["matmul"] > 0.5 * b.step_ms
+    assert all(v == 0 for c, v in b.categories.items() if c not in ("matmul", "other"))
     assert b.top_ops[0][:2] == ("aten::mm", "matmul")
 
 
@@ -187,8 +188,9 @@ def test_optimizer_step_is_optimizer(fused):
     opt.step()
     b = profile_steps(opt.step, 3, CPU)
     check_sums(b)
-    assert b.categories["elementwise+norm"] == 0
-    assert b.categories["optimizer"] > 0.5 * b.step_ms
+    # all attributed time is the optimizer's (a short step: "other" may catch a preemption)
+    assert b.categories["optimizer"] > 0
+    assert all(v == 0 for c, v in b.categories.items() if c not in ("optimizer", "other"))
     ops = {n: c for n, c, _ in b.top_ops}
     assert ops["Optimizer.step#AdamW.step"] == "optimizer"
     assert ops["aten::_fused_adamw_" if fused else "aten::addcdiv_"] == "optimizer"

@@ -163,7 +163,8 @@ def test_tiny_gpt_step_breakdown(attn):
 
 def test_matmul_only_step_is_matmul():
     a, w = torch.randn(512, 512), torch.randn(512, 512)
-    b = profile_steps(lambda: torch.mm(a, w), 3, CPU)
+    torch.mm(a, w)  # first call: allocator and BLAS set-up
+    b = profile_steps(lambda: torch.mm(a, w), 10, CPU)
     check_sums(b)
     assert b.categories["matmul"] > 0.5 * b.step_ms
     assert all(v == 0 for c, v in b.categories.items() if c not in ("matmul", "other"))

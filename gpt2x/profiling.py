@@ -1,8 +1,8 @@
 """Why a rung got faster: one optimization step's time split by what it was spent on.
 
 `profile_steps` runs a few full steps under torch.profiler and sums the *self* time of every op
-(CPU time on CPU, the op's own kernels' device time on CUDA) into the categories below, so no
-nanosecond is counted twice. Whatever no op accounts for (Python, the autograd engine's glue,
+(its CPU time on CPU; on CUDA the device time of the kernels it launched itself) into the
+categories below, so no nanosecond is counted twice. Whatever no op accounts for (Python, the autograd engine's glue,
 waiting, an idle GPU) is "other", so the categories add up to the profiled step time.
 
 Op names map to categories through `categorize` (a pure function over the table `PATTERNS`).
@@ -149,7 +149,8 @@ class Breakdown:
 
 def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device) -> Breakdown:
     """Run `step_fn` (one full optimization step) `steps` times under torch.profiler and split
-    the mean step time by category. Raises ProfilingUnavailable where the profiler cannot run."""
+    the mean step time by category. Raises ProfilingUnavailable where the profiler cannot run:
+    before any step, except on CUDA when no kernel was recorded (then the steps did run)."""
     device = torch.device(device)
     if steps < 1:
         raise ValueError(f"steps={steps}: profile at least 1 step")
@@ -157,7 +158,7 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device)
         raise ProfilingUnavailable(f"no step breakdown on {device.type} (cpu and cuda only)")
     if not torch.profiler.kineto_available():
         raise ProfilingUnavailable("this torch build has no Kineto profiler; no step breakdown")
-    if torch.autograd.profiler._is_profiler_enabled:
+    if torch.autograd.profiler._is_profiler_enabled:  # a second one would break the first
         raise ProfilingUnavailable("another torch.profiler is running (debug=profiler?); skipped")
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -183,20 +184,33 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device)
     finally:
         prof.stop()
     events = prof.events()
+    roots = [e for e in events if e.name == STEP_MARK]  # CPU: one thread, nothing overlaps
+    kernels = None
     if cuda:
-        # kernels hang off the CPU op that launched them, on whichever thread that ran
+        # backward launches from the autograd engine's own thread: every thread's ops count
         roots = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
-        if not any(e.kernels for e in events):
+        # device-side events minus the GPU copies of record_function ranges (they span kernels)
+        kernels = [
+            (e.name, e.linked_correlation_id, e.time_range.elapsed_us())
+            for e in events
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+        ]
+        if not kernels:
             raise ProfilingUnavailable("the profiler saw no CUDA kernels (CUPTI missing?)")
-    else:
-        roots = [e for e in events if e.name == STEP_MARK]  # one thread: no overlap
-    return _breakdown(roots, cuda, 1e3 * sum(walls) / steps, steps, str(device))
+    return _breakdown(roots, 1e3 * sum(walls) / steps, steps, str(device), kernels)
 
 
 def _breakdown(
-    roots: list[FunctionEvent], cuda: bool, step_ms: float, steps: int, device: str
+    roots: list[FunctionEvent],
+    step_ms: float,
+    steps: int,
+    device: str,
+    kernels: list[tuple[str, int, float]] | None = None,
 ) -> Breakdown:
+    """kernels None (CPU): each op's self CPU time. Else (CUDA): each kernel's (name,
+    correlation id, us) time, in the category of the CPU op that launched it."""
     per_op: dict[tuple[str, str], float] = defaultdict(float)  # (name, category) -> us
+    launcher: dict[int, tuple[str, str]] = {}  # correlation id -> (op name, category)
     stack: list[tuple[FunctionEvent, str | None]] = []
     for root in roots:
         if root.name == STEP_MARK:
@@ -207,15 +221,20 @@ def _breakdown(
     while stack:
         event, claim = stack.pop()
         cat = claim or categorize(event.name)
-        if cuda:
-            for k in event.kernels:
-                # copies between host and device are data movement whatever op issued them
-                host = k.name.startswith("Memcpy") and ("HtoD" in k.name or "DtoH" in k.name)
-                per_op[(event.name, "data/host" if host else cat)] += k.duration
-        else:
+        if kernels is None:
             per_op[(event.name, cat)] += event.self_cpu_time_total
+        else:
+            launcher[event.id] = (event.name, cat)
         inner = claim or (cat if cat in CLAIMING else None)
         stack.extend((c, inner) for c in event.cpu_children)
+    for name, corr, us in kernels or ():
+        if corr not in launcher:
+            continue  # launched outside any op: stays in "other"
+        op, cat = launcher[corr]
+        # copies between host and device are data movement whatever op issued them
+        if name.startswith("Memcpy") and ("HtoD" in name or "DtoH" in name):
+            cat = "data/host"
+        per_op[(op, cat)] += us
 
     ms = {key: us / 1e3 / steps for key, us in per_op.items()}
     categories = dict.fromkeys(CATEGORIES, 0.0)

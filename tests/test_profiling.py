@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.autograd.profiler_util import Kernel
 
 from gpt2x import plots
 from gpt2x.model import GPT, GPTConfig
@@ -197,39 +197,48 @@ def test_optimizer_step_is_optimizer(fused):
     assert ops["aten::_fused_adamw_" if fused else "aten::addcdiv_"] == "optimizer"
 
 
-def ev(name: str, kernels=(), children=()):
-    """A stand-in for a CUDA-run FunctionEvent: name, own kernels, CPU children."""
-    return SimpleNamespace(name=name, kernels=list(kernels), cpu_children=list(children))
+class CudaTrace:
+    """Stand-ins for a CUDA run's events: CPU ops (name, id, children) and the device-side
+    kernels (name, correlation id of the launching op, us) that profile_steps hands over."""
+
+    def __init__(self) -> None:
+        self.kernels: list[tuple[str, int, float]] = []
+        self.ids = itertools.count(1)
+
+    def op(self, name: str, kernels=(), children=()) -> SimpleNamespace:
+        corr = next(self.ids)  # the op's correlation id, unique per op
+        self.kernels += [(k, corr, us) for k, us in kernels]
+        return SimpleNamespace(name=name, id=corr, cpu_children=list(children))
 
 
 def test_cuda_attribution_by_kernels():
-    # device time is attributed through the launching op; H2D copies are data/host
+    # device time is charged to the launching op's category; H2D copies are data/host
+    t = CudaTrace()
     roots = [
-        ev(
+        t.op(
             STEP_MARK,
             children=[
-                ev("aten::copy_", [Kernel("Memcpy HtoD (Pinned -> Device)", 0, 100.0)]),
-                ev("aten::mm", [Kernel("sm90_xmma_gemm_bf16", 0, 2000.0)]),
-                ev(
+                t.op("aten::copy_", [("Memcpy HtoD (Pinned -> Device)", 100.0)]),
+                t.op("aten::mm", [("sm90_xmma_gemm_bf16", 2000.0)]),
+                t.op(
                     "aten::cross_entropy_loss",
-                    children=[ev("aten::_log_softmax", [Kernel("softmax_warp_forward", 0, 300)])],
+                    children=[t.op("aten::_log_softmax", [("softmax_warp_forward", 300.0)])],
                 ),
-                ev(
+                t.op(
                     "Optimizer.step#AdamW.step",
-                    children=[
-                        ev("aten::_fused_adamw_", [Kernel("multi_tensor_apply_kernel", 0, 400.0)]),
-                    ],
+                    children=[t.op("aten::_fused_adamw_", [("multi_tensor_apply_kernel", 400.0)])],
                 ),
-                ev("triton_poi_fused_add_0", [Kernel("triton_poi_fused_add_0", 0, 200.0)]),
+                t.op("triton_poi_fused_add_0", [("triton_poi_fused_add_0", 200.0)]),
             ],
         ),
         # backward runs on the autograd thread: a root of its own
-        ev(
+        t.op(
             "autograd::engine::evaluate_function: MmBackward0",
-            children=[ev("aten::mm", [Kernel("sm90_xmma_gemm_bf16", 0, 1000.0)])],
+            children=[t.op("aten::mm", [("sm90_xmma_gemm_bf16", 1000.0)])],
         ),
     ]
-    b = _breakdown(roots, cuda=True, step_ms=5.0, steps=1, device="cuda:0")
+    t.kernels.append(("launched_outside_any_op", -1, 50.0))  # no launcher: stays "other"
+    b = _breakdown(roots, step_ms=5.0, steps=1, device="cuda:0", kernels=t.kernels)
     check_sums(b)
     want = {"data/host": 0.1, "matmul": 3.0, "loss": 0.3, "optimizer": 0.4, "fused kernels": 0.2}
     for c, ms in want.items():
@@ -239,11 +248,12 @@ def test_cuda_attribution_by_kernels():
 
 
 def test_cuda_overlapping_kernels_clamp_other_at_zero():
+    t = CudaTrace()
     roots = [
-        ev("nccl:all_reduce", [Kernel("ncclDevKernel_AllReduce", 0, 3000.0)]),
-        ev("aten::mm", [Kernel("gemm", 0, 3000.0)]),
+        t.op("nccl:all_reduce", [("ncclDevKernel_AllReduce", 3000.0)]),
+        t.op("aten::mm", [("gemm", 3000.0)]),
     ]
-    b = _breakdown(roots, cuda=True, step_ms=4.0, steps=1, device="cuda:0")
+    b = _breakdown(roots, step_ms=4.0, steps=1, device="cuda:0", kernels=t.kernels)
     assert b.categories["other"] == 0
     assert b.categories["communication"] == b.categories["matmul"] == pytest.approx(3.0)
 

@@ -28,8 +28,6 @@ SIGTERM) after writing the partial table. See docs/ladder.md.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import json
 import os
 import shlex
 import signal
@@ -41,13 +39,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2x import CONF_DIR, REPO_ROOT
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+from gpt2x import CONF_DIR, EXPERIMENTS_DIR, REPO_ROOT, report
+from gpt2x.config import parse_bool, register_configs, to_container
+from gpt2x.launch import failure_from_log, quote_override_value, stop_process_group
+from gpt2x.runfolder import failed_record, git_info, now, read_record, write_json
+
 LADDER_DIR = EXPERIMENTS_DIR / "ladder"
 LADDER_FILE = "ladder.yml"
 TRAIN_MODULE = "gpt2x.train"
-BASENAME = "ablation"  # ablation.md / ablation.csv / ablation.json
+BASENAME = report.ABLATION  # ablation.md / ablation.csv / ablation.json
 DEFAULT_STEPS = 10
 DEFAULT_WARMUP = 3
 CPU_NPROC = 2  # gloo processes for a distributed rung on a machine without CUDA
@@ -155,8 +158,6 @@ def split_list(text: str) -> list[str]:
 
 
 def _bool(key: str, value: str) -> bool:
-    from gpt2x.config import parse_bool
-
     try:
         return parse_bool(value)
     except ValueError:
@@ -255,8 +256,6 @@ def ladder_names() -> list[str]:
 
 def load_ladder(spec: str) -> Ladder:
     """A ladder by name (experiments/ladder/<name>/ladder.yml) or by path to its file."""
-    from omegaconf import OmegaConf
-
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / LADDER_FILE
@@ -364,10 +363,6 @@ def _world_size_env(n: int):
 
 def compose_rung(rung: Rung, world_size: int | None = None) -> dict:
     """The rung's resolved config, as the trainer will see it (paths.run_dir = its folder)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from gpt2x.config import register_configs, to_container
 
     register_configs()
     overrides = [f"+experiment={rung.experiment}", *_hydra_free(rung.overrides)]
@@ -485,8 +480,6 @@ def default_out(ladder: Ladder | None) -> Path:
 
 def _override(key: str, value: str) -> str:
     """key=value, the value single-quoted for Hydra only where it needs it (spaces, commas...)."""
-    from gpt2x.launch import quote_override_value
-
     plain = all(c.isalnum() or c in "/._-+@:" for c in value)
     return f"{key}={value if plain else quote_override_value(value)}"
 
@@ -527,21 +520,9 @@ def prepare(rungs: list[Rung], settings: dict, out: Path) -> None:
 # Running one rung
 
 
-def _now() -> str:
-    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
 def _one_line(text: str) -> str:
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return lines[0] if lines else ""
-
-
-def read_record(run_dir: str | Path) -> dict | None:
-    try:
-        data = json.loads((Path(run_dir) / "record.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def child_env(rung: Rung) -> dict:
@@ -569,8 +550,6 @@ def default_nproc_is_cpu() -> bool:
 def stop_child(proc: subprocess.Popen, first: int, grace_s: float) -> None:
     """Signal the rung's process group with `first`, then SIGTERM, then SIGKILL, waiting for it
     in between; another Ctrl-C while waiting moves on to the next signal at once."""
-    from gpt2x.launch import stop_process_group
-
     stop_process_group(
         proc,
         ((first, grace_s), (signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)),
@@ -584,7 +563,7 @@ def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
     run_dir = Path(rung.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "rung.log"
-    rung.started_at = _now()
+    rung.started_at = now()
     t0 = time.monotonic()
     prefix = f"[{rung.index:02d} {rung.short}] "
     timed_out = False
@@ -638,8 +617,6 @@ def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
 
 def failure_reason(text: str, returncode: int) -> str:
     """One line: the trainer's `error:` line, else the last exception line, else the signal."""
-    from gpt2x.launch import failure_from_log
-
     reason = failure_from_log(text, returncode)
     if "SIGKILL" in reason and "memory" not in reason.lower():
         reason += " (out of memory? the kernel's OOM killer sends SIGKILL)"
@@ -683,36 +660,21 @@ def settle(
 def write_record(rung: Rung, record: dict | None) -> dict:
     """The rung's record.json with its final status, reason and name (atomic replace). A
     missing record gets the fields a report needs: experiment, overrides, command, config."""
-    from gpt2x.record import atomic_write_text, config_hash, git_info, versions
-
     if record is None:
         config = None
         with contextlib.suppress(AblationError):
             config = compose_rung(rung, rung.nproc if rung.launcher == "torchrun" else None)
-        record = {
-            "schema": 1,
-            "run_id": Path(rung.dir).name,
-            "run_dir": rung.dir,
-            "experiment": rung.name,
-            "status": rung.status,
-            "error": rung.error,
-            "command": shlex.join(rung.command),
-            "overrides": [f"+experiment={rung.experiment}", *rung.overrides],
-            "config": config,
-            "config_hash": config_hash(config) if config else None,
-            "git": git_info(),
-            "versions": versions(),
-            "hardware": None,
-            "world_size": rung.nproc,
-            "grad_accum_steps": None,
-            "tokens_per_step": None,
-            "started_at": rung.started_at or _now(),
-            "ended_at": None,
-            "compile_seconds": None,
-            "summary": None,
-            "wandb": None,
-            "written_by": "gpt2x.ablate (the trainer wrote no record)",
-        }
+        record = failed_record(
+            Path(rung.dir),
+            rung.error or "",
+            config=config,
+            overrides=[f"+experiment={rung.experiment}", *rung.overrides],
+            command=shlex.join(rung.command),
+            experiment=rung.name,
+            world_size=rung.nproc,
+            started_at=rung.started_at,
+            written_by="gpt2x.ablate (the trainer wrote no record)",
+        )
         if rung.name != rung.experiment:
             record["experiment_config"] = rung.experiment
     if record.get("experiment") != rung.name:
@@ -721,8 +683,8 @@ def write_record(rung: Rung, record: dict | None) -> dict:
         record["experiment_config"] = record.get("experiment")
         record["experiment"] = rung.name
     if record.get("status") != rung.status or record.get("error") != rung.error:
-        record.update(status=rung.status, error=rung.error, ended_at=_now())
-    atomic_write_text(Path(rung.dir) / "record.json", json.dumps(record, indent=2) + "\n")
+        record.update(status=rung.status, error=rung.error, ended_at=now())
+    write_json(Path(rung.dir) / "record.json", record)
     return record
 
 
@@ -730,19 +692,10 @@ def write_record(rung: Rung, record: dict | None) -> dict:
 # Outputs
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def write_manifest(out: Path, rungs: list[Rung], settings: dict, status: str) -> Path:
-    """ablation.json: what ran, in which order, with which exact commands, and how it ended."""
-    manifest = {
+def manifest_of(out: Path, rungs: list[Rung], settings: dict, status: str) -> dict:
+    """What ablation.json holds: the settings, every rung (exact command, status, reason) and
+    how the report is rebuilt; gpt2x.report reads the same dict back."""
+    return {
         "schema": 1,
         "name": out.name,
         "status": status,
@@ -756,108 +709,24 @@ def write_manifest(out: Path, rungs: list[Rung], settings: dict, status: str) ->
             "order": [r.name for r in rungs if r.status not in ("pending", "not run")],
             "rebuild": f"python -m gpt2x.report {shlex.quote(str(out))}",
         },
-        "updated_at": _now(),
+        "updated_at": now(),
     }
-    path = out / f"{BASENAME}.json"
-    from gpt2x.record import atomic_write_text
 
-    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+
+def write_manifest(out: Path, rungs: list[Rung], settings: dict, status: str) -> Path:
+    """ablation.json: what ran, in which order, with which exact commands, and how it ended."""
+    path = out / f"{BASENAME}.json"
+    write_json(path, manifest_of(out, rungs, settings, status))
     return path
 
 
-def build_header(runs: list, rows: list[dict], rungs: list[Rung], settings: dict) -> dict:
-    """The ablation's own lines (ladder, exact command, measurement, seeds, config hashes,
-    interruption) followed by gpt2x.report's (date, hardware, versions, git, commands)."""
-    from gpt2x import report
-
-    ladder = settings.get("ladder")
-    if ladder:
-        ladder_line = f"{ladder} ({settings.get('ladder_file')})"
-        if settings.get("description"):
-            ladder_line += f": {settings['description']}"
-    else:
-        ladder_line = "rungs given on the command line"
-    seeds = sorted({str(report.config_value(r.config, "trainer.seed")) for r in runs if r.config})
-    header: dict[str, Any] = {
-        "ablation": settings.get("name"),
-        "ladder": ladder_line,
-        "ablate command": f"`{settings['command']}`",
-        "measured": (
-            f"{settings['steps']} optimizer steps per rung after {settings['warmup']} warm-up "
-            "steps (trainer.warmup_steps_for_timing); compile time is compile_s, outside it"
-        ),
-        "seeds": ", ".join(seeds) if seeds else None,
-        "overrides for every rung": " ".join(settings["overrides"]) or "none",
-        "config hashes": [
-            f"{r.index:02d} {r.short}: {r.config_hash or 'n/a'} ({r.status})"
-            for r in rungs
-            if r.status != "not run"
-        ],
-    }
-    not_run = [r.short for r in rungs if r.status == "not run"]
-    stopped = [r.short for r in rungs if r.status == "interrupted"]
-    if settings.get("interrupted"):
-        header["interrupted"] = (
-            f"by {settings['interrupted']}"
-            + (f" during {', '.join(stopped)}" if stopped else "")
-            + (f"; not run: {', '.join(not_run)}" if not_run else "")
-        )
-    multi = [r for r in rows if (r.get("world_size") or 1) > 1 and r.get("median_ms")]
-    if multi:
-        header["note"] = (
-            f"{', '.join(r['name'] for r in multi)}: every rank runs the base rung's B x T, so "
-            "a step holds world_size times the tokens of a 1-process step (the speed-up columns "
-            "are tokens/s ratios, so they count that)"
-        )
-    baseline = next((r["name"] for r in rows if r["median_ms"]), None)
-    header.update(report.build_header(runs, baseline))
-    return {k: v for k, v in header.items() if v not in (None, "", [])}
-
-
-def write_outputs(
-    out: Path, rungs: list[Rung], settings: dict, dest: Path | None = None
-) -> tuple[list, list, dict]:
-    """ablation.md/.csv + plots through gpt2x.report, from the rungs' run records in `out`
-    (written to `dest`, default `out`)."""
-    from gpt2x import report
-
-    runs = report.load_runs([out])
-    expected = [r.name for r in rungs if r.status not in ("pending", "not run")]
-    names = [r.name for r in runs]
-    order = None if names == expected else [n for n in expected if n in names] or None
-    rows = report.summarize(runs, order=order)
-    header = build_header(runs, rows, rungs, settings)
-    paths = report.write_report(
-        rows, runs, dest or out, header=header, basename=BASENAME, title=f"Ablation: {out.name}"
-    )
-    return runs, rows, paths
-
-
-def is_ablation_folder(folder: Path) -> bool:
-    return (Path(folder) / f"{BASENAME}.json").is_file()
-
-
-def rebuild(out: Path, dest: Path | None = None) -> tuple[list, list, dict]:
-    """The ablation's report again, from its manifest and the rung folders: the same table,
-    header and plots the runner wrote (`python -m gpt2x.report <ablation folder>`)."""
-    try:
-        manifest = json.loads((out / f"{BASENAME}.json").read_text())
-        fields = set(Rung.__dataclass_fields__)
-        rungs = [
-            Rung(**{**{k: v for k, v in r.items() if k in fields}, "command": r.get("argv", [])})
-            for r in manifest["rungs"]
-        ]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        from gpt2x.report import ReportError
-
-        raise ReportError(f"{out / f'{BASENAME}.json'} is unreadable: {e}") from None
-    return write_outputs(out, rungs, manifest, dest)
+def write_outputs(out: Path, rungs: list[Rung], settings: dict) -> tuple[list, list, dict]:
+    """ablation.md/.csv + plots (gpt2x.report) from the rungs' run records in `out`."""
+    return report.write_ablation(out, manifest_of(out, rungs, settings, "done"))
 
 
 def save_wandb_report(out: Path, runs: list, rows: list[dict]) -> None:
     """The W&B report of the ablation's group, or one line saying why not."""
-    from gpt2x import report
-
     logged = [r for r in runs if isinstance(r.record.get("wandb"), dict)]
     if not logged:
         print(
@@ -910,8 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         command="python -m gpt2x.ablate " + shlex.join(argv),
         cwd=os.getcwd(),
         out=str(out.absolute()),
-        git_commit=_git_commit(),
-        started_at=_now(),
+        git_commit=git_info()["commit"],
+        started_at=now(),
         interrupted=None,
     )
     if opts.dry_run:
@@ -960,13 +829,11 @@ def main(argv: list[str] | None = None) -> int:
         settings["interrupted"] = signal.Signals(stopped_by).name
     failed = [r for r in rungs if r.status == "failed"]
     status = "interrupted" if stopped_by is not None else ("failed" if failed else "completed")
-    settings["ended_at"] = _now()
+    settings["ended_at"] = now()
     write_manifest(out, rungs, settings, status)
     runs: list = []
     rows: list[dict] = []
     if any(read_record(r.dir) is not None for r in rungs if r.dir and Path(r.dir).exists()):
-        from gpt2x import report
-
         try:
             runs, rows, paths = write_outputs(out, rungs, settings)
         except (report.ReportError, OSError) as e:

@@ -18,6 +18,8 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, OmegaConf
 
 GPT2_TOKENIZER_VOCAB = 50257  # tiktoken "gpt2": 50256 BPE merges + <|endoftext|>
@@ -45,6 +47,27 @@ class ParallelKind(str, Enum):
     fsdp = "fsdp"
 
 
+class CompileMode(str, Enum):
+    default = "default"
+    reduce_overhead = "reduce-overhead"  # CUDA graphs
+    max_autotune = "max-autotune"
+
+
+class CompileScope(str, Enum):
+    model = "model"  # torch.compile(model): one graph (FSDP always compiles per block)
+    block = "block"  # each transformer block (and the head + loss) compiled on its own
+
+
+class LossImpl(str, Enum):
+    plain = "plain"  # LM head -> (B*T, V) logits -> cross-entropy
+    chunked = "chunked"  # torch's linear_cross_entropy: never materializes the full logits
+
+
+class OptimName(str, Enum):
+    adamw = "adamw"
+    muon = "muon"  # Muon on the blocks' 2-D matrices, AdamW on everything else
+
+
 class LoggerKind(str, Enum):
     wandb = "wandb"
     none = "none"
@@ -67,6 +90,8 @@ class ModelConfig:
     vocab_size: int = GPT2_TOKENIZER_VOCAB  # 50304 pads it to a multiple of 128
     dropout: float = 0.0
     bias: bool = True
+    # recompute each block's activations in backward (memory for compute)
+    activation_checkpointing: bool = False
     # "scratch", a Hugging Face model name ("gpt2") or a local Hugging Face directory
     init_from: str = "scratch"
 
@@ -97,6 +122,8 @@ class PrecisionConfig:
     name: str = "fp32"
     dtype: Dtype = Dtype.fp32  # autocast dtype for forward + loss; params stay fp32
     tf32: bool = False  # TF32 matmuls on CUDA (no-op on CPU)
+    # float8 matmuls for the blocks' Linear layers (torchao; H100-class GPUs only)
+    float8: bool = False
 
 
 @dataclass
@@ -105,7 +132,14 @@ class AttnConfig:
 
 
 @dataclass
+class LossConfig:
+    impl: LossImpl = LossImpl.plain
+    chunk_size: int = 4096  # rows (tokens) per chunk of loss=chunked
+
+
+@dataclass
 class OptimConfig:
+    name: OptimName = OptimName.adamw
     lr: float = 6e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
@@ -117,6 +151,11 @@ class OptimConfig:
     weight_decay: float = 0.1  # applied to 2-D params (matmuls, embeddings) only
     fused: bool = False
     grad_clip: float = 1.0  # 0 disables clipping
+    # optim=muon: Muon for the blocks' 2-D weights (its own lr), AdamW (the fields above) for
+    # embeddings, head, gains and biases
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.01
 
 
 @dataclass
@@ -146,6 +185,7 @@ class TrainerConfig:
     # same for every micro batch size and world size (so val losses compare across runs)
     eval_tokens: int = 20480
     sample_tokens: int = 48  # length of the text sample at the end; 0 disables
+    sample_every: int = 0  # also a sample every N steps (0: only at the end)
     sample_prompt: str = "\n"
     log_every: int = 1
     # stop with a message if loss is NaN/inf; a finite loss above spike_factor x the running
@@ -170,6 +210,10 @@ class TrainerConfig:
     # debugging
     overfit_one_batch: bool = False  # train on the first batch over and over (must reach ~0 loss)
     profile_steps: int = 0  # > 0: torch.profiler trace of that many steps -> run_dir/profile/
+    # time breakdown (matmul, attention, loss, ...) of this many untimed warm-up steps, in the
+    # record's "breakdown" (gpt2x.profiling); 0 disables
+    breakdown_steps: int = 0
+    progress: str = "auto"  # auto (a live bar on a terminal) | bar | log
 
 
 @dataclass
@@ -203,10 +247,86 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     compile: bool = False  # torch.compile the model
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
+    compile_mode: CompileMode = CompileMode.default
+    compile_scope: CompileScope = CompileScope.model
     experiment: str = ""  # name of the experiment / ladder rung, recorded in the run record
+    # the repeat index of an interleaved measurement (`-m ... repeat=range(3)`); no other effect
+    repeat: int = 0
     defaults: list[Any] = field(default_factory=list)
+
+
+MAX_JOB_NAME = 80  # characters of overrides in a job folder's name before it is shortened
+
+
+def job_dirname() -> str:
+    """`<job num>_<overrides>` for the running multirun job: deterministic, short, one folder.
+
+    Like Hydra's `${hydra.job.num}_${hydra.job.override_dirname}` (same exclude_keys, kv/item
+    separators), but the keys the sweeper sweeps (`hydra.sweeper.params`) come first, `/` in a
+    value becomes `-` (no nested folders), and more than MAX_JOB_NAME characters of overrides are
+    cut and end in 8 hex digits of a hash of the full list (a file name has at most 255 bytes).
+    """
+    hc = HydraConfig.get()
+    conf = hc.job.config.override_dirname
+    exclude = set(conf.exclude_keys or [])
+    swept = list((OmegaConf.select(hc, "sweeper.params") or {}).keys())
+    lines = []
+    for o in OverridesParser.create().parse_overrides(list(hc.overrides.task)):
+        key = o.key_or_group
+        if key in exclude:
+            continue
+        first = swept.index(key) if key in swept else len(swept)
+        lines.append((first, o.input_line.replace("=", conf.kv_sep, 1)))
+    lines.sort()
+    full = conf.item_sep.join(line for _, line in lines)
+    name = full.replace("/", "-").replace(os.sep, "-")
+    if len(name) > MAX_JOB_NAME:
+        digest = hashlib.sha1(full.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_JOB_NAME - 9]}-{digest}"
+    return f"{hc.job.num}_{name}" if name else str(hc.job.num)
+
+
+# ---- the checkpoint tools: python -m gpt2x.sample | export | evaluate (conf/<tool>.yaml)
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = MISSING  # a checkpoint folder, a run folder or its checkpoints/ folder
+    prompt: str = "\n"
+    max_new_tokens: int = 100
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 50  # 0 = all tokens
+    seed: int = 1337
+    num_samples: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = ""  # fp32 | bf16 | fp16; "" = the run's autocast dtype
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING
+    out: str = MISSING  # the Hugging Face folder to write
+    vocab_size: int = GPT2_TOKENIZER_VOCAB  # embedding rows kept (drops a padded vocab's rows)
+
+
+@dataclass
+class EvaluateConfig:
+    # what to evaluate: a gpt2x checkpoint, or a Hugging Face GPT-2 (a Hub name such as gpt2 or
+    # gpt2-xl, or a local folder) for the published baselines
+    checkpoint: str = ""
+    hf_model: str = ""
+    val: bool = True  # the validation loss on the fixed val set
+    data_dir: str = ""  # prepared data folder; "" = the checkpoint run's data.dir
+    eval_tokens: int = 0  # 0 = the run's trainer.eval_tokens (for hf_model: 20 x 16 x 1024)
+    micro_batch_size: int = 0  # 0 = the run's (for hf_model: 16)
+    hellaswag: bool = False
+    hellaswag_path: str = ""  # "" = the run's trainer.hellaswag_path, else the cached val split
+    hellaswag_limit: int = 0  # 0 = all examples
+    hellaswag_batch: int = 16  # examples per forward
+    precision: str = ""  # fp32 | bf16 | fp16; "" = the run's autocast dtype (hf_model: fp32)
+    device: str = "auto"
 
 
 _RUN_ID: str | None = None
@@ -246,17 +366,22 @@ def register_configs() -> None:
         "gpt2x_rank_suffix": lambda: "" if is_rank_zero() else f"_rank{os.environ['RANK']}",
         # a short stable name for a folder of prepared data derived from a source path
         "gpt2x_path_hash": lambda src: hashlib.sha256(str(src).encode()).hexdigest()[:10],
+        # multirun job folders (conf/hydra/default.yaml: hydra.sweep.subdir)
+        "gpt2x_job_dir": job_dirname,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn, use_cache=name != "eval")
-    if not OmegaConf.has_resolver("gpt2x_job_dir"):
-        # short, deterministic multirun job folder names (Hydra's own can exceed 255 bytes)
-        from gpt2x.sweep import register_resolvers
-
-        register_resolvers()
+            OmegaConf.register_new_resolver(
+                name, fn, use_cache=name not in ("eval", "gpt2x_job_dir")
+            )
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    for name, schema in [
+        ("sample", SampleConfig),
+        ("export", ExportConfig),
+        ("evaluate", EvaluateConfig),
+    ]:
+        cs.store(name=f"{name}_schema", node=schema)
     for group, schema in [
         ("model", ModelConfig),
         ("data", DataConfig),
@@ -266,8 +391,11 @@ def register_configs() -> None:
         ("parallel", ParallelConfig),
         ("logger", LoggerConfig),
         ("trainer", TrainerConfig),
+        ("loss", LossConfig),
     ]:
-        cs.store(group=group, name=f"{group}_schema", node=schema)
+        # a root-level config, not an option of the group: `--help` lists only real choices;
+        # each YAML of the group puts it under its own package (`/model_schema@_here_`)
+        cs.store(name=f"{group}_schema", node=schema)
 
 
 def world_size_from_env() -> int:
@@ -321,6 +449,24 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if t.on_bad_loss not in ("stop", "rollback"):
+        raise ConfigError(f"trainer.on_bad_loss={t.on_bad_loss!r} must be 'stop' or 'rollback'")
+    for key in (
+        "checkpoint_every",
+        "keep_last",
+        "max_rollbacks",
+        "hellaswag_every",
+        "hellaswag_limit",
+        "sample_every",
+        "breakdown_steps",
+        "eval_every",
+    ):
+        if t[key] < 0:
+            raise ConfigError(f"trainer.{key}={t[key]} must be >= 0")
+    if t.progress not in ("auto", "bar", "log"):
+        raise ConfigError(f"trainer.progress={t.progress!r} must be auto, bar or log")
+    if cfg.loss.chunk_size <= 0:
+        raise ConfigError(f"loss.chunk_size={cfg.loss.chunk_size} must be positive")
     if cfg.data.verify not in ("size", "sha256"):
         raise ConfigError(f"data.verify={cfg.data.verify!r} must be 'size' or 'sha256'")
     grad_accum_steps(cfg, world_size)
@@ -339,6 +485,18 @@ def parse_bool(value: str) -> bool:
 def to_container(cfg: Any) -> dict:
     """The resolved config as plain Python types (enums as their names), for records and W&B."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def resolved_config(cfg: Any) -> dict | None:
+    """`to_container`, or the unresolved values where an interpolation is broken (a failed
+    job's record still shows what was asked for); None if not even that works."""
+    try:
+        return to_container(cfg)
+    except Exception:  # noqa: BLE001 - any resolver error
+        try:
+            return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001
+            return None
 
 
 __all__ = [

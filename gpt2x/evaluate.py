@@ -1,106 +1,111 @@
-"""`python -m gpt2x.evaluate checkpoint=<path> [hellaswag=true]`: evaluate a checkpoint.
+"""`python -m gpt2x.evaluate checkpoint=<path> [hellaswag=true]`: evaluate a checkpoint, or a
+Hugging Face GPT-2 (`hf_model=gpt2`, a Hub name or a local folder) for the published baselines.
 
-Validation loss is computed exactly as the trainer does (`gpt2x.train.validation_loss_sum` over
-the first `eval_tokens // seq_len` windows of the prepared val split, the same set for any batch
-or world size), so it reproduces the run's `val_loss` for the same checkpoint; `hellaswag=true`
-adds HellaSwag acc / acc_norm (gpt2x/hellaswag.py). Prints one JSON line.
+Validation loss is computed exactly as the trainer does (gpt2x.validation: the first
+`eval_tokens // seq_len` windows of the prepared val split, the same set for any batch or world
+size), so it reproduces a run's `val_loss` for the same checkpoint; `hellaswag=true` adds
+HellaSwag acc / acc_norm (gpt2x.hellaswag, batched). Prints one JSON line.
 
     python -m gpt2x.evaluate checkpoint=outputs/runs/<id> hellaswag=true hellaswag_limit=500
+    python -m gpt2x.evaluate hf_model=gpt2 hellaswag=true \
+        data_dir=~/.cache/gpt2x/data/fineweb_edu          # OpenAI GPT-2 124M's own numbers
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
-from gpt2x import checkpoint
-from gpt2x.config import TrainerConfig
+import hydra
+from omegaconf import DictConfig
 
-OPTIONS = {
-    "checkpoint": ("", "checkpoint folder, run folder or checkpoints/ folder"),
-    "val": (True, "compute the validation loss"),
-    "eval_tokens": (0, "validation tokens; 0 = the run's trainer.eval_tokens"),
-    "data_dir": ("", "prepared data folder; '' = the run's data.dir"),
-    "hellaswag": (False, "also score HellaSwag"),
-    "hellaswag_path": ("", "hellaswag jsonl; '' = the run's trainer.hellaswag_path or val split"),
-    "hellaswag_limit": (0, "score only the first N examples; 0 = all"),
-    "precision": ("", "fp32 | bf16; '' = the run's autocast dtype"),
-    "device": ("auto", "auto | cpu | cuda | cuda:N | mps"),
-}
+from gpt2x import CONF_DIR, checkpoint
+from gpt2x.config import ConfigError, TrainerConfig, register_configs
+from gpt2x.data import DataError
+from gpt2x.distributed import pick_device
+from gpt2x.hellaswag import HellaSwagError, evaluate_hellaswag, hellaswag_path
+from gpt2x.model import GPT
+from gpt2x.precision import autocast
+from gpt2x.sample import run_dtype
+from gpt2x.tokenizer import get_tokenizer
+from gpt2x.tools import fail
+from gpt2x.validation import val_reader, validation_loss_sum
 
-
-def val_loss(
-    model, config: dict, data_dir: str | Path, eval_tokens: int, autocast_ctx, device
-) -> float:
-    """The trainer's validation loss for this model, in one process."""
-    from gpt2x.data import ShardLoader
-    from gpt2x.train import validation_loss_sum
-
-    t = config["trainer"]
-    reader = ShardLoader(data_dir, "val", batch_size=1, seq_len=t["seq_len"], shuffle=False)
-    model.eval()
-    total, count = validation_loss_sum(
-        model, reader, eval_tokens, t["micro_batch_size"], 0, 1, device, autocast_ctx
-    ).tolist()
-    return total / count
+# a Hugging Face model has no run config: the reproduce recipe's validation set (20 batches of
+# 64 x 1024 tokens on each of 8 ranks, as in the lecture) and batch
+HF_EVAL_TOKENS = 20 * 64 * 1024 * 8
+HF_MICRO_BATCH = 16
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    from gpt2x.data import DataError
-    from gpt2x.hellaswag import HellaSwagError, evaluate_hellaswag, hellaswag_path
-    from gpt2x.precision import autocast
+def load(cfg: DictConfig, device) -> tuple[GPT, dict, dict, str]:
+    """(model, result header, the run's config or {}, autocast dtype) of what to evaluate."""
+    if bool(cfg.checkpoint) == bool(cfg.hf_model):
+        fail("give one of checkpoint=<checkpoint or run folder> or hf_model=<gpt2 | folder>")
+    if cfg.hf_model:
+        dtype = run_dtype(cfg.precision or "fp32", {}, device)
+        try:
+            model = GPT.from_pretrained(cfg.hf_model)
+        except OSError as e:  # no network and nothing cached
+            fail(
+                f"cannot load hf_model={cfg.hf_model} ({str(e).splitlines()[0]}); with no network, "
+                "download it where there is one (huggingface-cli download gpt2) or pass a local "
+                "folder: hf_model=/path/to/gpt2"
+            )
+        return model.to(device).eval(), {"hf_model": cfg.hf_model}, {}, dtype
+    ckpt = checkpoint.resolve(cfg.checkpoint)
+    config = checkpoint.read_config(ckpt)
+    dtype = run_dtype(cfg.precision, config, device)
+    model, meta, config = checkpoint.load_model(ckpt, device, dtype=dtype)
+    header = {"checkpoint": meta["path"], "step": meta["step"], "tokens_seen": meta["tokens_seen"]}
+    return model, header, config, dtype
 
-    args = checkpoint.parse_kv(
-        "gpt2x.evaluate",
-        sys.argv[1:] if argv is None else argv,
-        OPTIONS,
-        required=["checkpoint"],
-    )
-    device = checkpoint.pick_device(args["device"])
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> dict:
     try:
-        model, meta, config = checkpoint.load_model(args["checkpoint"], device)
-    except checkpoint.CheckpointError as e:
-        checkpoint.fail(str(e))
-    dtype = args["precision"] or config.get("precision", {}).get("dtype", "fp32")
-    if dtype not in ("fp32", "bf16", "fp16") or (dtype == "fp16" and device.type != "cuda"):
-        checkpoint.fail(f"precision={dtype} cannot run on {device.type}; use precision=fp32")
+        device = pick_device(cfg.device, 0)
+        model, result, config, dtype = load(cfg, device)
+    except (checkpoint.CheckpointError, ConfigError) as e:
+        fail(str(e))
 
     def autocast_ctx():
         return autocast(SimpleNamespace(dtype=dtype), device)
 
-    result: dict = {
-        "checkpoint": meta["path"],
-        "step": meta["step"],
-        "tokens_seen": meta["tokens_seen"],
-    }
     t = config.get("trainer", {})
-    if args["val"]:
-        data_dir = args["data_dir"] or config.get("data", {}).get("dir", "")
-        eval_tokens = args["eval_tokens"] or int(t.get("eval_tokens", TrainerConfig.eval_tokens))
+    if cfg.val:
+        data_dir = cfg.data_dir or config.get("data", {}).get("dir", "")
+        if not data_dir:
+            fail("no validation data: set data_dir=<a prepared data folder> (or val=false)")
+        eval_tokens = cfg.eval_tokens or int(
+            t.get("eval_tokens", HF_EVAL_TOKENS if cfg.hf_model else TrainerConfig.eval_tokens)
+        )
+        batch = cfg.micro_batch_size or int(t.get("micro_batch_size", HF_MICRO_BATCH))
+        seq_len = int(t.get("seq_len", model.config.block_size))
         try:
-            result["val_loss"] = val_loss(
-                model, config, data_dir, eval_tokens, autocast_ctx, device
-            )
-        except (DataError, OSError, KeyError) as e:
-            checkpoint.fail(f"validation data {data_dir!r}: {e} (set data_dir=...)")
-    if args["hellaswag"]:
+            reader = val_reader(Path(data_dir).expanduser(), seq_len)
+            total, count = validation_loss_sum(
+                model, reader, eval_tokens, batch, 0, 1, device, autocast_ctx
+            ).tolist()
+        except (DataError, OSError) as e:
+            fail(f"validation data {data_dir!r}: {e} (set data_dir=...)")
+        result.update(val_loss=total / count, val_tokens=int(count), data_dir=str(data_dir))
+    if cfg.hellaswag:
         try:
-            path = args["hellaswag_path"] or t.get("hellaswag_path") or hellaswag_path("val")
+            path = cfg.hellaswag_path or t.get("hellaswag_path") or hellaswag_path("val")
             res = evaluate_hellaswag(
                 lambda x: model(x)[0],
-                _encode(),
+                get_tokenizer().encode_ordinary,
                 path,
-                limit=args["hellaswag_limit"] or None,
+                limit=cfg.hellaswag_limit or None,
                 device=device,
                 autocast_ctx=autocast_ctx(),
                 max_len=model.config.block_size,
+                examples_per_batch=cfg.hellaswag_batch,
             )
         except HellaSwagError as e:
-            checkpoint.fail(str(e))
+            fail(str(e))
         result.update(
             hellaswag_acc=res["acc"],
             hellaswag_acc_norm=res["acc_norm"],
@@ -118,11 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def _encode():
-    from gpt2x.tokenizer import get_tokenizer
-
-    return get_tokenizer().encode_ordinary
-
+register_configs()
 
 if __name__ == "__main__":
     main()

@@ -7,38 +7,32 @@ loads with the same logits (GPT.export_hf); the padding rows of a padded vocabul
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from gpt2x import checkpoint
+import hydra
+from omegaconf import DictConfig
 
-OPTIONS = {
-    "checkpoint": ("", "checkpoint folder, run folder or checkpoints/ folder"),
-    "out": ("", "output folder for the Hugging Face model"),
-    "vocab_size": (50257, "embedding rows to keep (the GPT-2 tokenizer's 50257)"),
-}
+from gpt2x import CONF_DIR, checkpoint
+from gpt2x.config import register_configs
+from gpt2x.tools import fail
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    args = checkpoint.parse_kv(
-        "gpt2x.export",
-        sys.argv[1:] if argv is None else argv,
-        OPTIONS,
-        required=["checkpoint", "out"],
-    )
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+def main(cfg: DictConfig) -> Path:
     try:
-        model, meta, _ = checkpoint.load_model(args["checkpoint"], "cpu")
+        model, meta, _ = checkpoint.load_model(cfg.checkpoint, "cpu")
     except checkpoint.CheckpointError as e:
-        checkpoint.fail(str(e))
-    out = Path(args["out"]).expanduser()
+        fail(str(e))
+    out = Path(cfg.out).expanduser()
     try:
-        model.export_hf(out, vocab_size=args["vocab_size"])
+        model.export_hf(out, vocab_size=cfg.vocab_size)
     except (ValueError, OSError) as e:
-        checkpoint.fail(f"cannot export to {out}: {e}")
+        fail(f"cannot export to {out}: {e}")
     print(f"wrote {out} (Hugging Face GPT-2, step {meta['step']})")
     return out
 
+
+register_configs()
 
 if __name__ == "__main__":
     main()

@@ -48,9 +48,12 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from gpt2x.config import resolved_config, run_id
+from gpt2x.runfolder import read_record, write_failed_record
+
 log = logging.getLogger("gpt2x.launch")
 
-FAILED = float("inf")  # == gpt2x.sweep.FAILED (not imported here: it would import torch)
+FAILED = float("inf")  # == gpt2x.multirun.FAILED (not imported here: it would import torch)
 
 
 def quote_override_value(value: str) -> str:
@@ -102,16 +105,6 @@ def failure_from_log(text: str, returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}"
     return f"torchrun exited with status {returncode}"
-
-
-def _read_record(job_dir: Path) -> dict | None:
-    import json
-
-    try:
-        data = json.loads((job_dir / "record.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class TorchrunLauncher(Launcher):
@@ -215,12 +208,7 @@ class TorchrunLauncher(Launcher):
             overrides, job_dir, self.nproc_per_node, self.module, self.torchrun, self.extra_args
         )
         env = {**os.environ, **self.env}
-        try:  # every process of the sweep agrees on one sweep id (W&B group, folders)
-            from gpt2x.config import run_id
-
-            env.setdefault("GPT2X_RUN_ID", run_id())
-        except Exception:  # noqa: BLE001
-            pass
+        env.setdefault("GPT2X_RUN_ID", run_id())  # one sweep id for every job (W&B group, folders)
         log_path = job_dir / "torchrun.log"
         t0 = time.monotonic()
         with open(log_path, "w", encoding="utf-8", errors="replace") as log_file:
@@ -228,7 +216,7 @@ class TorchrunLauncher(Launcher):
             log_file.flush()
             rc, timed_out = self._tee(cmd, env, log_file)
         text = log_path.read_text(encoding="utf-8", errors="replace")
-        record = _read_record(job_dir)
+        record = read_record(job_dir)
         log.info("job %s: exit %s after %.1f s", job_dir.name, rc, time.monotonic() - t0)
 
         if rc == 0 and record is not None and record.get("status") == "completed":
@@ -249,9 +237,7 @@ class TorchrunLauncher(Launcher):
             b = OmegaConf.select(task_cfg, "trainer.micro_batch_size", default=None)
             kind = "CUDA" if "cuda" in reason.lower() else "CPU"
             reason = f"{kind} out of memory at micro_batch_size={b} ({reason})"
-        from gpt2x.sweep import write_failed_record
-
-        write_failed_record(job_dir, reason, task_cfg, overrides)
+        write_failed_record(job_dir, reason, resolved_config(task_cfg), overrides)
         log.error("job %s failed, the sweep goes on: %s", job_dir.name, reason)
         return FAILED
 
@@ -318,3 +304,4 @@ def stop_process_group(
             continue
         except interrupts:
             continue
+

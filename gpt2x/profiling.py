@@ -244,3 +244,23 @@ def _breakdown(
     categories["other"] += max(0.0, step_ms - sum(categories.values()))
     top = sorted(((n, c, v) for (n, c), v in ms.items()), key=lambda t: -t[2])[:15]
     return Breakdown(step_ms, categories, steps, device, top)
+
+
+def mean_breakdown(breakdowns: list[Breakdown]) -> Breakdown:
+    """Several profiled steps' breakdowns as one (means per category, top ops re-ranked)."""
+    if not breakdowns:
+        raise ValueError("mean_breakdown needs at least one breakdown")
+    n = len(breakdowns)
+    categories = {c: sum(b.categories.get(c, 0.0) for b in breakdowns) / n for c in CATEGORIES}
+    ops: dict[tuple[str, str], float] = defaultdict(float)
+    for b in breakdowns:
+        for name, cat, ms in b.top_ops:
+            ops[(name, cat)] += ms / n
+    top = sorted(((name, cat, ms) for (name, cat), ms in ops.items()), key=lambda t: -t[2])[:15]
+    return Breakdown(
+        step_ms=sum(b.step_ms for b in breakdowns) / n,
+        categories=categories,
+        steps=sum(b.steps for b in breakdowns),
+        device=breakdowns[0].device,
+        top_ops=top,
+    )

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2x.runfolder import read_jsonl
+from gpt2x.wandb_logger import wandb_api_key_configured
+
 DEFAULT_WARMUP = 3
 TRAIN_MODULE = "gpt2x.train"
 
@@ -100,26 +103,6 @@ class Run:
 def _one_line(text: str) -> str:
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return lines[0] if lines else ""
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """JSON rows of a file; a truncated or garbled line (a killed run) ends the read."""
-    rows: list[dict] = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if isinstance(row, dict):
-                    rows.append(row)
-    except FileNotFoundError:
-        pass
-    return rows
 
 
 def _by_step(rows: list[dict]) -> list[dict]:
@@ -715,6 +698,100 @@ def plot_sweep(rows: Sequence[dict], x: str, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Ablations (gpt2x.ablate writes ablation.json; the report is rebuilt from it and the records)
+
+ABLATION = "ablation"  # ablation.json (the manifest), ablation.md, ablation.csv
+
+
+def is_ablation_folder(folder: Path) -> bool:
+    return (Path(folder) / f"{ABLATION}.json").is_file()
+
+
+def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -> dict:
+    """The ablation's own lines (ladder, exact command, measurement, seeds, config hashes,
+    interruption) followed by the report's (date, hardware, versions, git, commands)."""
+    rungs = manifest.get("rungs") or []
+    ladder = manifest.get("ladder")
+    if ladder:
+        ladder_line = f"{ladder} ({manifest.get('ladder_file')})"
+        if manifest.get("description"):
+            ladder_line += f": {manifest['description']}"
+    else:
+        ladder_line = "rungs given on the command line"
+    seeds = sorted({str(config_value(r.config, "trainer.seed")) for r in runs if r.config})
+    header: dict[str, Any] = {
+        "ablation": manifest.get("name"),
+        "ladder": ladder_line,
+        "ablate command": f"`{manifest['command']}`",
+        "measured": (
+            f"{manifest['steps']} optimizer steps per rung after {manifest['warmup']} warm-up "
+            "steps (trainer.warmup_steps_for_timing); compile time is compile_s, outside it"
+        ),
+        "seeds": ", ".join(seeds) if seeds else None,
+        "overrides for every rung": " ".join(manifest["overrides"]) or "none",
+        "config hashes": [
+            f"{r['index']:02d} {r['short']}: {r.get('config_hash') or 'n/a'} ({r['status']})"
+            for r in rungs
+            if r["status"] != "not run"
+        ],
+    }
+    not_run = [r["short"] for r in rungs if r["status"] == "not run"]
+    stopped = [r["short"] for r in rungs if r["status"] == "interrupted"]
+    if manifest.get("interrupted"):
+        header["interrupted"] = (
+            f"by {manifest['interrupted']}"
+            + (f" during {', '.join(stopped)}" if stopped else "")
+            + (f"; not run: {', '.join(not_run)}" if not_run else "")
+        )
+    multi = [r for r in rows if (r.get("world_size") or 1) > 1 and r.get("median_ms")]
+    if multi:
+        header["note"] = (
+            f"{', '.join(r['name'] for r in multi)}: every rank runs the base rung's B x T, so "
+            "a step holds world_size times the tokens of a 1-process step (the speed-up columns "
+            "are tokens/s ratios, so they count that)"
+        )
+    baseline = next((r["name"] for r in rows if r["median_ms"]), None)
+    header.update(build_header(runs, baseline))
+    return {k: v for k, v in header.items() if v not in (None, "", [])}
+
+
+def write_ablation(
+    out: Path, manifest: dict, dest: Path | None = None
+) -> tuple[list[Run], list[dict], dict[str, Path]]:
+    """ablation.md/.csv + plots from the rung folders in `out` and the ablation's manifest
+    (written to `dest`, default `out`), in the ladder's order."""
+    runs = load_runs([out])
+    expected = [
+        r["name"] for r in manifest.get("rungs") or [] if r["status"] not in ("pending", "not run")
+    ]
+    names = [r.name for r in runs]
+    order = None if names == expected else [n for n in expected if n in names] or None
+    rows = summarize(runs, order=order)
+    paths = write_report(
+        rows,
+        runs,
+        dest or out,
+        header=ablation_header(runs, rows, manifest),
+        basename=ABLATION,
+        title=f"Ablation: {Path(out).name}",
+    )
+    return runs, rows, paths
+
+
+def rebuild_ablation(out: Path, dest: Path | None = None) -> tuple[list, list, dict]:
+    """The ablation's report again, from its manifest and the rung folders: the same table,
+    header and plots the runner wrote (`python -m gpt2x.report <ablation folder>`)."""
+    path = Path(out) / f"{ABLATION}.json"
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest.get("rungs"), list):
+            raise KeyError("rungs")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ReportError(f"{path} is unreadable: {e}") from None
+    return write_ablation(Path(out), manifest, dest)
+
+
+# --------------------------------------------------------------------------------------------
 # W&B report
 
 
@@ -845,8 +922,6 @@ def _wandb_offline_reason() -> str | None:
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode in ("offline", "disabled", "dryrun"):
         return f"WANDB_MODE={mode}"
-    from gpt2x.metrics import wandb_api_key_configured
-
     if wandb_api_key_configured():
         return None
     return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
@@ -893,13 +968,11 @@ def _err(msg: str) -> None:
 
 def _is_plain_ablation_rebuild(args: argparse.Namespace) -> bool:
     """One ablation folder (gpt2x.ablate's ablation.json) and no option that changes the table."""
-    from gpt2x import ablate
-
     changed = (args.x, args.order, args.baseline, args.warmup, args.title)
     return (
         len(args.folders) == 1
-        and ablate.is_ablation_folder(Path(args.folders[0]))
-        and args.basename == ablate.BASENAME
+        and is_ablation_folder(Path(args.folders[0]))
+        and args.basename == ABLATION
         and not any(v is not None for v in changed)
     )
 
@@ -910,9 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.folders[0])
         if _is_plain_ablation_rebuild(args):
             # an ablation folder: its own header, order and title, from ablation.json
-            from gpt2x import ablate
-
-            runs, rows, paths = ablate.rebuild(Path(args.folders[0]), out)
+            runs, rows, paths = rebuild_ablation(Path(args.folders[0]), out)
         else:
             runs = load_runs(args.folders)
             order = [s.strip() for s in args.order.split(",") if s.strip()] if args.order else None

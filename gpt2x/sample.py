@@ -1,8 +1,9 @@
 """`python -m gpt2x.sample checkpoint=<path> prompt="..."`: text from a training checkpoint.
 
 `checkpoint` is a checkpoint folder (`<run>/checkpoints/step_000100`), a run folder or its
-`checkpoints/` folder (the newest intact checkpoint). Works for checkpoints of compiled and
-uncompiled runs alike (the files never hold torch.compile's `_orig_mod.` names).
+`checkpoints/` folder (the newest intact checkpoint). Works for every rung's checkpoint on every
+device (compiled runs' files never hold `_orig_mod.` names; a flash-attention run runs with
+sdpa where the flash kernel cannot, see gpt2x.checkpoint.state.inference_attention).
 
     python -m gpt2x.sample checkpoint=outputs/runs/<id> prompt="ROMEO:" max_new_tokens=100 \
         temperature=0.8 top_k=50 seed=1 num_samples=3
@@ -11,22 +12,18 @@ uncompiled runs alike (the files never hold torch.compile's `_orig_mod.` names).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from types import SimpleNamespace
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
-from gpt2x import checkpoint
-
-OPTIONS = {
-    "checkpoint": ("", "checkpoint folder, run folder or checkpoints/ folder"),
-    "prompt": ("\n", "text to continue"),
-    "max_new_tokens": (100, "tokens to generate per sample"),
-    "temperature": (1.0, "softmax temperature; 0 = greedy"),
-    "top_k": (50, "sample from the k most likely tokens; 0 = all"),
-    "seed": (1337, "random seed"),
-    "num_samples": (1, "number of samples"),
-    "device": ("auto", "auto | cpu | cuda | cuda:N | mps"),
-}
+from gpt2x import CONF_DIR, checkpoint
+from gpt2x.config import ConfigError, register_configs
+from gpt2x.distributed import pick_device
+from gpt2x.precision import autocast
+from gpt2x.tokenizer import get_tokenizer
+from gpt2x.tools import fail
 
 
 def generate(
@@ -39,8 +36,6 @@ def generate(
     num_samples: int,
     device: torch.device,
 ) -> list[str]:
-    from gpt2x.tokenizer import get_tokenizer
-
     enc = get_tokenizer()
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
@@ -56,34 +51,48 @@ def generate(
     return [enc.decode(row.tolist()) for row in out]
 
 
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    args = checkpoint.parse_kv(
-        "gpt2x.sample", sys.argv[1:] if argv is None else argv, OPTIONS, required=["checkpoint"]
-    )
-    if args["num_samples"] < 1 or args["max_new_tokens"] < 0 or args["temperature"] < 0:
-        checkpoint.fail("num_samples must be >= 1, max_new_tokens and temperature >= 0")
-    device = checkpoint.pick_device(args["device"])
+def run_dtype(requested: str, config: dict, device: torch.device) -> str:
+    """The autocast dtype to run a checkpoint in: the one asked for, else the run's own; fp16
+    needs CUDA."""
+    dtype = requested or str(config.get("precision", {}).get("dtype", "fp32"))
+    if dtype not in ("fp32", "bf16", "fp16"):
+        fail(f"precision={dtype} is unknown; use precision=fp32, bf16 or fp16")
+    if dtype == "fp16" and device.type != "cuda":
+        fail(f"precision=fp16 needs CUDA, this is {device.type}; use precision=bf16 or fp32")
+    return dtype
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
+def main(cfg: DictConfig) -> list[str]:
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0:
+        fail("num_samples must be >= 1, max_new_tokens and temperature >= 0")
     try:
-        model, meta, _ = checkpoint.load_model(args["checkpoint"], device)
-    except checkpoint.CheckpointError as e:
-        checkpoint.fail(str(e))
+        device = pick_device(cfg.device, 0)
+        ckpt = checkpoint.resolve(cfg.checkpoint)
+        dtype = run_dtype(cfg.precision, checkpoint.read_config(ckpt), device)
+        model, meta, _ = checkpoint.load_model(ckpt, device, dtype=dtype)
+    except (checkpoint.CheckpointError, ConfigError) as e:
+        fail(str(e))
     print(f"# {meta['path']} (step {meta['step']})", file=sys.stderr)
-    texts = generate(
-        model,
-        args["prompt"],
-        args["max_new_tokens"],
-        args["temperature"],
-        args["top_k"],
-        args["seed"],
-        args["num_samples"],
-        device,
-    )
+    with autocast(SimpleNamespace(dtype=dtype), device):
+        texts = generate(
+            model,
+            cfg.prompt,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.seed,
+            cfg.num_samples,
+            device,
+        )
     for i, text in enumerate(texts):
         if i:
             print("\n---------------")
         print(text)
     return texts
 
+
+register_configs()
 
 if __name__ == "__main__":
     main()

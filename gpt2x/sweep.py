@@ -15,9 +15,6 @@ multirun mode: a single run keeps the trainer's own error handling (exit 2, trac
 from __future__ import annotations
 
 import argparse
-import gc
-import hashlib
-import json
 import logging
 import math
 import os
@@ -27,217 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2x import report
+from gpt2x.config import run_id
+from gpt2x.report import ReportError, mark_best
+
 log = logging.getLogger("gpt2x.sweep")
 
-FAILED = float("inf")  # what a failed job returns to the sweeper (Optuna minimizes val loss)
 OBJECTIVES = ("tokens_per_s", "val_loss")  # what `best` means: highest tokens/s, lowest val loss
 RUN_ID_ENV = "GPT2X_RUN_ID"
-MAX_NAME = 80  # characters of overrides in a job folder's name before it is shortened
-
-
-# --------------------------------------------------------------------------------------------
-# Job folder names
-
-
-def job_dirname() -> str:
-    """`<job num>_<overrides>` for the running job: deterministic, short, one path component.
-
-    Like Hydra's `${hydra.job.num}_${hydra.job.override_dirname}` (same exclude_keys, kv/item
-    separators), but the keys the sweeper sweeps (`hydra.sweeper.params`) come first, `/` in a
-    value becomes `-` (no nested folders), and more than MAX_NAME characters of overrides are
-    cut and end in 8 hex digits of a hash of the full list (a file name has at most 255 bytes).
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    hc = HydraConfig.get()
-    conf = hc.job.config.override_dirname
-    exclude = set(conf.exclude_keys or [])
-    swept = list((OmegaConf.select(hc, "sweeper.params") or {}).keys())
-    lines = []
-    for o in OverridesParser.create().parse_overrides(list(hc.overrides.task)):
-        key = o.key_or_group
-        if key in exclude:
-            continue
-        first = swept.index(key) if key in swept else len(swept)
-        lines.append((first, o.input_line.replace("=", conf.kv_sep, 1)))
-    lines.sort()
-    full = conf.item_sep.join(line for _, line in lines)
-    name = full.replace("/", "-").replace(os.sep, "-")
-    if len(name) > MAX_NAME:
-        digest = hashlib.sha1(full.encode()).hexdigest()[:8]
-        name = f"{name[: MAX_NAME - 9]}-{digest}"
-    return f"{hc.job.num}_{name}" if name else str(hc.job.num)
-
-
-def register_resolvers() -> None:
-    """`${gpt2x_job_dir:}` (sweeps/*.yaml: hydra.sweep.subdir); idempotent. Registered when this
-    module is imported, which Hydra does when it builds the sweep's callback, in every process
-    that runs jobs (joblib/submitit workers unpickle the callback)."""
-    if not OmegaConf.has_resolver("gpt2x_job_dir"):
-        OmegaConf.register_new_resolver("gpt2x_job_dir", job_dirname, use_cache=False)
-
-
-register_resolvers()
-
-
-# --------------------------------------------------------------------------------------------
-# Failed jobs
-
-
-def in_multirun() -> bool:
-    """True inside a Hydra multirun job (any launcher that runs `main` through run_job)."""
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def begin_job() -> None:
-    """Per-job reset in a multirun process: jobs of the sequential launcher share one process,
-    so a job's peak memory must not include the previous job's."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-    except Exception:  # noqa: BLE001 - a measurement nicety, never a reason to fail a job
-        pass
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
-def _is_oom(e: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            return True
-    except Exception:  # noqa: BLE001
-        pass
-    text = str(e).lower()
-    return "out of memory" in text or "can't allocate memory" in text
-
-
-def failure_reason(cfg: Any, e: BaseException) -> str:
-    """The one-line reason recorded for a failed job; out-of-memory names the micro batch."""
-    detail = f"{type(e).__name__}: {_one_line(str(e))}"
-    if _is_oom(e):
-        kind = "CUDA" if "cuda" in f"{type(e).__name__} {e}".lower() else "CPU"
-        b = OmegaConf.select(cfg, "trainer.micro_batch_size", default=None)
-        return f"{kind} out of memory at micro_batch_size={b} ({detail})"
-    return detail
-
-
-def _read_record(run_dir: Path) -> dict | None:
-    try:
-        data = json.loads((run_dir / "record.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _resolved_config(cfg: Any) -> dict | None:
-    try:
-        from gpt2x.config import to_container
-
-        return to_container(cfg)
-    except Exception:  # noqa: BLE001 - a broken interpolation: keep the unresolved values
-        try:
-            return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)  # type: ignore[return-value]
-        except Exception:  # noqa: BLE001
-            return None
-
-
-def write_failed_record(
-    run_dir: str | Path, error: str, cfg: Any = None, overrides: Sequence[str] | None = None
-) -> Path:
-    """Make `run_dir/record.json` say status failed + error.
-
-    A record the trainer already finished as failed keeps everything and only gets `error`
-    replaced; a missing record (the job failed before the trainer wrote one: bad config, bad
-    data, a child process that died) or one still "running" gets the minimal fields a report
-    needs (config, overrides, command, times). Only rank 0 writes.
-    """
-    from gpt2x.record import _clean, atomic_write_text, config_hash, git_info, now, versions
-
-    run_dir = Path(run_dir)
-    path = run_dir / "record.json"
-    if os.environ.get("RANK", "0") != "0":
-        return path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = _read_record(run_dir)
-    if record is None:
-        config = _resolved_config(cfg) if cfg is not None else None
-        record = {
-            "schema": 1,
-            "run_id": run_dir.name,
-            "run_dir": str(run_dir),
-            "experiment": (config or {}).get("experiment", ""),
-            "status": "failed",
-            "error": error,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "overrides": list(overrides) if overrides is not None else _task_overrides(),
-            "config": config,
-            "config_hash": config_hash(config) if config else None,
-            "git": git_info(),
-            "versions": versions(),
-            "hardware": None,
-            "world_size": None,
-            "grad_accum_steps": None,
-            "tokens_per_step": None,
-            "started_at": now(),
-            "ended_at": None,
-            "compile_seconds": None,
-            "summary": None,
-            "wandb": None,
-        }
-    record.update(status="failed", error=error, ended_at=now())
-    atomic_write_text(path, json.dumps(_clean(record), indent=2) + "\n")
-    return path
-
-
-def _task_overrides() -> list[str]:
-    if HydraConfig.initialized():
-        return list(HydraConfig.get().overrides.task)
-    return []
-
-
-def record_failure(cfg: Any, e: BaseException) -> str:
-    """In a multirun job: record why it failed, in its run folder. Returns the reason."""
-    reason = failure_reason(cfg, e)
-    run_dir = OmegaConf.select(cfg, "paths.run_dir", default=None)
-    if not run_dir and HydraConfig.initialized():
-        run_dir = HydraConfig.get().runtime.output_dir
-    log.error("job failed, the sweep goes on: %s", reason)
-    if run_dir:
-        record = _read_record(Path(run_dir))
-        keep = record is not None and record.get("status") == "failed" and not _is_oom(e)
-        try:
-            if not keep:
-                write_failed_record(run_dir, reason, cfg)
-        except Exception:  # noqa: BLE001 - the sweep must go on even if the record cannot be written
-            log.exception("could not write the failed record in %s", run_dir)
-    return reason
-
-
-def failed_job_result() -> float:
-    """Called by `main` after a multirun job failed and its exception is gone: release what the
-    job held (CUDA memory above all, for the next job in this process); returns FAILED."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
-    return FAILED
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,8 +110,6 @@ def write_summary(
     objective=val_loss) in sweep_dir,
     from the job folders' run records, via gpt2x.report. `best` marks the completed job with the
     highest tokens/s (objective=tokens_per_s) or the lowest validation loss (val_loss)."""
-    from gpt2x import report
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
     sweep_dir = Path(sweep_dir)
@@ -368,8 +163,6 @@ def plot_val_loss(rows: Sequence[dict], x: str, path: Path) -> Path:
     """Validation loss vs the swept key (log axis for positive numbers spanning >10x), best starred."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from gpt2x.report import mark_best
 
     pts = [
         (r[x], r["val_loss"], bool(r.get("best")))
@@ -428,13 +221,9 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # worker processes (joblib, submitit, torchrun children) must resolve the same sweep id
-        from gpt2x.config import run_id
-
         os.environ.setdefault(RUN_ID_ENV, run_id())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from gpt2x.report import ReportError
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         x = self.x or swept_key(sweep_dir)
         try:
@@ -474,8 +263,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--basename", default="summary")
     args = p.parse_args(argv)
-    from gpt2x.report import ReportError
-
     sweep_dir = Path(args.sweep_dir)
     objective = args.objective or (
         "val_loss" if (sweep_dir / "optimization_results.yaml").is_file() else "tokens_per_s"

@@ -1,8 +1,10 @@
 """`python -m gpt2x.train [group=option ...]`: one GPT-2 training run, composed by Hydra.
 
-The loop reads top to bottom: set up ranks and precision, build data, model and optimizer, then
-for each optimization step run the micro-steps (gradient accumulation), clip, step, and log.
-Evaluation and sampling happen between steps and never count towards step time.
+Read it top to bottom: `main` runs `run_training`, which sets up (`setup`: every check first,
+then data, model, optimizer, record), runs the loop (`train`: for each optimization step the
+micro-steps of gradient accumulation, clip, step, log; evaluation, HellaSwag, samples and
+checkpoints between steps, never inside the timed step) and finishes the record on every exit
+path. The helpers follow in the order the loop calls them.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gpt2x import CONF_DIR, checkpoint, distributed
+from gpt2x import CONF_DIR, checkpoint, distributed, multirun
 from gpt2x.config import (
     AttnImpl,
     ConfigError,
@@ -31,21 +34,28 @@ from gpt2x.config import (
     validate,
 )
 from gpt2x.data import DataError, ShardLoader, ensure_prepared
+from gpt2x.float8 import convert_to_float8
 from gpt2x.hellaswag import HellaSwagError, evaluate_hellaswag, hellaswag_path, load_examples
 from gpt2x.metrics import (
-    WandbLogger,
-    device_peak_flops,
     format_step,
+    hardware,
     mfu,
-    peak_memory_gb,
+    peak_memory,
+    reset_peak_memory,
     summarize_steps,
     synchronize,
 )
 from gpt2x.model import GPT, GPTConfig, check_attention
 from gpt2x.optim import build_optimizer, lr_at, set_lr
+from gpt2x.peak import measured_peak, spec_peak_flops
 from gpt2x.precision import autocast, grad_scaler, setup_precision, torch_dtype
-from gpt2x.record import RunRecord, git_info, hardware, versions
+from gpt2x.preemption import StopSignals, exit_code
+from gpt2x.profiling import ProfilingUnavailable, mean_breakdown, profile_steps
+from gpt2x.progress import RunProgress, use_bar
+from gpt2x.runfolder import RunRecord, git_info, versions
 from gpt2x.tokenizer import get_tokenizer
+from gpt2x.validation import val_reader, validation_loss_sum
+from gpt2x.wandb_logger import WandbLogger
 
 log = logging.getLogger("gpt2x.train")
 
@@ -81,219 +91,401 @@ class Run:
     grad_accum: int
     tokens_per_step: int
     flops_per_token: float
-    peak_flops: float | None
+    peaks: dict  # {"spec": dense bf16 FLOP/s or None, "measured": probed bf16 FLOP/s}
     start_step: int = 0
-    # checkpoints and fault tolerance (gpt2x/checkpoint.py, docs/checkpoints.md)
+    # checkpoints and fault tolerance (gpt2x/checkpoint/, docs/checkpoints.md)
     tokens_seen: int = 0  # at start_step
     loss_history: list[float] = field(default_factory=list)  # recent losses, for the spike check
     skip_batches: dict[int, int] = field(default_factory=dict)  # step -> bad steps' batches skipped
     last_checkpoint: Path | None = None  # what trainer.on_bad_loss=rollback goes back to
-    stop: checkpoint.StopSignals = field(default_factory=checkpoint.StopSignals)
+    stop: StopSignals = field(default_factory=StopSignals)
     stopped_by: int | None = None  # the signal number that ended the run early
     hellaswag_file: Path | None = None
 
 
-class RepeatFirstBatch:
-    """debug=overfit_batch: the first batch forever; a working model drives its loss to ~0."""
-
-    def __init__(self, loader: ShardLoader):
-        self.loader = loader
-        self.batch = loader.next_batch()
-
-    def next_batch(self):
-        return self.batch
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+# ============================================================================================
+# the entry point and the run's outer story
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: DictConfig, device: torch.device) -> GPT:
-    m = cfg.model
-    attn = AttnImpl(cfg.attn.impl).value
-    if m.init_from == "scratch":
-        gpt_cfg = GPTConfig(
-            block_size=m.block_size,
-            vocab_size=m.vocab_size,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            n_embd=m.n_embd,
-            dropout=m.dropout,
-            bias=m.bias,
-            attn=attn,
-        )
-        model = GPT(gpt_cfg)
-    else:
-        model = GPT.from_pretrained(
-            m.init_from, vocab_size=m.vocab_size, attn=attn, dropout=m.dropout
-        )
-    return model.to(device)
-
-
-def setup(cfg: DictConfig) -> Run:
-    d = distributed.setup(cfg.parallel, cfg.trainer.device)
-    validate(cfg, d.world_size)
-    checkpoint.validate_trainer(cfg.trainer)
-    setup_precision(cfg.precision, d.device)
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    # multirun (-m): a failed job is recorded and returns multirun.FAILED (+inf) so the other
+    # jobs run and the sweep ends with its summary (docs/sweeps.md); a single run exits as below
+    in_sweep = multirun.in_multirun()
+    if in_sweep:
+        multirun.begin_job()
     try:
-        check_attention(
-            AttnImpl(cfg.attn.impl).value,
-            d.device,
-            torch_dtype(cfg.precision.dtype),
-            head_dim=cfg.model.n_embd // cfg.model.n_head,
-            dropout=cfg.model.dropout,
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    seed_everything(cfg.trainer.seed)
-    t = cfg.trainer
-
-    # data: rank 0 prepares small corpora on first use while the others wait
-    if d.is_main:
-        data_dir = ensure_prepared(cfg.data)
-    distributed.barrier(d)
-    if not d.is_main:
-        data_dir = ensure_prepared(cfg.data)
-    loader_args = dict(
-        batch_size=t.micro_batch_size,
-        seq_len=t.seq_len,
-        rank=d.rank,
-        world_size=d.world_size,
-        seed=t.seed,
-    )
-    train_loader = ShardLoader(data_dir, "train", shuffle=cfg.data.shuffle, **loader_args)
-    if t.overfit_one_batch:
-        train_loader = RepeatFirstBatch(train_loader)
-    # validation reads fixed windows by position (see validation_loss_sum): a plain reader
-    val_loader = ShardLoader(data_dir, "val", batch_size=1, seq_len=t.seq_len, shuffle=False)
-    val_loader.validation_windows(t.eval_tokens)  # a too-small val split fails before training
-
-    raw_model = build_model(cfg, d.device)
-    model = distributed.wrap_model(raw_model, d, cfg.precision)
-    optimizer = build_optimizer(model, cfg.optim)
-    if cfg.compile:
-        model = torch.compile(
-            model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode
-        )
-
-    accum = grad_accum_steps(cfg, d.world_size)
-    tokens_per_step = t.micro_batch_size * t.seq_len * accum * d.world_size
-    flops_per_token = raw_model.flops_per_token(t.seq_len)
-    peak = t.peak_flops or device_peak_flops(d.device)
-
-    run_dir = Path(cfg.paths.run_dir)
-    # an unwritable or too full output folder is a one-line error here, before any compute
-    saves = t.checkpoint_every > 0 or t.save_final or t.on_bad_loss == "rollback"
-    checkpoint.preflight(run_dir, raw_model.num_params(non_embedding=False), saves, dist=d)
-    hellaswag_file = find_hellaswag(cfg, d)
-    config = to_container(cfg)
-    record = RunRecord(run_dir, enabled=d.is_main)
-    record.start(
-        run_id=run_dir.name,
-        run_dir=str(run_dir),
-        experiment=cfg.experiment,
-        overrides=_task_overrides(),
-        config=config,
-        git=git_info(),
-        versions=versions(),
-        hardware=hardware(d.device, peak),
-        world_size=d.world_size,
-        grad_accum_steps=accum,
-        tokens_per_step=tokens_per_step,
-        n_params=raw_model.num_params(non_embedding=False),
-        flops_per_token=flops_per_token,
-        compile_seconds=None,
-        summary=None,
-        wandb=None,
-    )
-    wandb_logger = None
-    if d.is_main and cfg.logger.kind.value == "wandb":
-        try:
-            wandb_logger = WandbLogger(cfg.logger, str(run_dir), config, run_dir.name)
-        except Exception as e:
-            record.finish("failed", error=f"W&B init failed: {e}".splitlines()[0])
+        return run_training(cfg)
+    except TrainingInterrupted as e:
+        # preempted (SIGTERM/SIGUSR1): a checkpoint is saved; exit 128 + signal number
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (ConfigError, DataError, TrainingError, checkpoint.CheckpointError) as e:
+        # expected problems: one line naming the fix, no traceback
+        log.error("error: %s", e)
+        print(f"error: {e}", file=sys.stderr)
+        if not in_sweep:
+            sys.exit(2)
+        multirun.record_failure(cfg, e)
+    except Exception as e:
+        if not in_sweep:
             raise
-        record.update(wandb=wandb_logger.info())
+        log.exception("job failed")
+        multirun.record_failure(cfg, e)
+    return multirun.failed_job_result()  # outside `except`: the job's tensors can be freed now
 
-    log.info(
-        "model %s: %.2fM params | %s | attn=%s | compile=%s | %s x%d | B=%d T=%d accum=%d "
-        "-> %d tokens/step | data %s",
-        cfg.model.name,
-        raw_model.num_params(non_embedding=False) / 1e6,
-        cfg.precision.name,
-        cfg.attn.impl.value,
-        cfg.compile,
-        d.device,
-        d.world_size,
-        t.micro_batch_size,
-        t.seq_len,
-        accum,
-        tokens_per_step,
-        data_dir,
-    )
-    run = Run(
-        cfg=cfg,
-        dist=d,
-        model=model,
-        raw_model=raw_model,
-        optimizer=optimizer,
-        scaler=grad_scaler(cfg.precision, d.device),
-        train_loader=train_loader,
-        val_loader=val_loader,
-        record=record,
-        wandb=wandb_logger,
-        grad_accum=accum,
-        tokens_per_step=tokens_per_step,
-        flops_per_token=flops_per_token,
-        peak_flops=peak,
-        hellaswag_file=hellaswag_file,
-    )
+
+def run_training(cfg: DictConfig) -> float | None:
+    """Set up, train, sample; keep the record truthful on every exit path."""
+    run = None
     try:
-        resume_from = checkpoint.resolve_resume(t.resume, run_dir, d)
-        if resume_from is not None:
-            resume(run, resume_from)
-    except BaseException as e:
-        record.finish("failed", error=_one_line(e))
+        run = setup(cfg)
+        with run.stop:  # SIGTERM/SIGUSR1 handlers (main thread only) while training
+            summary = train(run)
+        if run.stopped_by:
+            message = (
+                f"stopped by {run.stop.name}; checkpoint {run.last_checkpoint} saved; continue "
+                "with trainer.resume=auto in the same run folder"
+            )
+            run.record.finish(
+                "interrupted", error=message, summary=summary, compile_seconds=summary["compile_seconds"]
+            )
+            if run.wandb:
+                run.wandb.finish(exit_code=1)
+            raise TrainingInterrupted(message, exit_code(run.stopped_by))
+        if cfg.trainer.sample_tokens > 0:
+            write_sample(run, cfg.trainer.max_steps, final=True)
+        run.record.finish("completed", summary=summary, compile_seconds=summary["compile_seconds"])
+        if run.wandb:
+            run.wandb.finish(summary=summary)
+        return summary["val_loss"]
+    except TrainingInterrupted:
+        raise  # the record is already finished as "interrupted"
+    except KeyboardInterrupt:
+        if run is not None:
+            run.record.finish("interrupted", error="interrupted by the user (Ctrl-C)")
+            if run.wandb:
+                run.wandb.finish(exit_code=130)
         raise
-    return run
+    except BaseException as e:
+        if run is not None:
+            run.record.finish("failed", error=_one_line(e))
+            if run.wandb:
+                run.wandb.finish(exit_code=1)
+        raise
+    finally:
+        distributed.teardown()
 
 
-def resume(run: Run, path: Path) -> None:
-    """Continue exactly where a checkpoint left off: weights, optimizer, GradScaler, data
-    position, RNG states; the record drops rows the killed run logged past the checkpoint."""
-    checkpoint.check_architecture(checkpoint.read_config(path), run.cfg.model, path)
-    state = checkpoint.restore(
-        path,
-        run.raw_model,
-        run.optimizer,
-        scaler=run.scaler,
-        loader=run.train_loader,
-        dist=run.dist,
-        full_verify=False,  # resolve_resume verified the sha256s
+# ============================================================================================
+# the loop
+
+
+def train(run: Run) -> dict:
+    cfg, d, t = run.cfg, run.dist, run.cfg.trainer
+    step_ms: list[float] = []
+    losses: list[float] = list(run.loss_history)
+    val_loss = None
+    tokens_seen = run.tokens_seen
+    warmup = t.warmup_steps_for_timing
+    run.model.train()
+    profiler = start_profiler(run) if t.profile_steps > 0 else None
+    progress = RunProgress(use_bar(t.progress, d.is_main), t.max_steps, run.start_step)
+    # the step-time breakdown: the last trainer.breakdown_steps untimed warm-up steps (never the
+    # first step, which compiles), one profile each (gpt2x.profiling)
+    first = max(run.start_step + 1, run.start_step + warmup - t.breakdown_steps)
+    breakdown_at = set(range(first, run.start_step + warmup)) if t.breakdown_steps else set()
+    breakdowns: list = []
+    if t.on_bad_loss == "rollback" and run.last_checkpoint is None:
+        save_checkpoint(run, run.start_step, tokens_seen, losses)  # something to roll back to
+    step = run.start_step
+    try:
+        while step < t.max_steps:
+            skip_bad_batches(run, step)
+            distributed.fail_for_test(d, step)  # GPT2X_TEST_FAIL_RANK (tests only)
+            reset_peak_memory(d.device)
+            synchronize(d.device)
+            t0 = time.perf_counter()
+            if step in breakdown_at:
+                row = profiled_step(run, step, breakdowns)
+            else:
+                row = train_step(run, step)
+            synchronize(d.device)
+            ms = (time.perf_counter() - t0) * 1000.0
+            tokens_seen += run.tokens_per_step
+            tps = run.tokens_per_step / (ms / 1000.0)
+            row = {
+                "step": step,
+                **row,
+                "ms": ms,
+                "tokens_per_s": tps,
+                "mfu": mfu(tps, run.flops_per_token, run.peaks["spec"], d.world_size),
+                "mfu_measured": mfu(tps, run.flops_per_token, run.peaks["measured"], d.world_size),
+                **peak_memory(d.device),
+                "tokens_seen": tokens_seen,
+            }
+            step_ms.append(ms)
+            if profiler is not None:
+                profiler.step()
+            try:
+                check_loss(row["loss"], losses, step, t.spike_factor)
+            except TrainingError as e:
+                if t.on_bad_loss != "rollback":
+                    log_row(run, row, progress, t0)
+                    raise
+                step, tokens_seen, losses = rollback(run, step, e)
+                continue
+            losses.append(row["loss"])
+            if len(step_ms) == warmup + 1 and d.is_main:
+                progress.project(step_ms[warmup:], step + 1)
+            if breakdowns and step == max(breakdown_at):
+                record_breakdown(run, breakdowns)
+
+            last = step == t.max_steps - 1
+            hs_due = t.hellaswag_every > 0 and (last or every(t.hellaswag_every, step))
+            if last or every(t.eval_every, step) or hs_due:
+                val_loss = evaluate_and_log(run, step, tokens_seen, hs_due)
+            if every(t.sample_every, step) and not last and t.sample_tokens > 0:
+                write_sample(run, step, final=False)
+
+            step += 1  # steps done
+            saved = (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or (
+                step == t.max_steps and t.save_final
+            )
+            if saved:
+                save_checkpoint(run, step, tokens_seen, losses)
+            log_row(run, row, progress, t0)
+            # SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
+            if run.stop.requested(d) and step < t.max_steps:
+                if not saved:
+                    save_checkpoint(run, step, tokens_seen, losses)
+                run.stopped_by = run.stop.signum
+                if d.is_main:
+                    log.warning(
+                        "%s received: stopped after step %d, checkpoint %s",
+                        run.stop.name,
+                        step - 1,
+                        run.last_checkpoint,
+                    )
+                break
+    finally:
+        progress.close()
+        if profiler is not None:
+            profiler.stop()
+    s = summarize_steps(
+        step_ms,
+        run.tokens_per_step,
+        run.flops_per_token,
+        run.peaks,
+        d.world_size,
+        warmup=min(warmup, max(0, len(step_ms) - 1)),
+        compiled=cfg.compile,
     )
-    run.start_step, run.tokens_seen = state.step, state.tokens_seen
-    run.loss_history, run.skip_batches = state.loss_history, state.skip_batches
-    run.last_checkpoint = path
+    return {
+        "steps": len(step_ms),
+        "final_loss": losses[-1] if losses else None,
+        "val_loss": val_loss,
+        "median_ms": s.median_ms,
+        "p10_ms": s.p10_ms,
+        "p90_ms": s.p90_ms,
+        "tokens_per_s": s.tokens_per_s,
+        "mfu": s.mfu,
+        "mfu_measured": s.mfu_measured,
+        **{f"peak_{k}": v for k, v in peak_memory(d.device).items()},
+        "compile_seconds": s.compile_seconds,
+    }
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimization step: grad_accum micro-steps, clip, optimizer step. Returns its metrics."""
+    cfg, d, model = run.cfg, run.dist, run.model
+    lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
+    set_lr(run.optimizer, lr)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=d.device)
+    for micro in range(run.grad_accum):
+        x, y = run.train_loader.next_batch()
+        # int32 ids from pinned memory (on CUDA): copied asynchronously, widened on the device
+        x = x.to(d.device, non_blocking=True).long()
+        y = y.to(d.device, non_blocking=True).long()
+        with distributed.no_sync(model, sync=micro == run.grad_accum - 1):
+            with autocast(cfg.precision, d.device):
+                _, loss = model(x, y)
+            # the mean over micro-steps, so the gradient equals one big batch's
+            loss = loss / run.grad_accum
+            loss_sum += loss.detach()
+            run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    loss_mean = distributed.all_reduce_mean(loss_sum, d)
+    # FSDP2: clip_grad_norm_ returns a DTensor; log a plain float
+    return {"loss": loss_mean.item(), "lr": lr, "grad_norm": distributed.to_float(grad_norm)}
+
+
+def profiled_step(run: Run, step: int, breakdowns: list) -> dict:
+    """train_step under torch.profiler (every rank: the step holds collectives); a profiler
+    that cannot run here is reported once, never fatal."""
+    out: dict = {}
+
+    def one_step() -> None:
+        out["row"] = train_step(run, step)
+
+    try:
+        breakdowns.append(profile_steps(one_step, 1, run.dist.device))
+    except ProfilingUnavailable as e:
+        if run.dist.is_main and not run.record.data.get("breakdown_error"):
+            log.warning("no step-time breakdown: %s", e)
+            run.record.update(breakdown_error=str(e))
+    return out["row"] if "row" in out else train_step(run, step)
+
+
+def record_breakdown(run: Run, breakdowns: list) -> None:
+    bd = mean_breakdown(breakdowns)
     if run.dist.is_main:
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            checkpoint.truncate_jsonl(run.record.dir / name, state.step)
-        log.info(
-            "resumed from %s: continuing at step %d (%d tokens seen)",
-            path,
-            state.step,
-            state.tokens_seen,
+        run.record.update(breakdown=bd.to_dict())
+        log.info("step-time breakdown: %s", bd.summary())
+
+
+def log_row(run: Run, row: dict, progress: RunProgress, t0: float) -> None:
+    """The step's row, to the record, W&B and the console. wall_ms runs from the step's start to
+    now (evaluation, checkpoint and logging included): tokens/s as a user's clock sees it."""
+    t = run.cfg.trainer
+    row["wall_ms"] = (time.perf_counter() - t0) * 1000.0
+    row["wall_tokens_per_s"] = run.tokens_per_step / (row["wall_ms"] / 1000.0)
+    run.record.log_step(row)
+    if run.wandb:
+        run.wandb.log_step(row)
+    if run.dist.is_main:
+        progress.update(row)
+        if row["step"] % t.log_every == 0 or row["step"] == t.max_steps - 1:
+            log.info(format_step(row, t.max_steps))
+
+
+def every(n: int, step: int) -> bool:
+    """An every-N-steps event (evaluation, HellaSwag, samples): steps N, 2N, ...; 0 is never."""
+    return n > 0 and step > 0 and step % n == 0
+
+
+def check_loss(loss: float, history: list[float], step: int, spike_factor: float) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"loss is {loss} at step {step}; lower optim.lr, check the data, or try precision=fp32"
         )
-    run.record.update(
-        resumed_from={"checkpoint": str(path), "step": state.step, "tokens_seen": state.tokens_seen}
-    )
+    if spike_factor > 0 and len(history) >= 10:
+        recent = sorted(history[-50:])
+        median = recent[len(recent) // 2]
+        if loss > spike_factor * median:
+            raise TrainingError(
+                f"loss spiked to {loss:.4f} at step {step} (> {spike_factor} x recent median "
+                f"{median:.4f}); lower optim.lr or raise trainer.spike_factor"
+            )
+
+
+def evaluate_and_log(run: Run, step: int, tokens_seen: int, with_hellaswag: bool) -> float:
+    val_loss = evaluate(run)
+    row = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen}
+    if with_hellaswag:
+        row.update(hellaswag(run))
+    run.record.log_eval(row)
+    if run.wandb:
+        run.wandb.log_eval(row)
+    if run.dist.is_main:
+        hs = row.get("hellaswag_acc_norm")
+        log.info(
+            "step %d | val loss %.4f%s",
+            step,
+            val_loss,
+            "" if hs is None else f" | hellaswag acc_norm {hs:.4f}",
+        )
+    return val_loss
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean per-token loss over the fixed validation set (trainer.eval_tokens), all ranks."""
+    cfg, d = run.cfg, run.dist
+    run.model.eval()
+    try:
+        totals = validation_loss_sum(
+            run.model,
+            run.val_loader,
+            cfg.trainer.eval_tokens,
+            cfg.trainer.micro_batch_size,
+            d.rank,
+            d.world_size,
+            d.device,
+            lambda: autocast(cfg.precision, d.device),
+        )
+    finally:
+        run.model.train()
+    total, count = distributed.all_reduce_sum(totals, d).tolist()
+    return total / count
+
+
+@torch.no_grad()
+def hellaswag(run: Run) -> dict:
+    """HellaSwag, batched at fixed shapes (so a compiled model does not recompile per length),
+    examples split over ranks and the counts all-reduced once (gpt2x.hellaswag)."""
+    cfg, d = run.cfg, run.dist
+    run.model.eval()
+    try:
+        res = evaluate_hellaswag(
+            lambda x: run.model(x)[0],
+            get_tokenizer().encode_ordinary,
+            run.hellaswag_file,
+            limit=cfg.trainer.hellaswag_limit or None,
+            rank=d.rank,
+            world_size=d.world_size,
+            device=d.device,
+            autocast_ctx=autocast(cfg.precision, d.device),
+            max_len=cfg.model.block_size,
+            pad_to_max_len=bool(cfg.compile),
+        )
+    finally:
+        run.model.train()
+    return {
+        "hellaswag_acc": res["acc"],
+        "hellaswag_acc_norm": res["acc_norm"],
+        "hellaswag_n": res["n"],
+    }
+
+
+@torch.no_grad()
+def sample(run: Run, max_new_tokens: int, seed: int) -> str:
+    """Text from the uncompiled model (compile would recompile for every new length)."""
+    cfg, d = run.cfg, run.dist
+    enc = get_tokenizer()
+    ids = enc.encode(cfg.trainer.sample_prompt, allowed_special={"<|endoftext|>"})
+    idx = torch.tensor([ids], dtype=torch.long, device=d.device)
+    gen = torch.Generator(device=d.device).manual_seed(seed)
+    run.raw_model.eval()
+    with autocast(cfg.precision, d.device):
+        out = run.raw_model.generate(
+            idx, max_new_tokens, temperature=1.0, top_k=50, generator=gen, vocab_limit=enc.n_vocab
+        )
+    run.raw_model.train()
+    return enc.decode(out[0].tolist())
+
+
+def write_sample(run: Run, step: int, final: bool) -> None:
+    """A sample into sample.txt (the final one) or samples.txt (every trainer.sample_every)."""
+    cfg, d = run.cfg, run.dist
+    # under FSDP every forward all-gathers parameters: all ranks sample, rank 0 writes
+    if not (d.is_main or d.is_sharded):
+        return
+    text = sample(run, cfg.trainer.sample_tokens, cfg.trainer.seed)
+    if not d.is_main:
+        return
+    run_dir = Path(cfg.paths.run_dir)
+    if final:
+        (run_dir / "sample.txt").write_text(text)
+    else:
+        with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"--- step {step}\n{text}\n")
+    log.info("sample: (step %d)\n%s", step, text)
 
 
 def save_checkpoint(run: Run, step: int, tokens_seen: int, losses: list[float]) -> None:
@@ -326,6 +518,41 @@ def save_checkpoint(run: Run, step: int, tokens_seen: int, losses: list[float]) 
         log.info("checkpoint %s (%.2fs)", run.last_checkpoint, time.perf_counter() - t0)
 
 
+def restore(run: Run, path: Path) -> checkpoint.TrainerState:
+    """Load a checkpoint into the live run (weights, optimizer, GradScaler, data position, RNG)
+    and drop the record rows logged past it: the one restore path of resume and rollback."""
+    state = checkpoint.restore(
+        path,
+        run.raw_model,
+        run.optimizer,
+        scaler=run.scaler,
+        loader=run.train_loader,
+        dist=run.dist,
+        full_verify=False,  # resolve_resume / the save itself verified the files
+    )
+    run.record.truncate(state.step)
+    run.last_checkpoint = path
+    return state
+
+
+def resume(run: Run, path: Path) -> None:
+    """trainer.resume: continue exactly where a checkpoint left off."""
+    checkpoint.check_architecture(checkpoint.read_config(path), run.cfg.model, path)
+    state = restore(run, path)
+    run.start_step, run.tokens_seen = state.step, state.tokens_seen
+    run.loss_history, run.skip_batches = state.loss_history, state.skip_batches
+    if run.dist.is_main:
+        log.info(
+            "resumed from %s: continuing at step %d (%d tokens seen)",
+            path,
+            state.step,
+            state.tokens_seen,
+        )
+    run.record.update(
+        resumed_from={"checkpoint": str(path), "step": state.step, "tokens_seen": state.tokens_seen}
+    )
+
+
 def rollback(run: Run, step: int, error: TrainingError) -> tuple[int, int, list[float]]:
     """trainer.on_bad_loss=rollback: reload the last checkpoint and skip the bad step's batches.
     Returns the step, tokens seen and loss history to continue from."""
@@ -335,19 +562,11 @@ def rollback(run: Run, step: int, error: TrainingError) -> tuple[int, int, list[
         raise TrainingError(
             f"{error} (stopped after {done} rollbacks; trainer.max_rollbacks={t.max_rollbacks})"
         ) from None
-    state = checkpoint.restore(
-        run.last_checkpoint,
-        run.raw_model,
-        run.optimizer,
-        scaler=run.scaler,
-        loader=run.train_loader,
-        dist=run.dist,
-        full_verify=False,
-    )
+    skips = dict(run.skip_batches)  # the checkpoint's own list is older than this run's
+    state = restore(run, run.last_checkpoint)
+    run.skip_batches = skips
     run.skip_batches[step] = run.skip_batches.get(step, 0) + 1
     if run.dist.is_main:
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            checkpoint.truncate_jsonl(run.record.dir / name, state.step)
         log.warning(
             "%s -> rolled back to %s and skipping the batches of step %d (rollback %d of at "
             "most trainer.max_rollbacks=%d)",
@@ -368,281 +587,6 @@ def skip_bad_batches(run: Run, step: int) -> None:
     """After a rollback: the batches of a step whose loss went bad are read and dropped."""
     for _ in range(run.skip_batches.get(step, 0) * run.grad_accum):
         run.train_loader.next_batch()
-
-
-def _task_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return list(HydraConfig.get().overrides.task)
-    return []
-
-
-def train_step(run: Run, step: int) -> dict:
-    """One optimization step: grad_accum micro-steps, clip, optimizer step. Returns its metrics."""
-    cfg, d, model = run.cfg, run.dist, run.model
-    lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
-    set_lr(run.optimizer, lr)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=d.device)
-    for micro in range(run.grad_accum):
-        x, y = run.train_loader.next_batch()
-        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-        with distributed.no_sync(model, sync=micro == run.grad_accum - 1):
-            with autocast(cfg.precision, d.device):
-                _, loss = model(x, y)
-            # the mean over micro-steps, so the gradient equals one big batch's
-            loss = loss / run.grad_accum
-            loss_sum += loss.detach()
-            run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    loss_mean = distributed.all_reduce_mean(loss_sum, d)
-    # FSDP2: clip_grad_norm_ returns a DTensor; log a plain float
-    return {"loss": loss_mean.item(), "lr": lr, "grad_norm": distributed.to_float(grad_norm)}
-
-
-@torch.no_grad()
-def evaluate(run: Run) -> float:
-    """Mean per-token loss over the fixed validation set (trainer.eval_tokens), all ranks."""
-    cfg, d = run.cfg, run.dist
-    run.model.eval()
-    try:
-        totals = validation_loss_sum(
-            run.model,
-            run.val_loader,
-            cfg.trainer.eval_tokens,
-            cfg.trainer.micro_batch_size,
-            d.rank,
-            d.world_size,
-            d.device,
-            lambda: autocast(cfg.precision, d.device),
-        )
-    finally:
-        run.model.train()
-    total, count = distributed.all_reduce_sum(totals, d).tolist()
-    return total / count
-
-
-@torch.no_grad()
-def validation_loss_sum(
-    model,
-    reader: ShardLoader,
-    eval_tokens: int,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    autocast_ctx,
-) -> torch.Tensor:
-    """[sum of per-token losses, tokens] over this rank's share of the fixed validation set (the
-    first eval_tokens // seq_len windows of the val split; window i belongs to rank
-    i % world_size). Every rank runs the same number of full (batch_size, seq_len) batches,
-    padded with ignored targets, so a compiled model never sees a new shape and FSDP's
-    collectives line up; summed over ranks the result does not depend on batch or world size."""
-    n = reader.validation_windows(eval_tokens)
-    mine = np.arange(rank, n, world_size)
-    steps = math.ceil(math.ceil(n / world_size) / batch_size)
-    # float64 sums where the device has it (MPS does not)
-    totals = torch.zeros(
-        2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
-    )
-    T = reader.seq_len
-    for i in range(steps):
-        pos = mine[i * batch_size : (i + 1) * batch_size]
-        x = torch.zeros(batch_size, T, dtype=torch.long)
-        y = torch.full((batch_size, T), -1, dtype=torch.long)  # -1: ignored by the loss
-        if len(pos):
-            x[: len(pos)], y[: len(pos)] = reader.read_windows(pos)
-        with autocast_ctx():
-            _, loss = model(x.to(device), y.to(device))
-        if len(pos):  # the model's loss is the mean over the real (unpadded) tokens
-            tokens = len(pos) * T
-            totals[0] += loss.to(totals.dtype) * tokens
-            totals[1] += tokens
-    return totals
-
-
-def find_hellaswag(cfg: DictConfig, d: distributed.Dist) -> Path | None:
-    """The HellaSwag file for trainer.hellaswag_every > 0 (rank 0 downloads the val split once);
-    a missing or malformed file is a ConfigError before training."""
-    t = cfg.trainer
-    if t.hellaswag_every <= 0:
-        return None
-
-    def find() -> Path:
-        path = Path(t.hellaswag_path).expanduser() if t.hellaswag_path else hellaswag_path("val")
-        load_examples(path, limit=1)
-        return path
-
-    if d.is_main:  # downloads the val split once; errors are raised by every rank below
-        with contextlib.suppress(HellaSwagError):
-            find()
-    distributed.barrier(d)
-    try:
-        return find()
-    except HellaSwagError as e:
-        raise ConfigError(f"trainer.hellaswag_every={t.hellaswag_every}: {e}") from None
-
-
-@torch.no_grad()
-def hellaswag(run: Run) -> dict:
-    """HellaSwag on the uncompiled model (compile would recompile for every length); examples
-    are split over ranks and the counts all-reduced by gpt2x.hellaswag."""
-    cfg, d = run.cfg, run.dist
-    encode = get_tokenizer().encode_ordinary
-    run.raw_model.eval()
-    try:
-        res = evaluate_hellaswag(
-            lambda x: run.raw_model(x)[0],
-            encode,
-            run.hellaswag_file,
-            limit=cfg.trainer.hellaswag_limit or None,
-            rank=d.rank,
-            world_size=d.world_size,
-            device=d.device,
-            autocast_ctx=autocast(cfg.precision, d.device),
-            max_len=cfg.model.block_size,
-        )
-    finally:
-        run.raw_model.train()
-    return {
-        "hellaswag_acc": res["acc"],
-        "hellaswag_acc_norm": res["acc_norm"],
-        "hellaswag_n": res["n"],
-    }
-
-
-@torch.no_grad()
-def sample(run: Run, max_new_tokens: int, seed: int) -> str:
-    """Text from the uncompiled model (compile would recompile for every new length)."""
-    cfg, d = run.cfg, run.dist
-    enc = get_tokenizer()
-    ids = enc.encode(cfg.trainer.sample_prompt, allowed_special={"<|endoftext|>"})
-    idx = torch.tensor([ids], dtype=torch.long, device=d.device)
-    gen = torch.Generator(device=d.device).manual_seed(seed)
-    run.raw_model.eval()
-    with autocast(cfg.precision, d.device):
-        out = run.raw_model.generate(
-            idx, max_new_tokens, temperature=1.0, top_k=50, generator=gen, vocab_limit=enc.n_vocab
-        )
-    run.raw_model.train()
-    return enc.decode(out[0].tolist())
-
-
-def train(run: Run) -> dict:
-    cfg, d, t = run.cfg, run.dist, run.cfg.trainer
-    step_ms: list[float] = []
-    losses: list[float] = list(run.loss_history)
-    val_loss = None
-    tokens_seen = run.tokens_seen
-    run.model.train()
-    profiler = start_profiler(run) if t.profile_steps > 0 else None
-    if t.on_bad_loss == "rollback" and run.last_checkpoint is None:
-        save_checkpoint(run, run.start_step, tokens_seen, losses)  # something to roll back to
-    step = run.start_step
-    while step < t.max_steps:
-        skip_bad_batches(run, step)
-        distributed.fail_for_test(d, step)  # GPT2X_TEST_FAIL_RANK (tests only)
-        synchronize(d.device)
-        t0 = time.perf_counter()
-        row = train_step(run, step)
-        synchronize(d.device)
-        ms = (time.perf_counter() - t0) * 1000.0
-        tokens_seen += run.tokens_per_step
-        tps = run.tokens_per_step / (ms / 1000.0)
-        row = {
-            "step": step,
-            **row,
-            "ms": ms,
-            "tokens_per_s": tps,
-            "mfu": mfu(tps, run.flops_per_token, run.peak_flops, d.world_size),
-            "mem_gb": peak_memory_gb(d.device),
-            "tokens_seen": tokens_seen,
-        }
-        step_ms.append(ms)
-        run.record.log_step(row)
-        if run.wandb:
-            run.wandb.log_step(row)
-        if d.is_main and (step % t.log_every == 0 or step == t.max_steps - 1):
-            log.info(format_step(row, t.max_steps))
-        if profiler is not None:
-            profiler.step()
-        try:
-            check_loss(row["loss"], losses, step, t.spike_factor)
-        except TrainingError as e:
-            if t.on_bad_loss != "rollback":
-                raise
-            step, tokens_seen, losses = rollback(run, step, e)
-            continue
-        losses.append(row["loss"])
-
-        last = step == t.max_steps - 1
-        val_due = last or (t.eval_every > 0 and step > 0 and step % t.eval_every == 0)
-        hs_due = t.hellaswag_every > 0 and (last or (step > 0 and step % t.hellaswag_every == 0))
-        if val_due or hs_due:
-            val_loss = evaluate(run)
-            eval_row = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen}
-            if hs_due:
-                eval_row.update(hellaswag(run))
-            run.record.log_eval(eval_row)
-            if run.wandb:
-                run.wandb.log_eval(eval_row)
-            if d.is_main:
-                hs = eval_row.get("hellaswag_acc_norm")
-                log.info(
-                    "step %d | val loss %.4f%s",
-                    step,
-                    val_loss,
-                    "" if hs is None else f" | hellaswag acc_norm {hs:.4f}",
-                )
-
-        step += 1  # steps done
-        saved = (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or (
-            step == t.max_steps and t.save_final
-        )
-        if saved:
-            save_checkpoint(run, step, tokens_seen, losses)
-        # SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
-        if run.stop.requested(d) and step < t.max_steps:
-            if not saved:
-                save_checkpoint(run, step, tokens_seen, losses)
-            run.stopped_by = run.stop.signum
-            if d.is_main:
-                log.warning(
-                    "%s received: stopped after step %d, checkpoint %s",
-                    run.stop.name,
-                    step - 1,
-                    run.last_checkpoint,
-                )
-            break
-
-    if profiler is not None:
-        profiler.stop()
-    stats = summarize_steps(
-        step_ms,
-        run.tokens_per_step,
-        run.flops_per_token,
-        run.peak_flops,
-        d.world_size,
-        warmup=min(t.warmup_steps_for_timing, max(0, len(step_ms) - 1)),
-        compiled=cfg.compile,
-    )
-    return {
-        "steps": len(step_ms),
-        "final_loss": losses[-1] if losses else None,
-        "val_loss": val_loss,
-        "median_ms": stats.median_ms,
-        "p10_ms": stats.p10_ms,
-        "p90_ms": stats.p90_ms,
-        "tokens_per_s": stats.tokens_per_s,
-        "mfu": stats.mfu,
-        "peak_mem_gb": peak_memory_gb(d.device),
-        "compile_seconds": stats.compile_seconds,
-    }
 
 
 def start_profiler(run: Run) -> torch.profiler.profile:
@@ -669,103 +613,259 @@ def start_profiler(run: Run) -> torch.profiler.profile:
     return prof
 
 
-def check_loss(loss: float, history: list[float], step: int, spike_factor: float) -> None:
-    if not math.isfinite(loss):
-        raise TrainingError(
-            f"loss is {loss} at step {step}; lower optim.lr, check the data, or try precision=fp32"
+# ============================================================================================
+# setup: every check first, then build
+
+
+def setup(cfg: DictConfig) -> Run:
+    d = distributed.setup(cfg.parallel, cfg.trainer.device)
+    preflight_checks(cfg, d)
+    seed_everything(cfg.trainer.seed)
+    t = cfg.trainer
+
+    # data: rank 0 prepares small corpora on first use while the others wait
+    if d.is_main:
+        data_dir = ensure_prepared(cfg.data)
+    distributed.barrier(d)
+    if not d.is_main:
+        data_dir = ensure_prepared(cfg.data)
+    train_loader = ShardLoader(
+        data_dir,
+        "train",
+        batch_size=t.micro_batch_size,
+        seq_len=t.seq_len,
+        rank=d.rank,
+        world_size=d.world_size,
+        seed=t.seed,
+        shuffle=cfg.data.shuffle,
+        pin_memory=d.device.type == "cuda",
+    )
+    if t.overfit_one_batch:
+        train_loader = RepeatFirstBatch(train_loader)
+    # validation reads fixed windows by position (see gpt2x.validation)
+    val_loader = val_reader(data_dir, t.seq_len)
+    val_loader.validation_windows(t.eval_tokens)  # a too-small val split fails before training
+
+    raw_model = build_model(cfg, d.device)
+    model = distributed.wrap_model(raw_model, d, cfg.precision)
+    optimizer = build_optimizer(model, cfg.optim)
+    if cfg.compile:
+        model = distributed.compile_model(
+            model, d.kind, mode=cfg.compile_mode.value, scope=cfg.compile_scope.value
         )
-    if spike_factor > 0 and len(history) >= 10:
-        recent = sorted(history[-50:])
-        median = recent[len(recent) // 2]
-        if loss > spike_factor * median:
-            raise TrainingError(
-                f"loss spiked to {loss:.4f} at step {step} (> {spike_factor} x recent median "
-                f"{median:.4f}); lower optim.lr or raise trainer.spike_factor"
-            )
 
+    accum = grad_accum_steps(cfg, d.world_size)
+    tokens_per_step = t.micro_batch_size * t.seq_len * accum * d.world_size
+    flops_per_token = raw_model.flops_per_token(t.seq_len)
+    spec = t.peak_flops or (
+        spec_peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
+    )
+    # a short matmul probe, once per machine (cached): MFU on every device
+    peaks = {"spec": spec, "measured": measured_peak(d.device, torch.bfloat16)}
 
-def run_training(cfg: DictConfig) -> float | None:
-    """Set up, train, evaluate, sample; keep the record truthful on every exit path."""
-    run = None
+    run_dir = Path(cfg.paths.run_dir)
+    hellaswag_file = find_hellaswag(cfg, d)
+    config = to_container(cfg)
+    record = RunRecord(run_dir, enabled=d.is_main)
+    record.start(
+        run_id=run_dir.name,
+        run_dir=str(run_dir),
+        experiment=cfg.experiment,
+        overrides=_task_overrides(),
+        config=config,
+        git=git_info(),
+        versions={**versions(), "cuda": torch.version.cuda},
+        hardware=hardware(d.device, peaks),
+        world_size=d.world_size,
+        grad_accum_steps=accum,
+        tokens_per_step=tokens_per_step,
+        n_params=raw_model.num_params(non_embedding=False),
+        flops_per_token=flops_per_token,
+        paths_taken=paths_taken(cfg, d),
+        compile_seconds=None,
+        summary=None,
+        wandb=None,
+    )
+    wandb_logger = None
+    if d.is_main and cfg.logger.kind.value == "wandb":
+        try:
+            wandb_logger = WandbLogger(cfg.logger, str(run_dir), config, run_dir.name)
+        except Exception as e:
+            record.finish("failed", error=f"W&B init failed: {e}".splitlines()[0])
+            raise
+        record.update(wandb=wandb_logger.info())
+
+    log.info(
+        "model %s: %.2fM params | %s | attn=%s | loss=%s | compile=%s | %s x%d | B=%d T=%d "
+        "accum=%d -> %d tokens/step | data %s",
+        cfg.model.name,
+        raw_model.num_params(non_embedding=False) / 1e6,
+        cfg.precision.name,
+        cfg.attn.impl.value,
+        cfg.loss.impl.value,
+        cfg.compile,
+        d.device,
+        d.world_size,
+        t.micro_batch_size,
+        t.seq_len,
+        accum,
+        tokens_per_step,
+        data_dir,
+    )
+    run = Run(
+        cfg=cfg,
+        dist=d,
+        model=model,
+        raw_model=raw_model,
+        optimizer=optimizer,
+        scaler=grad_scaler(cfg.precision, d.device),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        record=record,
+        wandb=wandb_logger,
+        grad_accum=accum,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_token,
+        peaks=peaks,
+        hellaswag_file=hellaswag_file,
+    )
     try:
-        run = setup(cfg)
-        with run.stop:  # SIGTERM/SIGUSR1 handlers (main thread only) while training
-            summary = train(run)
-        if run.stopped_by:
-            message = (
-                f"stopped by {run.stop.name}; checkpoint {run.last_checkpoint} saved; continue "
-                "with trainer.resume=auto in the same run folder"
-            )
-            run.record.finish(
-                "interrupted",
-                error=message,
-                summary=summary,
-                compile_seconds=summary["compile_seconds"],
-            )
-            if run.wandb:
-                run.wandb.finish(exit_code=1)
-            raise TrainingInterrupted(message, checkpoint.exit_code(run.stopped_by))
-        # under FSDP every forward all-gathers parameters: all ranks sample, rank 0 writes
-        if cfg.trainer.sample_tokens > 0 and (run.dist.is_main or run.dist.is_sharded):
-            text = sample(run, cfg.trainer.sample_tokens, cfg.trainer.seed)
-            if run.dist.is_main:
-                (Path(cfg.paths.run_dir) / "sample.txt").write_text(text)
-                log.info("sample:\n%s", text)
-        run.record.finish("completed", summary=summary, compile_seconds=summary["compile_seconds"])
-        if run.wandb:
-            run.wandb.finish(summary=summary)
-        return summary["val_loss"]
-    except TrainingInterrupted:
-        raise  # the record is already finished as "interrupted"
-    except KeyboardInterrupt:
-        if run is not None:
-            run.record.finish("interrupted", error="interrupted by the user (Ctrl-C)")
-            if run.wandb:
-                run.wandb.finish(exit_code=130)
-        raise
+        resume_from = checkpoint.resolve_resume(t.resume, run_dir, d)
+        if resume_from is not None:
+            resume(run, resume_from)
     except BaseException as e:
-        if run is not None:
-            run.record.finish("failed", error=_one_line(e))
-            if run.wandb:
-                run.wandb.finish(exit_code=1)
+        record.finish("failed", error=_one_line(e))
         raise
-    finally:
-        distributed.teardown()
+    return run
+
+
+def preflight_checks(cfg: DictConfig, d: distributed.Dist) -> None:
+    """Every check of the settings, before any data is read or compute runs: the config's own
+    cross-field rules (gpt2x.config.validate), then what depends on this device and torch
+    (precision, attention kernel, loss and float8 paths), then the run folder. Each failure is
+    one ConfigError naming the setting to change."""
+    validate(cfg, d.world_size)
+    setup_precision(cfg.precision, d.device)
+    try:
+        check_attention(
+            AttnImpl(cfg.attn.impl).value,
+            d.device,
+            torch_dtype(cfg.precision.dtype),
+            head_dim=cfg.model.n_embd // cfg.model.n_head,
+            dropout=cfg.model.dropout,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    m, t = cfg.model, cfg.trainer
+    n_params = m.vocab_size * m.n_embd + m.n_layer * 12 * m.n_embd**2  # for the disk-space check
+    saves = t.checkpoint_every > 0 or t.save_final or t.on_bad_loss == "rollback"
+    # an unwritable or too full output folder is a one-line error here, before any compute
+    checkpoint.preflight(Path(cfg.paths.run_dir), n_params, saves, dist=d)
+
+
+def paths_taken(cfg: DictConfig, d: distributed.Dist) -> dict:
+    """Which code path each rung-like choice really ran (never a silent fallback)."""
+    return {
+        "attention": AttnImpl(cfg.attn.impl).value,
+        "loss": cfg.loss.impl.value,
+        "float8": bool(cfg.precision.float8),
+        "compile": f"{cfg.compile_scope.value}/{cfg.compile_mode.value}" if cfg.compile else None,
+        "optimizer": f"{cfg.optim.name.value}{' (fused)' if cfg.optim.fused else ''}",
+        "activation_checkpointing": bool(cfg.model.activation_checkpointing),
+        "tf32": bool(cfg.precision.tf32) and d.device.type == "cuda",
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> GPT:
+    m = cfg.model
+    options = dict(
+        attn=AttnImpl(cfg.attn.impl).value,
+        loss=cfg.loss.impl.value,
+        loss_chunk_size=cfg.loss.chunk_size,
+        activation_checkpointing=m.activation_checkpointing,
+    )
+    try:
+        if m.init_from == "scratch":
+            gpt_cfg = GPTConfig(
+                block_size=m.block_size,
+                vocab_size=m.vocab_size,
+                n_layer=m.n_layer,
+                n_head=m.n_head,
+                n_embd=m.n_embd,
+                dropout=m.dropout,
+                bias=m.bias,
+                **options,
+            )
+            model = GPT(gpt_cfg)
+        else:
+            model = GPT.from_pretrained(
+                m.init_from, vocab_size=m.vocab_size, dropout=m.dropout, **options
+            )
+    except ValueError as e:  # an option this torch lacks (loss=chunked): one line
+        raise ConfigError(str(e)) from None
+    model = model.to(device)
+    if cfg.precision.float8:
+        try:
+            model = convert_to_float8(model, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return model
+
+
+class RepeatFirstBatch:
+    """debug=overfit_batch: the first batch forever; a working model drives its loss to ~0."""
+
+    def __init__(self, loader: ShardLoader):
+        self.loader = loader
+        self.batch = loader.next_batch()
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def find_hellaswag(cfg: DictConfig, d: distributed.Dist) -> Path | None:
+    """The HellaSwag file for trainer.hellaswag_every > 0 (rank 0 downloads the val split once);
+    a missing or malformed file is a ConfigError before training."""
+    t = cfg.trainer
+    if t.hellaswag_every <= 0:
+        return None
+
+    def find() -> Path:
+        path = Path(t.hellaswag_path).expanduser() if t.hellaswag_path else hellaswag_path("val")
+        load_examples(path, limit=1)
+        return path
+
+    if d.is_main:  # downloads the val split once; errors are raised by every rank below
+        with contextlib.suppress(HellaSwagError):
+            find()
+    distributed.barrier(d)
+    try:
+        return find()
+    except HellaSwagError as e:
+        raise ConfigError(f"trainer.hellaswag_every={t.hellaswag_every}: {e}") from None
+
+
+def _task_overrides() -> list[str]:
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
 
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    from gpt2x import sweep
-
-    # multirun (-m): a failed job is recorded and returns sweep.FAILED (+inf) so the other jobs
-    # run and the sweep ends with its summary (docs/sweeps.md); a single run exits as below
-    multirun = sweep.in_multirun()
-    if multirun:
-        sweep.begin_job()
-    try:
-        return run_training(cfg)
-    except TrainingInterrupted as e:
-        # preempted (SIGTERM/SIGUSR1): a checkpoint is saved; exit 128 + signal number
-        print(f"interrupted: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except (ConfigError, DataError, TrainingError, checkpoint.CheckpointError) as e:
-        # expected problems: one line naming the fix, no traceback
-        log.error("error: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        if not multirun:
-            sys.exit(2)
-        sweep.record_failure(cfg, e)
-    except Exception as e:
-        if not multirun:
-            raise
-        log.exception("job failed")
-        sweep.record_failure(cfg, e)
-    return sweep.failed_job_result()  # outside `except`: the job's tensors can be freed now
 
 
 register_configs()

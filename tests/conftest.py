@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,12 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# the measured matmul peak (gpt2x.peak) is probed once per test session, not read from ~/.cache
+os.environ.setdefault("GPT2X_CACHE", tempfile.mkdtemp(prefix="gpt2x-test-cache-"))
 
 # A tiny model and batch: every CLI run in the tests uses these unless it says otherwise.
 TINY = [
+    "trainer.device=cpu",  # CPU tests stay on the CPU on a GPU machine too (cuda tests: -m cuda)
     "model.n_layer=2",
     "model.n_head=2",
     "model.n_embd=32",

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from gpt2x import CONF_DIR, REPO_ROOT, ablate, report
 from gpt2x.config import register_configs
-from gpt2x.record import read_jsonl
+from gpt2x.runfolder import read_jsonl
 
 register_configs()
 

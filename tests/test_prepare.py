@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-import gpt2x.data as data_mod
+import gpt2x.data.shards as data_mod
 from gpt2x import REPO_ROOT
 from gpt2x.config import DataConfig
 from gpt2x.data import (

@@ -18,22 +18,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
 from gpt2x import CONF_DIR
-from gpt2x.config import register_configs
+from gpt2x.config import job_dirname, register_configs, resolved_config
 from gpt2x.launch import (
     failure_from_log,
     quote_override_value,
     stop_process_group,
     torchrun_command,
 )
-from gpt2x.record import read_jsonl
-from gpt2x.sweep import (
-    FAILED,
-    failure_reason,
-    job_dirname,
-    record_failure,
-    swept_key,
-    write_failed_record,
-)
+from gpt2x.multirun import FAILED, failure_reason, record_failure
+from gpt2x.runfolder import read_jsonl, write_failed_record
+from gpt2x.sweep import swept_key
 
 register_configs()
 
@@ -434,7 +428,9 @@ def test_failed_records_minimal_and_updated(tmp_path):
             "paths": {"run_dir": str(tmp_path / "a")},
         }
     )
-    write_failed_record(tmp_path / "a", "ConfigError: nope", cfg, ["trainer.micro_batch_size=2"])
+    write_failed_record(
+        tmp_path / "a", "ConfigError: nope", resolved_config(cfg), ["trainer.micro_batch_size=2"]
+    )
     r = record(tmp_path / "a")
     assert r["status"] == "failed" and r["error"] == "ConfigError: nope"
     assert r["config"]["trainer"]["micro_batch_size"] == 2 and r["config_hash"]

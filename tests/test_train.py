@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, register_configs
 from gpt2x.data import DataError
-from gpt2x.record import read_jsonl
+from gpt2x.runfolder import read_jsonl
 from gpt2x.train import TrainingError, run_training
 
 register_configs()

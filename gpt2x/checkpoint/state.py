@@ -1,0 +1,428 @@
+"""What a checkpoint holds and how it goes back into a live run: model and optimizer state
+(full state dicts, gathered under DDP/FSDP2), RNG states per rank, the trainer's own counters;
+`save` gathers and hands the files to gpt2x.checkpoint.store, `restore` reads them back into a
+training setup and `load_model` builds a model for inference (sample, evaluate, export).
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from gpt2x.checkpoint.store import (
+    CONFIG_FILE,
+    FORMAT,
+    MODEL_FILE,
+    OPTIM_FILE,
+    TRAINER_FILE,
+    VERSION,
+    CheckpointError,
+    broadcast,
+    checkpoints_dir,
+    dist_on,
+    is_main,
+    prune,
+    read_config,
+    read_meta,
+    resolve,
+    save_json,
+    save_safetensors,
+    save_torch,
+    step_dir_name,
+    torch_load,
+    verify,
+    write_checkpoint,
+)
+from gpt2x.model import GPT, GPTConfig
+
+# wrapper prefixes that must never reach a file: torch.compile and DDP
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+LOSS_HISTORY = 50  # recent losses kept for the spike check (train.check_loss looks at 50)
+
+
+# ---------------------------------------------------------------------------------------------
+# state gathering
+
+
+def _strip_wrappers(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+        name = name.replace("._orig_mod.", ".")
+    return name
+
+
+def clean_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop torch.compile (`_orig_mod.`) and DDP (`module.`) prefixes from parameter names."""
+    return {_strip_wrappers(k): v for k, v in state.items()}
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: canonical} for parameters that appear under several names (lm_head -> wte)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        name = _strip_wrappers(name)
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _state_options(**kw: Any) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full model state dict on CPU (a collective under FSDP: every rank must call it)."""
+    state = get_model_state_dict(model, options=_state_options(cpu_offload=True))
+    return clean_keys(state)
+
+
+def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The full optimizer state dict keyed by parameter name, on CPU (a collective)."""
+    if not optimizer.state:
+        # no step taken yet: DCP would initialise the state with a zero-lr step (moments of 0
+        # and step=1), which changes the rest of the run; there is nothing to gather anyway
+        names = {id(p): _strip_wrappers(n) for n, p in model.named_parameters()}
+        groups = [
+            {
+                **{k: v for k, v in g.items() if k != "params"},
+                "params": [names[id(p)] for p in g["params"]],
+            }
+            for g in optimizer.param_groups
+        ]
+        return {"state": {}, "param_groups": groups}
+    state = get_optimizer_state_dict(model, optimizer, options=_state_options(cpu_offload=True))
+    state["state"] = clean_keys(state.get("state", {}))
+    for group in state.get("param_groups", []):
+        group["params"] = [_strip_wrappers(p) for p in group["params"]]
+    return state
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU + all CUDA devices) RNG states, weights_only-loadable."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = list(state["cuda"])[: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _gather_rng(d: Any) -> list[dict]:
+    """Every rank's RNG state, in rank order, on rank 0 (all ranks call)."""
+    mine = rng_state()
+    if not dist_on(d):
+        return [mine]
+    out: list[Any] = [None] * d.world_size
+    torch_dist.all_gather_object(out, mine)
+    return out
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    loader: Any = None,
+    tokens_seen: int = 0,
+    config: dict | None = None,
+    extra: dict | None = None,
+    keep_last: int = 0,
+    dist: Any = None,
+) -> Path:
+    """Save a checkpoint of `step` completed steps into `<run_dir>/checkpoints/step_NNNNNN/`.
+
+    All ranks call it (gathering full state dicts is a collective under FSDP); rank 0 writes.
+    `model` is the module whose parameters the optimizer holds (plain, DDP or FSDP2; compile
+    wrappers are stripped). keep_last > 0 removes all but the newest keep_last checkpoints after
+    the new one is complete. Raises CheckpointError on every rank if the write fails; the
+    previous checkpoints are untouched then.
+    """
+    model_state = gather_model_state(model)
+    optim_state = gather_optimizer_state(model, optimizer)
+    rngs = _gather_rng(dist)
+    root = checkpoints_dir(run_dir)
+    final = root / step_dir_name(step)
+    error = None
+    if is_main(dist):
+        aliases = tied_aliases(model)
+        tensors = {
+            k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k not in aliases
+        }
+        trainer = {
+            "step": int(step),
+            "tokens_seen": int(tokens_seen),
+            "loader": loader.state_dict() if loader is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rngs,
+            "world_size": len(rngs),
+            **(extra or {}),
+        }
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": int(step),
+            "tokens_seen": int(tokens_seen),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "world_size": len(rngs),
+            "tied": aliases,
+            "torch": torch.__version__,
+        }
+        files = [
+            (MODEL_FILE, save_safetensors, tensors),
+            (OPTIM_FILE, save_torch, optim_state),
+            (TRAINER_FILE, save_torch, trainer),
+            (CONFIG_FILE, save_json, config or {}),
+        ]
+        try:
+            write_checkpoint(root, final, files, meta)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if e.errno == errno.ENOSPC:
+                why += "; free space or point paths.output_dir / hydra.run.dir elsewhere"
+            error = (
+                f"could not write checkpoint {final} ({why}); the previous checkpoints are intact"
+            )
+        if error is None and keep_last > 0:
+            prune(root, keep_last)
+    error = broadcast(error, dist)
+    if error is not None:
+        raise CheckpointError(error)
+    return final
+
+
+def load_model_state(path: str | Path, meta: dict | None = None) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint (CPU), tied aliases filled back in, clean names."""
+    path = Path(path)
+    meta = meta or read_meta(path)
+    f = path / MODEL_FILE
+    try:
+        state = load_file(str(f), device="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {f} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise CheckpointError(
+            f"checkpoint file {f} is not a valid safetensors file ({why})"
+        ) from None
+    state = clean_keys(state)
+    for alias, target in meta.get("tied", {}).items():
+        if target in state and alias not in state:
+            state[alias] = state[target]
+    return state
+
+
+
+# ---------------------------------------------------------------------------------------------
+# restoring a training run
+
+
+@dataclass
+class TrainerState:
+    """What `restore` hands back to the trainer besides the loaded modules."""
+
+    path: Path
+    step: int  # optimization steps completed: the resumed run starts with this step index
+    tokens_seen: int
+    loss_history: list[float] = field(default_factory=list)
+    skip_batches: dict[int, int] = field(default_factory=dict)  # step -> steps' worth skipped
+    extra: dict = field(default_factory=dict)
+
+
+_ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def check_architecture(ckpt_config: dict, model_cfg: Any, path: Path) -> None:
+    theirs = ckpt_config.get("model", {})
+    diffs = [
+        f"model.{k}={theirs[k]} there, {model_cfg[k]} here"
+        for k in _ARCH_KEYS
+        if k in theirs and theirs[k] != model_cfg[k]
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} is for a different model ({'; '.join(diffs)}); resume with the "
+            "checkpoint's model settings"
+        )
+
+
+def restore(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    loader: Any = None,
+    dist: Any = None,
+    full_verify: bool = True,
+    restore_rng: bool = True,
+) -> TrainerState:
+    """Load a checkpoint into a live training setup (all ranks call; every rank reads).
+
+    The model (plain, DDP or FSDP2; full state dicts are sharded as needed), the optimizer, the
+    GradScaler, the train loader position and this rank's RNG states (rank 0's if the world
+    size changed). Files are verified against meta.json first.
+    """
+
+    path = Path(path)
+    meta = verify(path, full=full_verify and is_main(dist))
+    model_state = load_model_state(path, meta)
+    try:
+        set_model_state_dict(model, model_state, options=_state_options(strict=True))
+    except (RuntimeError, KeyError, ValueError) as e:
+        why = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({why})") from None
+    if optimizer is not None:
+        optim_state = torch_load(path / OPTIM_FILE)
+        try:
+            if optim_state.get("state"):
+                set_optimizer_state_dict(
+                    model, optimizer, optim_state, options=_state_options(strict=True)
+                )
+            else:  # saved before the first step (see gather_optimizer_state)
+                optimizer.state.clear()
+                for group, saved in zip(optimizer.param_groups, optim_state["param_groups"]):
+                    group.update({k: v for k, v in saved.items() if k != "params"})
+        except (RuntimeError, KeyError, ValueError) as e:
+            why = " ".join(str(e).split())[:300]
+            raise CheckpointError(
+                f"checkpoint file {path / OPTIM_FILE} does not fit this optimizer ({why})"
+            ) from None
+        for group in optimizer.param_groups:  # a round trip turns tuples into lists
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+    trainer = torch_load(path / TRAINER_FILE)
+    if scaler is not None and scaler.is_enabled() and trainer.get("scaler"):
+        scaler.load_state_dict(trainer["scaler"])
+    if loader is not None and trainer.get("loader") is not None:
+        loader.load_state_dict(trainer["loader"])
+    if restore_rng and trainer.get("rng"):
+        rngs = trainer["rng"]
+        rank = getattr(dist, "rank", 0) if dist is not None else 0
+        set_rng_state(rngs[rank] if len(rngs) == getattr(dist, "world_size", 1) else rngs[0])
+    known = {
+        "step",
+        "tokens_seen",
+        "loader",
+        "scaler",
+        "rng",
+        "world_size",
+        "loss_history",
+        "skip_batches",
+    }
+    return TrainerState(
+        path=path,
+        step=int(trainer["step"]),
+        tokens_seen=int(trainer["tokens_seen"]),
+        loss_history=[float(x) for x in trainer.get("loss_history", [])],
+        skip_batches={int(k): int(v) for k, v in dict(trainer.get("skip_batches", {})).items()},
+        extra={k: v for k, v in trainer.items() if k not in known},
+    )
+
+
+def inference_attention(impl: str, device: torch.device, dtype: str) -> str:
+    """The attention a checkpoint runs with for inference: its own, except that flash becomes
+    sdpa unless it is CUDA with bf16/fp16 (the flash kernel has no fp32 CUDA version, e.g.
+    `gpt2x.evaluate precision=fp32` of a flash run on a GPU). sdpa computes the same function,
+    so every rung's checkpoint loads on every device."""
+    if impl == "flash" and not (device.type == "cuda" and dtype in ("bf16", "fp16")):
+        return "sdpa"
+    return impl
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    attn: str | None = None,
+    dtype: str = "fp32",
+):
+    """(GPT, meta, config) from a checkpoint, run folder or checkpoints folder; verified.
+    attn: override the attention implementation ("" / None: the checkpoint's, adjusted by
+    `inference_attention` for the device and the autocast dtype the caller runs it in)."""
+    ckpt = resolve(path)
+    meta = verify(ckpt)
+    config = read_config(ckpt)
+    m = config.get("model", {})
+    device = torch.device(device)
+    impl = attn or inference_attention(config.get("attn", {}).get("impl", "naive"), device, dtype)
+    try:
+        gpt_cfg = GPTConfig(
+            block_size=m["block_size"],
+            vocab_size=m["vocab_size"],
+            n_layer=m["n_layer"],
+            n_head=m["n_head"],
+            n_embd=m["n_embd"],
+            dropout=0.0,
+            bias=m.get("bias", True),
+            attn=impl,
+        )
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint file {ckpt / CONFIG_FILE} has no usable model config ({e})"
+        ) from None
+    model = GPT(gpt_cfg)
+    state = load_model_state(ckpt, meta)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint file {ckpt / MODEL_FILE} does not match its config.json "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+    model.to(device).eval()
+    return model, {**meta, "path": str(ckpt)}, config
+
+

@@ -1,0 +1,210 @@
+"""The package's shape: layers import only downward (no cycle, read from the source), the run
+folder layer and the report never load torch, and a wheel built from the repo runs on its own."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+PACKAGE = REPO / "gpt2x"
+# modules that must import without torch (the report runs on any machine)
+TORCH_FREE = ["gpt2x.runfolder", "gpt2x.report", "gpt2x.stats", "gpt2x.plots", "gpt2x.wandb_logger"]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every gpt2x import of every module, top-level and function-local alike."""
+    files = {module_name(f): f for f in PACKAGE.rglob("*.py")}
+
+    def owner(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, f in files.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for t in targets:
+                dep = owner(t) if t.startswith("gpt2x") else None
+                # a submodule may use its own package's __init__ (re-exports)
+                if dep and dep != mod and not mod.startswith(dep + "."):
+                    graph[mod].add(dep)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert "gpt2x.train" in graph and graph["gpt2x.train"]  # the graph was really read
+    assert cycles(graph) == []
+
+
+def test_a_cycle_is_found_when_there_is_one():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_lower_layers_never_import_the_entry_points_or_the_experiment_layer():
+    graph = import_graph()
+    top = {"gpt2x.train", "gpt2x.evaluate", "gpt2x.sample", "gpt2x.export", "gpt2x.prepare"}
+    top |= {"gpt2x.ablate", "gpt2x.sweep", "gpt2x.launch", "gpt2x.report"}
+    components = [m for m in graph if m not in top and m != "gpt2x"]
+    for mod in components:
+        assert not graph[mod] & top, f"{mod} imports {graph[mod] & top}"
+    assert "gpt2x.model" in graph and graph["gpt2x.model"] == set()  # nanoGPT's model.py
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_the_run_folder_and_report_layers_never_load_torch(module):
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_no_project_file_points_outside_the_repository():
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    needle = "../" + "shared"
+    hits = [
+        f
+        for f in tracked
+        if (REPO / f).is_file() and needle in (REPO / f).read_text(errors="ignore")
+    ]
+    assert hits == []
+
+
+@pytest.mark.slow
+def test_a_built_wheel_trains_from_an_unrelated_folder(tmp_path):
+    """pip wheel . -> a fresh virtual environment (torch etc. from this one, via
+    --system-site-packages) -> `python -m gpt2x.train debug=fast_dev_run` elsewhere."""
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            dist,
+            REPO,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = dist.glob("gpt2x-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    # the outer environment's editable gpt2x must not shadow the wheel: install into the venv
+    subprocess.run(
+        [
+            py,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            env_dir / "wheel",
+            wheel,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    env.update(PYTHONPATH=str(env_dir / "wheel"), OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
+    where = subprocess.run(
+        [py, "-c", "import gpt2x; print(gpt2x.CONF_DIR)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert where == str(env_dir / "wheel" / "gpt2x" / "conf")  # the wheel's own configs
+    for group in (
+        "experiment/ladder/nano_cpu/fp32.yaml",
+        "sweep/batch_size.yaml",
+        "model/gpt2.yaml",
+    ):
+        assert (Path(where) / group).is_file(), group
+    proc = subprocess.run(
+        [
+            py,
+            "-m",
+            "gpt2x.train",
+            "debug=fast_dev_run",
+            "trainer.device=cpu",
+            "model.n_layer=1",
+            "model.n_embd=32",
+            "model.n_head=2",
+            "model.block_size=32",
+            "trainer.micro_batch_size=2",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"status": "completed"' in (tmp_path / "run" / "record.json").read_text()

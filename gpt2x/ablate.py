@@ -1,8 +1,8 @@
 """`python -m gpt2x.ablate ladder=nano_cpu`: run an optimization ladder and compare its rungs.
 
-    python -m gpt2x.ablate ladder=nano_cpu                      # experiments/ladder/nano_cpu/
+    python -m gpt2x.ablate ladder=nano_cpu                      # experiments/ladder/nano_cpu.yml
     python -m gpt2x.ablate ladder=gpt2_124m -- trainer.micro_batch_size=32
-    python -m gpt2x.ablate rungs=[ladder/nano_cpu/fp32,ladder/nano_cpu/bf16] steps=5 warmup=1
+    python -m gpt2x.ablate rungs=[fp32,bf16] steps=5 warmup=1
     python -m gpt2x.ablate ladder=nano_cpu dry_run=true         # print the rung commands only
 
 A ladder is a small file, `experiments/ladder/<ladder>/ladder.yml`: the ordered rungs (each a
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -40,15 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from gpt2x import CONF_DIR, EXPERIMENTS_DIR, REPO_ROOT, report
-from gpt2x.config import parse_bool, register_configs, to_container
+from gpt2x.config import AblateConfig, register_configs, to_container
 from gpt2x.launch import failure_from_log, quote_override_value, stop_process_group
 from gpt2x.runfolder import failed_record, git_info, now, read_record, write_json
 
 LADDER_DIR = EXPERIMENTS_DIR / "ladder"
-LADDER_FILE = "ladder.yml"
+LADDER_SUFFIX = ".yml"  # experiments/ladder/<ladder>.yml (not *.yaml: not a Hydra config)
 TRAIN_MODULE = "gpt2x.train"
 BASENAME = report.ABLATION  # ablation.md / ablation.csv / ablation.json
 DEFAULT_STEPS = 10
@@ -66,6 +67,9 @@ LAUNCH_ENV = (
     "TORCHELASTIC_RUN_ID",
     "GPT2X_RUN_ID",
 )
+# a rung whose option this device or torch lacks ends with "... is not available on <device> ...":
+# the table shows it as n/a on this device, not as a failure
+NOT_AVAILABLE = re.compile(r"\bis not available on\b")
 INTERRUPT_GRACE_S = 60.0  # after Ctrl-C, how long a rung may take to finish its record
 
 USAGE = """\
@@ -102,135 +106,55 @@ class Interrupted(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Options
+# Options: Hydra overrides against gpt2x.config.AblateConfig (conf/ablate.yaml)
 
 
-@dataclass
-class Options:
-    ladder: str | None = None
-    rungs: list[Any] | None = None
-    steps: int | None = None
-    warmup: int | None = None
-    nproc: int | None = None
-    out: str | None = None
-    overrides: list[str] = field(default_factory=list)
-    wandb: bool = False
-    timeout: float | None = None
-    quiet: bool = False
-    dry_run: bool = False
-
-
-def split_list(text: str) -> list[str]:
-    """`[a,b=c,'d,e',f=[1,2]]` -> ['a', 'b=c', 'd,e', 'f=[1,2]']: commas inside brackets,
-    braces or quotes do not split; one level of quotes around an item is removed."""
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    items: list[str] = []
-    depth, quote, cur = 0, "", []
-    for ch in text:
-        if quote:
-            if ch == quote:
-                quote = ""
-            cur.append(ch)
-        elif ch in "'\"":
-            quote = ch
-            cur.append(ch)
-        elif ch in "[{(":
-            depth += 1
-            cur.append(ch)
-        elif ch in "]})":
-            depth -= 1
-            cur.append(ch)
-        elif ch == "," and depth == 0:
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    items.append("".join(cur))
-    out = []
-    for item in (i.strip() for i in items):
-        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
-            item = item[1:-1]
-        if item:
-            out.append(item)
-    return out
-
-
-def _bool(key: str, value: str) -> bool:
-    try:
-        return parse_bool(value)
-    except ValueError:
-        raise AblationError(f"{key}={value!r}: expected true or false") from None
-
-
-def _int(key: str, value: str, minimum: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise AblationError(f"{key}={value!r}: expected an integer") from None
-    if n < minimum:
-        raise AblationError(f"{key}={n}: must be >= {minimum}")
-    return n
-
-
-def parse_args(argv: list[str]) -> Options:
-    opts = Options()
+def parse_args(argv: list[str]) -> AblateConfig:
+    """The command line as Hydra overrides of conf/ablate.yaml; the rung overrides after `--`
+    are appended to `overrides`. Bad input is one AblationError line (Hydra's own message)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        raise SystemExit(0)
+    argv = [
+        "wandb=true" if a == "--wandb" else "dry_run=true" if a == "--dry-run" else a for a in argv
+    ]
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    else:
-        extra = []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(USAGE)
-            raise SystemExit(0)
-        if arg == "--wandb":
-            opts.wandb = True
-            continue
-        if arg in ("--dry-run", "--dry_run"):
-            opts.dry_run = True
-            continue
-        key, sep, value = arg.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep:
-            raise AblationError(
-                f"{arg!r}: expected key=value (rung overrides go after `--`); see --help"
-            )
-        if key == "ladder":
-            opts.ladder = value
-        elif key == "rungs":
-            opts.rungs = split_list(value)
-        elif key == "steps":
-            opts.steps = _int(key, value, 1)
-        elif key == "warmup":
-            opts.warmup = _int(key, value, 0)
-        elif key == "nproc":
-            opts.nproc = _int(key, value, 1)
-        elif key == "out":
-            opts.out = value
-        elif key == "overrides":
-            opts.overrides += split_list(value)
-        elif key == "wandb":
-            opts.wandb = _bool(key, value)
-        elif key == "timeout":
-            try:
-                opts.timeout = float(value) if value not in ("", "null", "none") else None
-            except ValueError:
-                raise AblationError(f"timeout={value!r}: expected seconds") from None
-        elif key == "quiet":
-            opts.quiet = _bool(key, value)
-        elif key == "dry_run":
-            opts.dry_run = _bool(key, value)
-        else:
-            raise AblationError(
-                f"unknown option {key!r} (ladder, rungs, steps, warmup, nproc, out, overrides, "
-                "wandb, timeout, quiet, dry_run); Hydra overrides for the rungs go after `--`"
-            )
-    opts.overrides += extra
+        if extra:
+            quoted = ",".join(quote_override_value(o) for o in extra)
+            argv = [*argv, f"+overrides_after_dashes=[{quoted}]"]
+    register_configs()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("ablate", overrides=argv)
+    except Exception as e:  # noqa: BLE001 - Hydra's override/validation errors: one line
+        raise AblationError(_hydra_error(e)) from None
+    with open_dict(cfg):
+        after = list(cfg.pop("overrides_after_dashes", []))
+    opts = AblateConfig(**OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    opts.overrides = [*opts.overrides, *after]
+    for key, minimum in (("steps", 1), ("warmup", 0), ("repeats", 1), ("nproc", 1)):
+        value = getattr(opts, key)
+        if value is not None and value < minimum:
+            raise AblationError(f"{key}={value}: must be an integer >= {minimum}")
     if opts.ladder is None and not opts.rungs:
         raise AblationError("name a ladder (ladder=nano_cpu) or the rungs (rungs=[a,b,...])")
     return opts
+
+
+def _hydra_error(e: Exception) -> str:
+    """Hydra's message for a bad option, as one line ("unknown option 'stepz' ...")."""
+    text = " ".join(str(e).split())
+    unknown = re.search(r"Key '([^']+)' (?:is )?not in", text) or re.search(
+        r"Could not override '([^']+)'\. To append", text
+    )
+    if unknown:
+        return (
+            f"unknown option {unknown.group(1)!r} (see --help); Hydra overrides for the rungs "
+            "go after `--`"
+        )
+    return text.split(" full_key:")[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,23 +171,21 @@ class Ladder:
     nproc: int | None = None
     overrides: list[str] = field(default_factory=list)
     description: str = ""
-    prefix: str = ""  # experiment prefix for rung names without '/' ("ladder/nano_cpu/")
+    repeats: int = 1
 
 
 def ladder_names() -> list[str]:
-    return sorted(p.parent.name for p in LADDER_DIR.glob(f"*/{LADDER_FILE}"))
+    return sorted(p.name.removesuffix(LADDER_SUFFIX) for p in LADDER_DIR.glob(f"*{LADDER_SUFFIX}"))
 
 
 def load_ladder(spec: str) -> Ladder:
-    """A ladder by name (experiments/ladder/<name>/ladder.yml) or by path to its file."""
+    """A ladder by name (experiments/ladder/<name>.yml) or by path to its file."""
     path = Path(spec).expanduser()
-    if path.is_dir():
-        path = path / LADDER_FILE
     if not path.is_file():
-        path = LADDER_DIR / spec / LADDER_FILE
+        path = LADDER_DIR / f"{spec}{LADDER_SUFFIX}"
     if not path.is_file():
         raise AblationError(
-            f"no ladder {spec!r}: expected {LADDER_DIR / spec / LADDER_FILE} or a ladder file; "
+            f"no ladder {spec!r}: expected {LADDER_DIR / spec}{LADDER_SUFFIX} or a ladder file; "
             f"ladders: {', '.join(ladder_names()) or 'none'}"
         )
     try:
@@ -272,23 +194,23 @@ def load_ladder(spec: str) -> Ladder:
         raise AblationError(f"cannot read {path}: {_one_line(str(e))}") from None
     if not isinstance(data, dict) or not isinstance(data.get("rungs"), list) or not data["rungs"]:
         raise AblationError(f"{path}: needs a non-empty `rungs:` list")
-    unknown = set(data) - {"name", "description", "rungs", "steps", "warmup", "nproc", "overrides"}
+    keys = {"name", "description", "shape", "rungs", "steps", "warmup", "repeats", "nproc"}
+    keys.add("overrides")
+    unknown = set(data) - keys
     if unknown:
         raise AblationError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-    try:
-        prefix = path.resolve().parent.relative_to(EXPERIMENTS_DIR.resolve()).as_posix() + "/"
-    except ValueError:
-        prefix = ""  # a ladder file outside experiments/: rungs are full experiment names
+    # the shape (conf/ladder_shape/<shape>.yaml) every rung of this ladder is composed with
+    shape = [f"ladder_shape={data['shape']}"] if data.get("shape") else []
     return Ladder(
-        name=str(data.get("name") or path.parent.name),
+        name=str(data.get("name") or path.name.removesuffix(LADDER_SUFFIX)),
         file=path,
         rungs=list(data["rungs"]),
         steps=int(data.get("steps") or DEFAULT_STEPS),
         warmup=int(data["warmup"]) if data.get("warmup") is not None else DEFAULT_WARMUP,
         nproc=int(data["nproc"]) if data.get("nproc") else None,
-        overrides=[str(o) for o in data.get("overrides") or []],
+        repeats=int(data.get("repeats") or 1),
+        overrides=[*shape, *(str(o) for o in data.get("overrides") or [])],
         description=str(data.get("description") or ""),
-        prefix=prefix,
     )
 
 
@@ -298,6 +220,7 @@ class Rung:
 
     index: int  # 1-based position in the ladder
     name: str  # display name = the record's `experiment` (the table's `name` column)
+    repeat: int  # which pass over the ladder (repeats run interleaved: every rung, then again)
     short: str  # folder suffix and W&B job_type
     experiment: str  # +experiment=<this>
     overrides: list[str]  # every override after +experiment=, in order
@@ -305,7 +228,7 @@ class Rung:
     launcher: str = "python"  # python | torchrun
     nproc: int = 1
     command: list[str] = field(default_factory=list)
-    status: str = "pending"  # pending | completed | failed | interrupted | not run
+    status: str = "pending"  # pending | completed | failed | n/a | interrupted | not run
     error: str | None = None
     returncode: int | None = None
     seconds: float | None = None
@@ -315,7 +238,6 @@ class Rung:
 
 def _entry(ladder: Ladder | None, item: Any) -> tuple[str, str | None, list[str]]:
     """(experiment, explicit name or None, extra overrides) of one `rungs` entry."""
-    prefix = ladder.prefix if ladder else ""
     if isinstance(item, dict):
         unknown = set(item) - {"experiment", "name", "overrides"}
         if unknown or not item.get("experiment"):
@@ -328,8 +250,8 @@ def _entry(ladder: Ladder | None, item: Any) -> tuple[str, str | None, list[str]
     else:
         exp, name, extra = str(item), None, []
     exp = exp.removesuffix(".yaml").removeprefix("+experiment=").removeprefix("experiment/")
-    if "/" not in exp and prefix:
-        exp = prefix + exp
+    if "/" not in exp or (ladder and (LADDER_DIR / f"{exp}.yaml").is_file()):
+        exp = f"ladder/{exp}"  # the ladder rungs: experiments/ladder/<rung>.yaml
     if not (EXPERIMENTS_DIR / f"{exp}.yaml").is_file():
         raise AblationError(f"no experiment {exp!r} (expected {EXPERIMENTS_DIR / exp}.yaml)")
     return exp, (str(name) if name else None), extra
@@ -410,7 +332,7 @@ def _int_value(overrides: list[str], key: str) -> int | None:
     return found
 
 
-def plan(opts: Options) -> tuple[Ladder | None, list[Rung], dict]:
+def plan(opts: AblateConfig) -> tuple[Ladder | None, list[Rung], dict]:
     """The ladder, its rungs (composed and checked) and the ablation's settings."""
     ladder = load_ladder(opts.ladder) if opts.ladder else None
     items = opts.rungs if opts.rungs else (ladder.rungs if ladder else [])
@@ -432,27 +354,35 @@ def plan(opts: Options) -> tuple[Ladder | None, list[Rung], dict]:
     else:
         steps = max(0, given_max - warmup)
 
+    if opts.profile and not _has_key(common, "trainer.breakdown_steps") and warmup >= 2:
+        # the step-time breakdown of the last untimed warm-up step (the first one compiles)
+        measure.append("trainer.breakdown_steps=1")
+    repeats = opts.repeats or (ladder.repeats if ladder else 1)
+    entries = [_entry(ladder, item) for item in items]
     rungs: list[Rung] = []
-    for i, item in enumerate(items, start=1):
-        exp, name, extra = _entry(ladder, item)
-        short = _safe(name or exp.rsplit("/", 1)[-1])
-        # (`experiment=` would be read as the config group: the runner renames the record)
-        own = [f"logger.job_type={short}"] if name else []
-        rungs.append(
-            Rung(
-                index=i,
-                name=name or exp,
-                short=short,
-                experiment=exp,
-                overrides=[*measure, *own, *extra, *common],
+    # interleaved: a drift of the machine hits every rung alike
+    for repeat in range(repeats):
+        for i, (exp, name, extra) in enumerate(entries, start=1):
+            short = _safe(name or exp.rsplit("/", 1)[-1])
+            # (`experiment=` would be read as the config group: the runner renames the record)
+            own = [f"logger.job_type={short}"] if name else []
+            rungs.append(
+                Rung(
+                    index=i,
+                    name=name or exp,
+                    repeat=repeat,
+                    short=short,
+                    experiment=exp,
+                    overrides=[*measure, f"repeat={repeat}", *own, *extra, *common],
+                )
             )
-        )
     settings = {
         "ladder": ladder.name if ladder else None,
         "ladder_file": _shown(ladder.file) if ladder and ladder.file else None,
         "description": ladder.description if ladder else "",
         "steps": steps,
         "warmup": warmup,
+        "repeats": repeats,
         "nproc": opts.nproc or (ladder.nproc if ladder else None),
         "overrides": common,
     }
@@ -489,7 +419,10 @@ def prepare(rungs: list[Rung], settings: dict, out: Path) -> None:
     group = out.name
     nproc = settings["nproc"]
     for rung in rungs:
-        rung.dir = str((out / f"{rung.index:02d}_{rung.short}").absolute())
+        folder = out / f"{rung.index:02d}_{rung.short}"
+        if settings["repeats"] > 1:
+            folder = folder / f"repeat_{rung.repeat}"
+        rung.dir = str(folder.absolute())
         config = compose_rung(rung)
         extra = []
         if not _has_key(rung.overrides, "logger.group"):
@@ -650,6 +583,8 @@ def settle(
         )
     else:
         status, reason = "failed", failure_reason(text, rung.returncode or 0)
+    if status == "failed" and NOT_AVAILABLE.search(reason or ""):
+        status = "n/a"  # e.g. precision=fp8 off an H100-class GPU: not a failure of the rung
     rung.status, rung.error = status, (_one_line(reason) if reason else None)
     renamed = record is not None and record.get("experiment") != rung.name
     if renamed or (status != "completed" and (rec_status != status or rec_error != rung.error)):
@@ -790,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
-    print(f"gpt2x.ablate: {len(rungs)} rungs -> {out}")
+    n_rungs = len(rungs) // settings["repeats"]
+    print(f"gpt2x.ablate: {n_rungs} rungs x {settings['repeats']} repeats -> {out}")
     write_manifest(out, rungs, settings, "running")
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     stopped_by: int | None = None
@@ -799,8 +735,13 @@ def main(argv: list[str] | None = None) -> int:
             if stopped_by is not None:
                 rung.status = "not run"
                 continue
+            again = (
+                f", repeat {rung.repeat + 1}/{settings['repeats']}"
+                if settings["repeats"] > 1
+                else ""
+            )
             print(
-                f"==> [{rung.index}/{len(rungs)}] {rung.name} ({rung.launcher}"
+                f"==> [{rung.index}/{n_rungs}{again}] {rung.name} ({rung.launcher}"
                 + (f", {rung.nproc} processes" if rung.launcher == "torchrun" else "")
                 + f"): {shlex.join(rung.command)}",
                 flush=True,
@@ -810,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             except Interrupted as e:
                 stopped_by = e.signum
             print(
-                f"<== [{rung.index}/{len(rungs)}] {rung.name}: {rung.status}"
+                f"<== [{rung.index}/{n_rungs}{again}] {rung.name}: {rung.status}"
                 + (f" ({rung.error})" if rung.error else "")
                 + (f" in {rung.seconds:.1f} s" if rung.seconds is not None else ""),
                 flush=True,

@@ -329,6 +329,27 @@ class EvaluateConfig:
     device: str = "auto"
 
 
+@dataclass
+class AblateConfig:
+    """`python -m gpt2x.ablate key=value ... [-- rung overrides]` (docs/ladder.md)."""
+
+    ladder: str | None = None  # experiments/ladder/<name>.yml (nano_cpu, gpt2_124m, ...) or a file
+    rungs: list[str] = field(default_factory=list)  # experiments to run instead of the ladder's
+    steps: int | None = None  # measured steps per rung (default: the ladder's, else 10)
+    warmup: int | None = None  # untimed warm-up steps per rung (default: the ladder's, else 3)
+    # fresh processes per rung, interleaved (every rung once, then every rung again, ...);
+    # default: the ladder's, else 1
+    repeats: int | None = None
+    nproc: int | None = None  # processes of a ddp/fsdp rung (default: CUDA devices, else 2)
+    out: str | None = None  # the ablation folder (default: outputs/ablations/<ladder>_<time>)
+    overrides: list[str] = field(default_factory=list)  # for every rung (also after `--`)
+    profile: bool = True  # a step-time breakdown of the last untimed warm-up step(s) per rung
+    wandb: bool = False  # also save a W&B report of the rungs at the end
+    timeout: float | None = None  # seconds a rung may run before it is stopped (failed)
+    quiet: bool = False  # do not echo the rungs' output (always in <rung folder>/rung.log)
+    dry_run: bool = False  # print the rung commands and exit
+
+
 _RUN_ID: str | None = None
 
 
@@ -380,6 +401,7 @@ def register_configs() -> None:
         ("sample", SampleConfig),
         ("export", ExportConfig),
         ("evaluate", EvaluateConfig),
+        ("ablate", AblateConfig),
     ]:
         cs.store(name=f"{name}_schema", node=schema)
     for group, schema in [

@@ -4,8 +4,11 @@ GUI backend, safe in threads."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # == gpt2x.profiling.CATEGORIES (a test keeps them equal): bottom-to-top order of the stacks
 BREAKDOWN_CATEGORIES = (
@@ -83,3 +86,166 @@ def _stack(breakdown: dict | None) -> dict[str, float] | None:
     stack = {c: float(cats.get(c, 0.0)) for c in BREAKDOWN_CATEGORIES}
     stack["other"] += sum(float(v) for k, v in cats.items() if k not in stack)
     return stack
+
+
+# --------------------------------------------------------------------------------------------
+# tables' plots: loss curves (repeats as a band), tokens/s bars (error bars), sweeps
+
+
+@dataclass
+class Curve:
+    """One line of the loss plot: a configuration's loss per step, one list per repeat."""
+
+    label: str
+    x: list[int]
+    repeats: list[list[float]]  # NaN where a repeat has no row at that step
+    dashed: bool = False  # did not complete
+
+
+def figure(width: float = 8.0, height: float = 4.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
+
+
+def mark_best(ax, x: float, y: float, label: str) -> None:
+    """The best point of a sweep plot: a large red star, named in the legend."""
+    ax.plot([x], [y], marker="*", markersize=16, color="C3", linestyle="none", label=label)
+    ax.legend(fontsize=8)
+
+
+def _median_and_range(columns: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    mid, lo, hi = [], [], []
+    for values in zip(*columns):
+        vals = sorted(v for v in values if math.isfinite(v))
+        if not vals:
+            mid.append(math.nan)
+            lo.append(math.nan)
+            hi.append(math.nan)
+            continue
+        n = len(vals)
+        mid.append(vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2]))
+        lo.append(vals[0])
+        hi.append(vals[-1])
+    return mid, lo, hi
+
+
+def loss_figure(curves: Sequence[Curve]):
+    """Training loss vs step: one line per configuration (the median of its repeats), the
+    repeats' min..max as a band (dashed: did not complete)."""
+    fig = figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for i, c in enumerate(curves):
+        mid, lo, hi = _median_and_range(c.repeats)
+        color = f"C{i % 10}"
+        ax.plot(c.x, mid, label=c.label, linestyle="--" if c.dashed else "-", lw=1.2, color=color)
+        if len(c.repeats) > 1:
+            ax.fill_between(c.x, lo, hi, alpha=0.2, color=color, linewidth=0)
+    if curves:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title("Training loss (band: min..max over repeats)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_loss(curves: Sequence[Curve], path: str | Path) -> Path:
+    return save(loss_figure(curves), path)
+
+
+def tokens_per_s_figure(rows: Sequence[dict]):
+    """Bars of tokens/s per row with the repeats' 95% interval as error bars (rows that did not
+    complete: an empty, labelled slot); label: the speed-up vs the baseline."""
+    fig = figure(max(6.0, 1.1 * len(rows) + 2), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    values = [r["tokens_per_s"] or 0.0 for r in rows]
+    err_lo, err_hi = [], []
+    for r, v in zip(rows, values):
+        ci = r.get("tokens_per_s_ci")
+        ok = ci is not None and getattr(ci, "lo", None) is not None and v
+        # the interval is around the repeats' geometric mean; drawn around the bar's own value
+        err_lo.append(v * (1 - ci.lo / ci.center) if ok else 0.0)
+        err_hi.append(v * (ci.hi / ci.center - 1) if ok else 0.0)
+    colors = ["C0" if r["median_ms"] else "0.7" for r in rows]
+    bars = ax.bar(range(len(rows)), values, color=colors, yerr=[err_lo, err_hi], capsize=4)
+    for bar, row in zip(bars, rows):
+        label = f"{row['speedup_vs_baseline']:.2f}x" if row["speedup_vs_baseline"] else ""
+        if row.get("noise"):
+            label += " (noise)"
+        if not row["median_ms"]:
+            label = row["status"]
+        ax.annotate(
+            label,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("tokens / s (median step)")
+    ax.set_title("Throughput (error bars: 95% interval over repeats; label: vs baseline)")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_tokens_per_s(rows: Sequence[dict], path: str | Path) -> Path:
+    return save(tokens_per_s_figure(rows), path)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plot_sweep(rows: Sequence[dict], x: str, path: str | Path) -> Path:
+    """tokens/s and peak memory vs the swept key; the best run is marked with a star."""
+    fig = figure(10.0, 4.5)
+    ax_t = fig.add_subplot(1, 2, 1)
+    ax_m = fig.add_subplot(1, 2, 2)
+    good = [r for r in rows if r["median_ms"]]
+    numeric = bool(good) and all(_is_number(r.get(x)) for r in good)
+    if numeric:
+        good = sorted(good, key=lambda r: r[x])
+        xs = [r[x] for r in good]
+    else:
+        xs = list(range(len(good)))
+        for ax in (ax_t, ax_m):
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(r.get(x)) for r in good], rotation=30, ha="right")
+    best_i = next((i for i, r in enumerate(good) if r.get("best")), None)
+    for ax, col, label in (
+        (ax_t, "tokens_per_s", "tokens / s"),
+        (ax_m, "peak_mem_gb", "peak memory (GB)"),
+    ):
+        pts = [(xv, r[col]) for xv, r in zip(xs, good) if r[col] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+            if best_i is not None and good[best_i][col] is not None:
+                mark_best(ax, xs[best_i], good[best_i][col], f"best ({x}={good[best_i].get(x)})")
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                "not recorded" if good else "no completed runs",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+        ax.set_xlabel(x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_t.set_title("Throughput")
+    ax_m.set_title("Peak memory")
+    return save(fig, path)

@@ -19,14 +19,14 @@ import math
 import os
 import re
 import shlex
-import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2x.runfolder import read_jsonl
+from gpt2x import plots, stats
+from gpt2x.runfolder import config_hash, read_jsonl
 from gpt2x.wandb_logger import wandb_api_key_configured
 
 DEFAULT_WARMUP = 3
@@ -39,27 +39,39 @@ WANDB_MFU = "perf/mfu"
 WANDB_VAL_LOSS = "val/loss"
 WANDB_TOKENS_SEEN = "tokens_seen"
 
-# the table's columns, in order (a sweep adds the swept key after `name`, and `best`)
+# the table's columns, in order (a sweep adds the swept key after `name`, and `best`);
+# docs/report.md defines each
 COLUMNS = [
     "name",
     "status",
     "error",
+    "repeats",
     "steps",
     "median_ms",
     "p10_ms",
     "p90_ms",
     "tokens_per_s",
+    "tokens_per_s_ci",
+    "wall_tokens_per_s",
     "mfu",
+    "mfu_measured",
     "speedup_vs_prev",
+    "speedup_vs_prev_ci",
     "speedup_vs_baseline",
+    "speedup_vs_baseline_ci",
+    "noise",
     "peak_mem_gb",
     "loss",
+    "loss_vs_prev",
     "loss_vs_baseline",
+    "s_to_target",
     "val_loss",
     "compile_s",
     "world_size",
     "config_hash",
 ]
+# speed-up intervals: the confidence level of the paired t-interval (gpt2x.stats)
+CONFIDENCE = 0.95
 
 
 class ReportError(RuntimeError):
@@ -98,6 +110,18 @@ class Run:
     def config(self) -> dict:
         cfg = self.record.get("config")
         return cfg if isinstance(cfg, dict) else {}
+
+    @property
+    def repeat(self) -> int:
+        r = self.config.get("repeat")
+        return r if isinstance(r, int) and not isinstance(r, bool) else 0
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """Runs that differ only in `repeat` are repeats of one configuration: one table row."""
+        if not self.config:
+            return (self.name, str(self.path))
+        return (self.name, config_hash({k: v for k, v in self.config.items() if k != "repeat"}))
 
 
 def _one_line(text: str) -> str:
@@ -171,11 +195,13 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
 
 
 def _disambiguate(runs: list[Run]) -> None:
-    counts: dict[str, int] = {}
+    """Runs of different configurations that share a name get their folder name appended
+    (repeats of one configuration keep the name: they are one row)."""
+    groups: dict[str, set] = {}
     for r in runs:
-        counts[r.name] = counts.get(r.name, 0) + 1
+        groups.setdefault(r.name, set()).add(r.group)
     for r in runs:
-        if counts[r.name] > 1 and r.name != r.path.name:
+        if len(groups[r.name]) > 1 and r.name != r.path.name:
             r.name = f"{r.name} [{r.path.name}]"
 
 
@@ -195,16 +221,6 @@ def _num(value: Any) -> float | None:
         except ValueError:
             return None
     return None
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in [0, 1]), as numpy's default does."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    pos = (len(ordered) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def config_value(config: dict, key: str) -> Any:
@@ -228,6 +244,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _measured_rows(run: Run, warmup: int) -> list[dict]:
+    """The metrics rows that count for timing: the trainer's rule skips `warmup` steps but
+    always keeps at least one."""
+    return run.metrics[min(warmup, max(0, len(run.metrics) - 1)) :]
+
+
+def _values(rows: Sequence[dict], key: str) -> list[float]:
+    return [v for v in (_num(r.get(key)) for r in rows) if v is not None and math.isfinite(v)]
+
+
 def _measure(run: Run, warmup: int) -> dict:
     """Step-time, throughput, memory and loss numbers of one run (None where unknown)."""
     rec = run.record
@@ -235,47 +261,60 @@ def _measure(run: Run, warmup: int) -> dict:
     rows = run.metrics
     steps = summary.get("steps") if not rows else None
     out: dict[str, Any] = {"steps": steps if isinstance(steps, int) else len(rows)}
-    # the trainer's rule: skip `warmup` steps but always keep at least one
-    skip = min(warmup, max(0, len(rows) - 1))
-    measured = rows[skip:]
-    ms = [v for v in (_num(r.get("ms")) for r in measured) if v is not None and math.isfinite(v)]
+    measured = _measured_rows(run, warmup)
+    ms = _values(measured, "ms")
+    out["ms"] = ms
     if ms:
-        out["median_ms"] = statistics.median(ms)
-        out["p10_ms"] = percentile(ms, 0.1)
-        out["p90_ms"] = percentile(ms, 0.9)
+        out["median_ms"] = stats.median(ms)
     else:  # no per-step rows: fall back to the record's own summary
         out["median_ms"] = _num(summary.get("median_ms"))
-        out["p10_ms"] = _num(summary.get("p10_ms"))
-        out["p90_ms"] = _num(summary.get("p90_ms"))
-
     tokens_per_step = _num(rec.get("tokens_per_step"))
+    out["tokens_per_step"] = tokens_per_step
     if tokens_per_step and out["median_ms"]:
         out["tokens_per_s"] = tokens_per_step / (out["median_ms"] / 1000.0)
     else:
-        tps = [v for v in (_num(r.get("tokens_per_s")) for r in measured) if v is not None]
-        out["tokens_per_s"] = statistics.median(tps) if tps else _num(summary.get("tokens_per_s"))
-
-    mfus = [v for v in (_num(r.get("mfu")) for r in measured) if v is not None]
-    out["mfu"] = statistics.median(mfus) if mfus else (None if rows else _num(summary.get("mfu")))
-
-    mems = [v for v in (_num(r.get("mem_gb")) for r in rows) if v is not None]
+        tps = _values(measured, "tokens_per_s")
+        out["tokens_per_s"] = stats.median(tps) if tps else _num(summary.get("tokens_per_s"))
+    wall = _values(measured, "wall_tokens_per_s")
+    out["wall_tokens_per_s"] = stats.median(wall) if wall else None
+    for key in ("mfu", "mfu_measured"):
+        vals = _values(measured, key)
+        out[key] = stats.median(vals) if vals else (None if rows else _num(summary.get(key)))
+    mems = _values(rows, "mem_gb") or _values(rows, "rss_gb")
     out["peak_mem_gb"] = max(mems) if mems else _num(summary.get("peak_mem_gb"))
-
     out["loss"] = _num(rows[-1].get("loss")) if rows else _num(summary.get("final_loss"))
-    vals = [v for v in (_num(r.get("val_loss")) for r in run.evals) if v is not None]
+    vals = _values(run.evals, "val_loss")
     out["val_loss"] = vals[-1] if vals else _num(summary.get("val_loss"))
     return out
 
 
-def _order_runs(runs: Sequence[Run], order: Sequence[str] | None) -> list[Run]:
-    runs = list(runs)
+def seconds_to_loss(run: Run, target: float) -> float | None:
+    """Summed step time (s) until the training loss first reaches `target` (None: never)."""
+    total = 0.0
+    for r in run.metrics:
+        ms, loss = _num(r.get("ms")), _num(r.get("loss"))
+        total += (ms or 0.0) / 1000.0
+        if loss is not None and loss <= target:
+            return total
+    return None
+
+
+def _order_groups(groups: list[list[Run]], order: Sequence[str] | None) -> list[list[Run]]:
     if not order:
-        return runs
+        return groups
     rank = {name: i for i, name in enumerate(order)}
-    missing = [n for n in order if n not in {r.name for r in runs}]
+    missing = [n for n in order if n not in {g[0].name for g in groups}]
     if missing:
         raise ReportError(f"--order names no run called {missing[0]!r}")
-    return sorted(runs, key=lambda r: rank.get(r.name, len(rank)))  # stable: the rest keep order
+    return sorted(groups, key=lambda g: rank.get(g[0].name, len(rank)))  # stable
+
+
+def group_runs(runs: Sequence[Run]) -> list[list[Run]]:
+    """Runs grouped into configurations (repeats together), in first-seen order."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    return [sorted(g, key=lambda r: r.repeat) for g in groups.values()]
 
 
 def summarize(
@@ -284,63 +323,117 @@ def summarize(
     warmup: int | None = None,
     order: Sequence[str] | None = None,
     x: str | None = None,
+    target_loss: float | None = None,
 ) -> list[dict]:
-    """One row per run (columns: COLUMNS), in the order of `runs` or of the names in `order`.
+    """One row per configuration (columns: COLUMNS); the repeats of a configuration (runs that
+    differ only in `repeat`) are one row, in the order of `runs` or of the names in `order`.
 
-    baseline: the name of the reference run (default: the first successful row).
-    warmup: steps skipped before timing (default: each run's trainer.warmup_steps_for_timing,
-        else 3). x: a dotted config key for sweeps: adds that column and `best` (the successful
-        row with the highest tokens/s).
-    Rows that did not complete keep name/status/error/steps and leave every other cell None;
-    speed-up vs the previous row compares to the last successful row before it.
+    Per row: the median step time over all measured steps of all completed repeats, tokens/s
+    from it, a 95% t-interval of tokens/s across repeats (on logs), and speed-ups vs the
+    previous completed row and vs the baseline with paired intervals (repeat i against repeat
+    i, gpt2x.stats.paired_ratio); `noise` marks a speed-up whose interval includes 1.00x.
+    baseline: the reference row's name (default: the first completed row). warmup: steps
+    skipped before timing (default: each run's trainer.warmup_steps_for_timing, else 3).
+    target_loss: `s_to_target` is the step time to reach it (default: the baseline's final
+    loss). x: a dotted config key for sweeps: adds that column and `best` (highest tokens/s).
     """
-    ordered = _order_runs(runs, order)
+    groups = _order_groups(group_runs(runs), order)
     rows = []
-    for run in ordered:
+    per_repeat: list[dict[int, float]] = []  # row -> {repeat: tokens/s}
+    for group in groups:
+        first = group[0]
         row: dict[str, Any] = dict.fromkeys(COLUMNS)
-        row.update(name=run.name, status=run.status, error=run.error)
-        row["config_hash"] = run.record.get("config_hash")
-        row["world_size"] = run.record.get("world_size")
-        measured = _measure(run, _warmup_for(run, warmup))
-        if run.ok and measured["median_ms"]:
-            row.update(measured)
-            row["compile_s"] = _num(run.record.get("compile_seconds"))
+        done = [r for r in group if r.ok]
+        shown = done[0] if done else next((r for r in group if r.status != "completed"), first)
+        row.update(name=first.name, status=shown.status, error=shown.error)
+        if done and len(done) < len(group):  # some repeats failed: say so, use the others
+            bad = next(r for r in group if not r.ok)
+            row["error"] = f"{len(group) - len(done)} of {len(group)} repeats: {bad.error}"
+        row["repeats"] = f"{len(done)}/{len(group)}"
+        row["config_hash"] = first.record.get("config_hash")
+        row["world_size"] = first.record.get("world_size")
+        measured = [(r, _measure(r, _warmup_for(r, warmup))) for r in done]
+        measured = [(r, m) for r, m in measured if m["median_ms"]]
+        tps = {r.repeat: m["tokens_per_s"] for r, m in measured if m["tokens_per_s"]}
+        per_repeat.append(tps)
+        if measured:
+            pooled = [ms for _, m in measured for ms in m["ms"]]
+            one = measured[0][1]
+            row["steps"] = one["steps"]
+            row["median_ms"] = stats.median(pooled) if pooled else one["median_ms"]
+            row["p10_ms"] = stats.percentile(pooled, 10) if pooled else None
+            row["p90_ms"] = stats.percentile(pooled, 90) if pooled else None
+            tokens = one["tokens_per_step"]
+            row["tokens_per_s"] = (
+                tokens / (row["median_ms"] / 1000.0) if tokens else one["tokens_per_s"]
+            )
+            if len(tps) > 1:
+                row["tokens_per_s_ci"] = stats.log_t_interval(list(tps.values()), CONFIDENCE)
+            for key in ("wall_tokens_per_s", "mfu", "mfu_measured", "loss", "val_loss"):
+                vals = [m[key] for _, m in measured if m[key] is not None]
+                row[key] = stats.median(vals) if vals else None
+            mems = [m["peak_mem_gb"] for _, m in measured if m["peak_mem_gb"] is not None]
+            row["peak_mem_gb"] = max(mems) if mems else None
+            row["compile_s"] = _num(measured[0][0].record.get("compile_seconds"))
         else:
-            row["steps"] = measured["steps"]
-            if run.ok:  # completed but nothing measured: cannot be compared
+            row["steps"] = _measure(shown, _warmup_for(shown, warmup))["steps"]
+            if done:  # completed but nothing measured: cannot be compared
                 row["error"] = row["error"] or "no step timings in the record"
         if x is not None:
-            row[x] = config_value(run.config, x)
+            row[x] = config_value(first.config, x)
         rows.append(row)
 
-    good = [r for r in rows if r["median_ms"]]
+    good = [i for i, r in enumerate(rows) if r["median_ms"]]
     if baseline is not None:
         names = [r["name"] for r in rows]
         if baseline not in names:
             raise ReportError(f"--baseline {baseline!r} is not one of the runs: {', '.join(names)}")
-        base = rows[names.index(baseline)]
-        if not base["median_ms"]:
-            base = None  # a failed baseline: nothing to compare against
+        base = names.index(baseline)
+        base = base if rows[base]["median_ms"] else None  # a failed baseline: nothing to compare
     else:
         base = good[0] if good else None
+    if target_loss is None and base is not None:
+        target_loss = rows[base]["loss"]
 
     prev = None
-    for row in rows:
+    for i, row in enumerate(rows):
         if not row["median_ms"]:
             continue
         # throughput ratios, not step-time ratios: a DDP rung's step holds N times the tokens
-        row["speedup_vs_prev"] = _ratio(row["tokens_per_s"], prev["tokens_per_s"]) if prev else 1.0
+        if prev is None:
+            row["speedup_vs_prev"] = 1.0
+        else:
+            row["speedup_vs_prev"] = _ratio(row["tokens_per_s"], rows[prev]["tokens_per_s"])
+            row["speedup_vs_prev_ci"] = _paired(per_repeat[i], per_repeat[prev])
+            if row["loss"] is not None and rows[prev]["loss"] is not None:
+                row["loss_vs_prev"] = row["loss"] - rows[prev]["loss"]
         if base is not None:
-            row["speedup_vs_baseline"] = _ratio(row["tokens_per_s"], base["tokens_per_s"])
-            if row["loss"] is not None and base["loss"] is not None:
-                row["loss_vs_baseline"] = row["loss"] - base["loss"]
-        prev = row
+            row["speedup_vs_baseline"] = _ratio(row["tokens_per_s"], rows[base]["tokens_per_s"])
+            if i != base:
+                row["speedup_vs_baseline_ci"] = _paired(per_repeat[i], per_repeat[base])
+            if row["loss"] is not None and rows[base]["loss"] is not None:
+                row["loss_vs_baseline"] = row["loss"] - rows[base]["loss"]
+        ci = row["speedup_vs_prev_ci"]
+        row["noise"] = stats.within_noise(ci) if ci is not None else None
+        if target_loss is not None:
+            times = [seconds_to_loss(r, target_loss) for r in groups[i] if r.ok]
+            times = [t for t in times if t is not None]
+            row["s_to_target"] = stats.median(times) if times else None
+        prev = i
 
     if x is not None:
-        best = max(good, key=lambda r: r["tokens_per_s"] or 0.0, default=None)
+        best = max((rows[i] for i in good), key=lambda r: r["tokens_per_s"] or 0.0, default=None)
         for row in rows:
             row["best"] = row is best
     return rows
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> stats.Interval | None:
+    """The paired interval of a/b over the repeats both have (None with fewer than 2)."""
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    return stats.paired_ratio([a[k] for k in common], [b[k] for k in common], CONFIDENCE)
 
 
 def _sweep_key(rows: Sequence[dict]) -> str | None:
@@ -438,15 +531,23 @@ def _fmt(col: str, value: Any) -> str:
         return ""
     if col == "best":
         return "★" if value else ""
+    if col == "noise":
+        return "within noise" if value else ""
+    if isinstance(value, stats.Interval):
+        if value.lo is None or value.hi is None:
+            return ""
+        if col == "tokens_per_s_ci":
+            return f"±{value.half_width_pct:.1f}%"
+        return f"{value.lo:.2f}-{value.hi:.2f}x"
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if col in ("median_ms", "p10_ms", "p90_ms", "compile_s"):
         return f"{value:.1f}"
-    if col == "tokens_per_s":
+    if col in ("tokens_per_s", "wall_tokens_per_s"):
         return f"{value:,.0f}"
-    if col == "mfu":
+    if col in ("mfu", "mfu_measured"):
         return f"{100 * value:.1f}%"
     if col.startswith("speedup"):
         return f"{value:.2f}x"
@@ -454,8 +555,10 @@ def _fmt(col: str, value: Any) -> str:
         return f"{value:.2f}"
     if col in ("loss", "val_loss"):
         return f"{value:.4f}"
-    if col == "loss_vs_baseline":
+    if col in ("loss_vs_baseline", "loss_vs_prev"):
         return f"{value:+.4f}"
+    if col == "s_to_target":
+        return f"{value:.1f}"
     text = str(value)
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -463,6 +566,8 @@ def _fmt(col: str, value: Any) -> str:
 def _csv_cell(value: Any) -> Any:
     if value is None:
         return ""
+    if isinstance(value, stats.Interval):  # "lo..hi" (empty without an interval)
+        return "" if value.lo is None else f"{value.lo!r}..{value.hi!r}"
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, (dict, list)):
@@ -500,6 +605,8 @@ def write_report(
     columns = columns_of(rows, x)
     header = build_header(runs) if header is None else header
     by_name = {r.name: r for r in runs}
+    groups = {g[0].name: g for g in group_runs(runs)}
+    breakdowns = [{"name": r["name"], "breakdown": mean_breakdown(groups.get(r["name"], []))} for r in rows]
     paths: dict[str, Path] = {}
 
     # ---- markdown
@@ -526,13 +633,27 @@ def write_report(
             md.append("**Best**: none (no run completed).")
         md.append("")
     md += [
-        "Times are medians over the measured steps (the first `trainer.warmup_steps_for_timing`"
-        " steps skipped); speed-ups are tokens/s ratios. Column definitions:"
-        " docs/report.md.",
-        "",
-        "## Runs",
+        "Times are medians over the measured steps of every completed repeat (the first"
+        " `trainer.warmup_steps_for_timing` steps skipped); speed-ups are tokens/s ratios."
+        f" Intervals are {int(CONFIDENCE * 100)}% Student-t intervals on logs across repeats;"
+        " a speed-up's interval is paired (repeat i against repeat i of the other row) and"
+        " `within noise` marks one that includes 1.00x. Column definitions: docs/report.md.",
         "",
     ]
+    widths = [
+        r["speedup_vs_prev_ci"].half_width_pct
+        for r in rows
+        if isinstance(r.get("speedup_vs_prev_ci"), stats.Interval)
+        and r["speedup_vs_prev_ci"].half_width_pct is not None
+    ]
+    if widths:
+        md += [
+            f"Precision reached: speed-up vs the previous row known to ±{stats.median(widths):.1f}%"
+            f" (median half-width; widest ±{max(widths):.1f}%).",
+            "",
+        ]
+    md += breakdown_table(breakdowns)
+    md += ["## Runs", ""]
     for row in rows:
         run = by_name.get(row["name"])
         md.append(f"### {row['name']}")
@@ -559,142 +680,82 @@ def write_report(
             writer.writerow([_csv_cell(row.get(c)) for c in columns])
 
     # ---- plots
-    paths["loss"] = plot_loss(runs, rows, out / "loss.png")
-    paths["tokens_per_s"] = plot_tokens_per_s(rows, out / "tokens_per_s.png")
+    paths["loss"] = plots.plot_loss(loss_curves(runs, rows), out / "loss.png")
+    paths["tokens_per_s"] = plots.plot_tokens_per_s(rows, out / "tokens_per_s.png")
     if x is not None:
-        paths["sweep"] = plot_sweep(rows, x, out / "sweep.png")
+        paths["sweep"] = plots.plot_sweep(rows, x, out / "sweep.png")
+    if any(b["breakdown"] for b in breakdowns):
+        paths["breakdown"] = plots.plot_breakdown(breakdowns, out / "breakdown.png")
     return paths
 
 
 # --------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API on an Agg canvas: no pyplot, no GUI backend, thread-safe)
+# What the plots get from the runs (the drawing itself is gpt2x.plots: torch-free, data in)
 
 
-def _figure(width: float = 8.0, height: float = 4.5):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def mark_best(ax, x: float, y: float, label: str) -> None:
-    """The best point of a sweep plot: a large red star, named in the legend."""
-    ax.plot([x], [y], marker="*", markersize=16, color="C3", linestyle="none", label=label)
-    ax.legend(fontsize=8)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
-
-
-def plot_loss(runs: Sequence[Run], rows: Sequence[dict], path: Path) -> Path:
-    """Training loss vs step, one line per run in table order (dashed: did not complete)."""
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    by_name = {r.name: r for r in runs}
-    drawn = 0
+def loss_curves(runs: Sequence[Run], rows: Sequence[dict]) -> list[plots.Curve]:
+    """Training loss vs step per row (one line per configuration: its repeats as a band)."""
+    groups = {g[0].name: g for g in group_runs(runs)}
+    curves = []
     for row in rows:
-        run = by_name.get(row["name"])
-        if run is None or not run.metrics:
+        group = groups.get(row["name"], [])
+        per_repeat = []
+        for run in group:
+            pts = {r.get("step"): _num(r.get("loss")) for r in run.metrics}
+            pts = {s: v for s, v in pts.items() if isinstance(s, int) and v is not None}
+            if pts and math.isfinite(sum(pts.values())):
+                per_repeat.append(pts)
+        if not per_repeat:
             continue
-        pts = [(r.get("step"), _num(r.get("loss"))) for r in run.metrics]
-        pts = [(s, v) for s, v in pts if isinstance(s, int) and v is not None and math.isfinite(v)]
-        if not pts:
-            continue
-        label = run.name if run.ok else f"{run.name} ({run.status})"
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            label=label,
-            linestyle="-" if run.ok else "--",
-            linewidth=1.2,
-        )
-        drawn += 1
-    if drawn:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_title("Training loss")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_tokens_per_s(rows: Sequence[dict], path: Path) -> Path:
-    """Bar chart of tokens/s per run (runs that did not complete: an empty, labelled slot)."""
-    fig = _figure(max(6.0, 1.1 * len(rows) + 2), 4.5)
-    ax = fig.add_subplot(1, 1, 1)
-    names = [r["name"] for r in rows]
-    values = [r["tokens_per_s"] or 0.0 for r in rows]
-    bars = ax.bar(range(len(rows)), values, color=["C0" if r["median_ms"] else "0.7" for r in rows])
-    for bar, row in zip(bars, rows):
-        label = f"{row['speedup_vs_baseline']:.2f}x" if row["speedup_vs_baseline"] else ""
-        if not row["median_ms"]:
-            label = row["status"]
-        ax.annotate(
-            label,
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("tokens / s (median step)")
-    ax.set_title("Throughput (label: speed-up vs baseline)")
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def plot_sweep(rows: Sequence[dict], x: str, path: Path) -> Path:
-    """tokens/s and peak memory vs the swept key; the best run is marked with a star."""
-    fig = _figure(10.0, 4.5)
-    ax_t = fig.add_subplot(1, 2, 1)
-    ax_m = fig.add_subplot(1, 2, 2)
-    good = [r for r in rows if r["median_ms"]]
-    numeric = bool(good) and all(_is_number(r.get(x)) for r in good)
-    if numeric:
-        good = sorted(good, key=lambda r: r[x])
-        xs = [r[x] for r in good]
-    else:
-        xs = list(range(len(good)))
-        for ax in (ax_t, ax_m):
-            ax.set_xticks(xs)
-            ax.set_xticklabels([str(r.get(x)) for r in good], rotation=30, ha="right")
-    best_i = next((i for i, r in enumerate(good) if r.get("best")), None)
-    for ax, col, label in (
-        (ax_t, "tokens_per_s", "tokens / s"),
-        (ax_m, "peak_mem_gb", "peak memory (GB)"),
-    ):
-        pts = [(xv, r[col]) for xv, r in zip(xs, good) if r[col] is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-            if best_i is not None and good[best_i][col] is not None:
-                mark_best(ax, xs[best_i], good[best_i][col], f"best ({x}={good[best_i].get(x)})")
-        else:
-            ax.text(
-                0.5,
-                0.5,
-                "not recorded (CPU?)" if good else "no completed runs",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
+        steps = sorted(set().union(*per_repeat))
+        ok = bool(row["median_ms"])
+        curves.append(
+            plots.Curve(
+                label=row["name"] if ok else f"{row['name']} ({row['status']})",
+                x=steps,
+                repeats=[[c.get(s, math.nan) for s in steps] for c in per_repeat],
+                dashed=not ok,
             )
-        ax.set_xlabel(x)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    ax_t.set_title("Throughput")
-    ax_m.set_title("Peak memory")
-    return _save(fig, path)
+        )
+    return curves
+
+
+def breakdown_table(breakdowns: Sequence[dict]) -> list[str]:
+    """Markdown lines: each row's step time split by category (ms per step, share)."""
+    rows = [b for b in breakdowns if b["breakdown"]]
+    if not rows:
+        return []
+    cats = list(plots.BREAKDOWN_CATEGORIES)
+    lines = [
+        "## Where the step time goes (ms per profiled warm-up step, gpt2x.profiling)",
+        "",
+        "| name | step ms | " + " | ".join(cats) + " |",
+        "|" + "---|" * (len(cats) + 2),
+    ]
+    for b in rows:
+        bd = b["breakdown"]
+        cells = [
+            f"{bd['categories'].get(c, 0.0):.1f} ({100 * bd['categories'].get(c, 0.0) / bd['step_ms']:.0f}%)"
+            if bd["step_ms"]
+            else ""
+            for c in cats
+        ]
+        lines.append(f"| {b['name']} | {bd['step_ms']:.1f} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def mean_breakdown(group: Sequence[Run]) -> dict | None:
+    """The step-time breakdown a row's completed repeats recorded, averaged per category."""
+    found = [r.record["breakdown"] for r in group if r.ok and isinstance(r.record.get("breakdown"), dict)]
+    if not found:
+        return None
+    keys = [k for k in found[0]["categories"]]
+    return {
+        "step_ms": stats.median([b["step_ms"] for b in found]),
+        "categories": {k: sum(b["categories"].get(k, 0.0) for b in found) / len(found) for k in keys},
+        "steps": sum(b.get("steps", 1) for b in found),
+        "device": found[0].get("device"),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -882,28 +943,44 @@ def build_wandb_report(
     def at(i: int, w: int = 12, h: int = 8):
         return wr.Layout(x=(i % 2) * 12, y=(i // 2) * 8, w=w, h=h)
 
+    # one line / bar per configuration (a ladder rung): its repeats as a band / an error bar
+    by_rung = dict(groupby=wr.Config("experiment"), groupby_aggfunc="median")
+
+    def line(title: str, x: str, y: str, i: int):
+        return wr.LinePlot(
+            title=title, x=x, y=[y], groupby_rangefunc="minmax", layout=at(i), **by_rung
+        )
+
     panels = [
-        wr.LinePlot(title="Train loss vs step", x="Step", y=[WANDB_LOSS], layout=at(0)),
-        wr.LinePlot(
-            title="Train loss vs tokens seen", x=WANDB_TOKENS_SEEN, y=[WANDB_LOSS], layout=at(1)
-        ),
-        wr.LinePlot(title="Tokens/s", x="Step", y=[WANDB_TOKENS_PER_S], layout=at(2)),
-        wr.LinePlot(title="MFU", x="Step", y=[WANDB_MFU], layout=at(3)),
-        wr.LinePlot(title="Validation loss", x="Step", y=[WANDB_VAL_LOSS], layout=at(4)),
+        line("Train loss vs step", "Step", WANDB_LOSS, 0),
+        line("Train loss vs tokens seen", WANDB_TOKENS_SEEN, WANDB_LOSS, 1),
+        line("Tokens/s", "Step", WANDB_TOKENS_PER_S, 2),
+        line("MFU", "Step", WANDB_MFU, 3),
+        line("Validation loss", "Step", WANDB_VAL_LOSS, 4),
         wr.BarPlot(
-            title="Tokens/s per run (last logged)",
+            title="Tokens/s per rung (error bars: min..max over repeats)",
             metrics=[WANDB_TOKENS_PER_S],
             orientation="h",
+            groupby_rangefunc="minmax",
             layout=at(5),
+            **by_rung,
         ),
         wr.RunComparer(diff_only="split", layout=wr.Layout(x=0, y=24, w=24, h=12)),
+    ]
+    header = build_header(runs)
+    context = [
+        f"{key}: {'; '.join(v) if isinstance(v, list) else v}"
+        for key, v in header.items()
+        if key in ("hardware", "versions", "git", "commands")
     ]
     blocks = [
         wr.P(
             f"{len(runs)} runs compared by gpt2x.report from their local run records "
             f"(W&B group: {label}). Speed-ups below are tokens/s ratios over the measured "
-            f"steps; the panels show what each run logged to W&B."
+            f"steps; the panels show what each run logged to W&B, one line per rung with its "
+            f"repeats as a band."
         ),
+        wr.MarkdownBlock(text="\n".join(f"- {c}" for c in context)),
     ]
     if rows:
         blocks += [

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt2x import report
 from gpt2x.config import run_id
-from gpt2x.report import ReportError, mark_best
+from gpt2x.plots import mark_best
+from gpt2x.report import ReportError
 
 log = logging.getLogger("gpt2x.sweep")
 

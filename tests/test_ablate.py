@@ -90,16 +90,16 @@ def write_ladder(path: Path, rungs: list) -> Path:
 
 @pytest.mark.parametrize("ladder", LADDERS)
 def test_each_rung_includes_the_previous_and_changes_one_thing(ladder):
-    folder = REPO_ROOT / "experiments" / "ladder" / ladder
-    spec = yaml.safe_load((folder / "ladder.yml").read_text())
-    assert spec["rungs"] == RUNGS
+    folder = REPO_ROOT / "experiments" / "ladder"
+    spec = yaml.safe_load((folder / f"{ladder}.yml").read_text())
+    assert spec["rungs"] == RUNGS and spec["shape"] == ladder
     prev = None
     for rung in RUNGS:
-        text = (folder / f"{rung}.yaml").read_text()
+        text = (folder / f"{rung}.yaml").read_text()  # one file per rung, shared by the ladders
         assert text.startswith("# @package _global_")
         defaults = yaml.safe_load(text)["defaults"]
-        cfg = compose_rung(f"ladder/{ladder}/{rung}")
-        assert cfg["experiment"] == f"ladder/{ladder}/{rung}"
+        cfg = compose_rung(f"ladder/{rung}", f"ladder_shape={ladder}")
+        assert cfg["experiment"] == f"ladder/{rung}"
         assert cfg["logger"]["job_type"] == rung and cfg["logger"]["group"]
         if prev is None:
             # the base fixes what every rung shares: data, seed, B, T, steps, eval off
@@ -110,7 +110,7 @@ def test_each_rung_includes_the_previous_and_changes_one_thing(ladder):
             assert t["eval_every"] == 0 and t["sample_tokens"] == 0
             assert t["total_batch_tokens"] == t["micro_batch_size"] * t["seq_len"]
         else:
-            assert defaults[0] == f"/experiment/ladder/{ladder}/{prev['name']}"
+            assert defaults[0] == f"/experiment/ladder/{prev['name']}"
             a, b = flatten(prev["cfg"]), flatten(cfg)
             changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
             assert changed - {"experiment", "logger.job_type"} == CHANGES[rung], rung
@@ -118,20 +118,22 @@ def test_each_rung_includes_the_previous_and_changes_one_thing(ladder):
 
 
 def test_gpt2_124m_rungs_use_the_lecture_shapes():
-    cfg = compose_rung("ladder/gpt2_124m/fp32")
+    cfg = compose_rung("ladder/fp32", "ladder_shape=gpt2_124m")
     assert (cfg["model"]["n_layer"], cfg["model"]["n_embd"], cfg["model"]["vocab_size"]) == (
         12,
         768,
         50257,
     )
     assert (cfg["trainer"]["micro_batch_size"], cfg["trainer"]["seq_len"]) == (16, 1024)
-    big = compose_rung("ladder/gpt2_124m/bf16", "trainer.micro_batch_size=32")
+    big = compose_rung("ladder/bf16", "ladder_shape=gpt2_124m", "trainer.micro_batch_size=32")
+    nano = compose_rung("ladder/bf16")  # the default shape is the CPU one
+    assert nano["model"]["n_layer"] == 4 and nano["trainer"]["seq_len"] == 256
     assert big["trainer"]["total_batch_tokens"] == 32 * 1024  # the command line's B wins
 
 
 def test_ddp_rung_keeps_each_ranks_batch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for every rank
-    cfg = compose_rung("ladder/nano_cpu/ddp")
+    cfg = compose_rung("ladder/ddp", "ladder_shape=nano_cpu")
     assert cfg["trainer"]["total_batch_tokens"] == 2 * 8 * 256
 
 
@@ -143,7 +145,7 @@ def test_dry_run_prints_the_commands_with_one_wandb_group(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if "gpt2x.train" in line]
     assert len(lines) == 8 and not out.exists()
     for rung, line in zip(RUNGS, lines):
-        assert f"+experiment=ladder/nano_cpu/{rung} " in line
+        assert f"+experiment=ladder/{rung} " in line and " ladder_shape=nano_cpu " in line
         assert "logger.group=abl " in line and f"hydra.run.dir={out}/" in line
         assert "trainer.max_steps=13 " in line and "trainer.warmup_steps_for_timing=3 " in line
     assert "torch.distributed.run --standalone --nproc_per_node=3 -m gpt2x.train" in lines[-1]
@@ -154,7 +156,7 @@ def test_dry_run_prints_the_commands_with_one_wandb_group(tmp_path):
     ("args", "message"),
     [
         (["ladder=nope"], "no ladder 'nope'"),
-        (["rungs=[ladder/nano_cpu/fp3]"], "no experiment 'ladder/nano_cpu/fp3'"),
+        (["rungs=[ladder/fp3]"], "no experiment 'ladder/fp3'"),
         (["ladder=nano_cpu", "--", "precision=fp64"], "does not compose"),
         (["ladder=nano_cpu", "stepz=3"], "unknown option 'stepz'"),
         (["steps=3"], "name a ladder"),
@@ -166,9 +168,39 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert message in err and "\n" not in err
 
 
-def test_split_list():
-    assert ablate.split_list("[a,b=c,'d,e',f=[1,2]]") == ["a", "b=c", "d,e", "f=[1,2]"]
-    assert ablate.split_list("[]") == []
+def test_options_are_hydra_overrides_and_the_rung_overrides_follow_dashes():
+    opts = ablate.parse_args(
+        ["ladder=nano_cpu", "rungs=[fp32,bf16]", "repeats=2", "--", "trainer.seq_len=32", "a.b='c,d'"]
+    )
+    assert opts.rungs == ["fp32", "bf16"] and opts.repeats == 2
+    assert opts.overrides == ["trainer.seq_len=32", "a.b='c,d'"]  # verbatim, commas and all
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("repeats=0", "repeats=0: must be an integer >= 1"),
+        ("repeats=-2", "repeats=-2: must be an integer >= 1"),
+        ("repeats=many", "repeats=many"),
+        ("steps=0", "steps=0: must be an integer >= 1"),
+    ],
+)
+def test_bad_repeats_name_the_setting(arg, message, capsys):
+    assert ablate.main(["ladder=nano_cpu", arg, "dry_run=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_repeats_run_interleaved(tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["rungs=[fp32,tf32,bf16]", "repeats=3", f"out={out}", "dry_run=true", "profile=false"]
+    assert ablate.main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "gpt2x.train" in line]
+    order = [(line.split("+experiment=ladder/")[1].split()[0], line.split("repeat=")[1].split()[0]) for line in lines]
+    # every rung once, then every rung again: a drift of the machine hits all rungs alike
+    assert order == [(r, str(k)) for k in range(3) for r in ("fp32", "tf32", "bf16")]
+    assert f"hydra.run.dir={out}/01_fp32/repeat_0" in lines[0]
+    assert f"hydra.run.dir={out}/03_bf16/repeat_2" in lines[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,11 +213,11 @@ def tiny_ladder(tmp_path_factory, data_root) -> tuple[Path, subprocess.Completed
     ladder = write_ladder(
         tmp / "tiny.yml",
         [
-            "ladder/nano_cpu/fp32",
+            "ladder/fp32",
             # fp16 needs CUDA: a ConfigError before the trainer writes a record
-            {"name": "fp16", "experiment": "ladder/nano_cpu/bf16", "overrides": ["precision=fp16"]},
-            "ladder/nano_cpu/tf32",
-            "ladder/nano_cpu/bf16",
+            {"name": "fp16", "experiment": "ladder/bf16", "overrides": ["precision=fp16"]},
+            "ladder/tf32",
+            "ladder/bf16",
         ],
     )
     out = tmp / "abl"
@@ -205,10 +237,10 @@ def test_tiny_ladder_writes_every_file_with_the_table_columns(tiny_ladder):
     rows = read_csv(out / "ablation.csv")
     assert list(rows[0]) == report.COLUMNS
     assert [r["name"] for r in rows] == [
-        "ladder/nano_cpu/fp32",
+        "ladder/fp32",
         "fp16",
-        "ladder/nano_cpu/tf32",
-        "ladder/nano_cpu/bf16",
+        "ladder/tf32",
+        "ladder/bf16",
     ]
     assert [r["status"] for r in rows] == ["completed", "failed", "completed", "completed"]
     assert all(r["world_size"] == "1" for r in rows if r["status"] == "completed")
@@ -261,9 +293,9 @@ def test_header_and_manifest_say_how_to_reproduce(tiny_ladder):
     assert manifest["status"] == "failed" and manifest["steps"] == STEPS
     assert manifest["warmup"] == 1
     assert [r["status"] for r in manifest["rungs"]] == ["completed", "failed"] + ["completed"] * 2
-    assert manifest["report"]["order"] == ["ladder/nano_cpu/fp32", "fp16"] + [
-        "ladder/nano_cpu/tf32",
-        "ladder/nano_cpu/bf16",
+    assert manifest["report"]["order"] == ["ladder/fp32", "fp16"] + [
+        "ladder/tf32",
+        "ladder/bf16",
     ]
     assert "python -m gpt2x.ablate ladder=" in md and manifest["command"] in md
     for rung in manifest["rungs"]:
@@ -302,7 +334,7 @@ def test_losses_are_reproduced_exactly_in_fp32_on_cpu(tiny_ladder, tmp_path, dat
     ablate_cli(
         tmp_path,
         data_root,
-        "rungs=[ladder/nano_cpu/fp32,ladder/nano_cpu/tf32]",
+        "rungs=[ladder/fp32,ladder/tf32]",
         f"steps={STEPS}",
         f"out={out}",
     )
@@ -327,13 +359,13 @@ def test_ctrl_c_keeps_finished_rungs_and_writes_a_partial_table(tmp_path, data_r
     ladder = write_ladder(
         tmp_path / "long.yml",
         [
-            "ladder/nano_cpu/fp32",
+            "ladder/fp32",
             {
                 "name": "long",
-                "experiment": "ladder/nano_cpu/tf32",
+                "experiment": "ladder/tf32",
                 "overrides": ["trainer.max_steps=100000"],
             },
-            "ladder/nano_cpu/bf16",
+            "ladder/bf16",
         ],
     )
     out = tmp_path / "abl"
@@ -355,7 +387,7 @@ def test_ctrl_c_keeps_finished_rungs_and_writes_a_partial_table(tmp_path, data_r
     assert proc.returncode == 130, stdout[-3000:]
     rows = read_csv(out / "ablation.csv")
     assert [(r["name"], r["status"]) for r in rows] == [
-        ("ladder/nano_cpu/fp32", "completed"),
+        ("ladder/fp32", "completed"),
         ("long", "interrupted"),
     ]
     manifest = json.loads((out / "ablation.json").read_text())
@@ -374,7 +406,7 @@ def test_ddp_rung_runs_under_torchrun_with_two_gloo_processes(tmp_path, data_roo
     ablate_cli(
         tmp_path,
         data_root,
-        "rungs=[ladder/nano_cpu/ddp]",
+        "rungs=[ladder/ddp]",
         "nproc=2",
         f"out={out}",
         rung_overrides=["compile=false"],
@@ -395,7 +427,7 @@ def test_rungs_share_one_wandb_group_with_the_rung_as_job_type(tmp_path, data_ro
     out = tmp_path / "abl"
     proc = run_cli(
         "gpt2x.ablate",
-        "rungs=[ladder/nano_cpu/fp32]",
+        "rungs=[ladder/fp32]",
         "steps=1",
         f"out={out}",
         "quiet=true",

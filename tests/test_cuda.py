@@ -3,7 +3,7 @@
     python -m pytest -m cuda tests/test_cuda.py      # benchmarks/gpu/check.sh runs this
 
 Skipped where torch.cuda.is_available() is False (this project's CPU machines). Each rung of
-experiments/ladder/gpt2_124m runs for a few steps through the CLI with a small model (2 layers,
+experiments/ladder/<rung> (ladder_shape=gpt2_124m) runs for a few steps through the CLI with a small model (2 layers,
 width 128, T=128: head_dim 64 as in GPT-2, so the flash kernel takes it). In-process checks:
 TF32 on after setup_precision, the flash kernel in the profiler's CUDA kernels, fused AdamW
 matching the unfused update.
@@ -62,7 +62,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def train(tmp: Path, data_root: Path, name: str, rung: str, *extra: str, torchrun: bool = False):
-    """`python -m gpt2x.train +experiment=ladder/gpt2_124m/<rung>` (small), final checkpoint
+    """`python -m gpt2x.train +experiment=ladder/<rung> ladder_shape=gpt2_124m` (small), final checkpoint
     saved; returns the run folder."""
     run_dir = tmp / name
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
@@ -70,7 +70,8 @@ def train(tmp: Path, data_root: Path, name: str, rung: str, *extra: str, torchru
         *(launcher if torchrun else []),
         "-m",
         "gpt2x.train",
-        f"+experiment=ladder/gpt2_124m/{rung}",
+        f"+experiment=ladder/{rung}",
+        "ladder_shape=gpt2_124m",
         *SMALL,
         "trainer.save_final=true",
         f"paths.data_dir={data_root}",

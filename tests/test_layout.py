@@ -180,7 +180,7 @@ def test_a_built_wheel_trains_from_an_unrelated_folder(tmp_path):
     ).stdout.strip()
     assert where == str(env_dir / "wheel" / "gpt2x" / "conf")  # the wheel's own configs
     for group in (
-        "experiment/ladder/nano_cpu/fp32.yaml",
+        "experiment/ladder/fp32.yaml", "experiment/ladder/nano_cpu.yml",
         "sweep/batch_size.yaml",
         "model/gpt2.yaml",
     ):

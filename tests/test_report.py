@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -277,10 +278,10 @@ def test_write_report_files(ladder, tmp_path):
     table_lines = [line for line in md.splitlines() if line.startswith("|")]
     assert table_lines[0] == "| " + " | ".join(COLUMNS) + " |"
     assert len(table_lines) == 2 + 4
-    assert "| compile | completed |  | 10 | 25.0 |" in md
-    assert "| 163,840 | 40.0% | 2.00x | 4.00x |" in md
+    assert "| compile | completed |  | 1/1 | 10 | 25.0 |" in md
+    assert "| 163,840 |  |  | 40.0% |  | 2.00x |  | 4.00x |" in md  # one repeat: no intervals
     assert "| -0.0100 |" in md
-    assert "| flash | failed | RuntimeError: FlashAttention only supports sm80+ | 2 |" in md
+    assert "| flash | failed | RuntimeError: FlashAttention only supports sm80+ | 0/1 | 2 |" in md
     # per-run section: config hash and the re-run command
     assert "python -m gpt2x.train experiment=compile trainer.max_steps=10" in md
     assert md.count("- config hash: `") == 4
@@ -445,7 +446,11 @@ def test_wandb_report_construction_offline(ladder, no_network):
     assert bars and bars[0].metrics == ["perf/tokens_per_s"]
     # the local table is in the report as markdown
     md = [b for b in rep.blocks if isinstance(b, wr.MarkdownBlock)]
-    assert md and "| compile |" in md[0].text
+    assert md and "NVIDIA H100 80GB HBM3" in md[0].text and "commands:" in md[0].text  # header
+    assert "| compile |" in md[1].text
+    # one line / bar per rung, repeats as a band / error bar
+    for p in [*lines.values(), *bars]:
+        assert p.groupby == wr.Config("experiment") and p.groupby_rangefunc == "minmax"
 
     # defaults come from the records; an explicit group overrides
     rep = build_wandb_report(runs, entity="me", group="other")
@@ -531,3 +536,120 @@ def test_cli_wandb_offline_subprocess(ladder, tmp_path):
         "gpt2x.report: error: W&B report not saved: WANDB_MODE=offline; the local report is "
         "complete"
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# repeats: one row per configuration, intervals across repeats, paired speed-ups
+
+
+def repeated_ladder(root: Path) -> dict[str, list[float]]:
+    """3 rungs x 3 interleaved repeats. The machine drifts (repeat 2 is 20% slower for every
+    rung); "tf32" is fp32 again (a no-op), "bf16" is really 2x faster."""
+    drift = [1.0, 1.05, 1.2]
+    ms = {"fp32": 100.0, "tf32": 100.0, "bf16": 50.0}
+    wobble = {"fp32": [1.0, 1.0, 1.0], "tf32": [1.02, 0.97, 1.01], "bf16": [1.0, 1.01, 0.99]}
+    medians: dict[str, list[float]] = {}
+    t = 0
+    for rep in range(3):
+        for i, rung in enumerate(ms):
+            m = ms[rung] * drift[rep] * wobble[rung][rep]
+            medians.setdefault(rung, []).append(m)
+            config = {"trainer": {}}  # the same config except `repeat`
+            run = write_run(root, f"{i:02d}_{rung}/repeat_{rep}", rung, m, started=t, config=config)
+            rec = json.loads((run / "record.json").read_text())
+            rec["config"]["repeat"] = rep
+            rec["breakdown"] = {
+                "step_ms": m,
+                "categories": {"matmul": 0.6 * m, "optimizer": 0.1 * m, "other": 0.3 * m},
+                "steps": 1,
+                "device": "cpu",
+            }
+            (run / "record.json").write_text(json.dumps(rec))
+            t += 1
+    return medians
+
+
+def test_repeats_are_one_row_with_paired_intervals(tmp_path):
+    from gpt2x import stats
+
+    medians = repeated_ladder(tmp_path / "abl")
+    runs = load_runs(tmp_path / "abl")
+    assert len(runs) == 9 and {r.name for r in runs} == {"fp32", "tf32", "bf16"}  # no [folder]
+    rows = {r["name"]: r for r in summarize(runs)}
+    assert list(rows) == ["fp32", "tf32", "bf16"] and all(r["repeats"] == "3/3" for r in rows.values())
+    tps = {k: [TOKENS_PER_STEP / (m / 1000.0) for m in v] for k, v in medians.items()}
+    # the per-repeat interval of tokens/s, and the paired speed-ups, from the repeats' medians
+    ci = rows["fp32"]["tokens_per_s_ci"]
+    ref = stats.log_t_interval(tps["fp32"])
+    assert (ci.lo, ci.hi) == pytest.approx((ref.lo, ref.hi), rel=1e-9)
+    pair = rows["tf32"]["speedup_vs_prev_ci"]
+    ref = stats.paired_ratio(tps["tf32"], tps["fp32"])
+    assert (pair.lo, pair.hi) == pytest.approx((ref.lo, ref.hi), rel=1e-9)
+    # the drift (20% on repeat 2) would swamp unpaired intervals; paired, tf32 is noise and
+    # bf16 a real 2x
+    assert rows["tf32"]["noise"] is True and pair.half_width_pct < 10
+    assert rows["bf16"]["noise"] is False
+    assert rows["bf16"]["speedup_vs_prev_ci"].lo > 1.5
+    # the median step time pools all measured steps of all repeats
+    pooled = [f * m for m in medians["fp32"] for f in SPREAD]
+    assert rows["fp32"]["median_ms"] == pytest.approx(statistics.median(pooled))
+    assert rows["tf32"]["loss_vs_prev"] == pytest.approx(0.0)
+
+
+def test_one_failed_repeat_is_said_and_the_others_count(tmp_path):
+    repeated_ladder(tmp_path / "abl")
+    bad = tmp_path / "abl" / "01_tf32" / "repeat_1" / "record.json"
+    rec = json.loads(bad.read_text())
+    rec.update(status="failed", error="RuntimeError: boom")
+    bad.write_text(json.dumps(rec))
+    rows = {r["name"]: r for r in summarize(load_runs(tmp_path / "abl"))}
+    tf32 = rows["tf32"]
+    assert tf32["repeats"] == "2/3" and "1 of 3 repeats: RuntimeError: boom" in tf32["error"]
+    assert tf32["speedup_vs_prev_ci"].n == 2 and tf32["tokens_per_s_ci"].n == 2
+
+
+def test_plots_carry_the_spread_and_the_breakdown(tmp_path):
+    from gpt2x import plots
+    from gpt2x.report import loss_curves, mean_breakdown
+
+    medians = repeated_ladder(tmp_path / "abl")
+    runs = load_runs(tmp_path / "abl")
+    rows = summarize(runs)
+    # tokens/s bars with the repeats' interval as error bars
+    fig = plots.tokens_per_s_figure(rows)
+    ax = fig.axes[0]
+    heights = [b.get_height() for b in ax.patches]
+    assert heights == pytest.approx([r["tokens_per_s"] for r in rows])
+    from matplotlib.container import ErrorbarContainer
+
+    (errbars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segs = errbars.lines[2][0].get_segments()  # the vertical error segments, one per bar
+    ci = rows[0]["tokens_per_s_ci"]
+    lo, hi = segs[0][0][1], segs[0][1][1]
+    assert hi / heights[0] == pytest.approx(ci.hi / ci.center) and lo / heights[0] == pytest.approx(
+        ci.lo / ci.center
+    )
+    # loss: one line per rung (the median over repeats) and a band
+    curves = loss_curves(runs, rows)
+    assert [c.label for c in curves] == ["fp32", "tf32", "bf16"] and len(curves[0].repeats) == 3
+    fig = plots.loss_figure(curves)
+    assert len(fig.axes[0].lines) == 3 and len(fig.axes[0].collections) == 3  # 3 bands
+    # the breakdown: the repeats' categories averaged, one stacked bar per rung
+    group = [r for r in runs if r.name == "bf16"]
+    bd = mean_breakdown(group)
+    assert bd["categories"]["matmul"] == pytest.approx(0.6 * statistics.mean(medians["bf16"]))
+    paths = write_report(rows, runs, tmp_path / "out")
+    assert_png(paths["breakdown"])
+    md = paths["md"].read_text()
+    assert "## Where the step time goes" in md and "Precision reached: speed-up" in md
+
+
+def test_report_cli_rebuilds_the_same_table_from_a_repeated_ablation(tmp_path, capsys):
+    repeated_ladder(tmp_path / "abl")
+    out1, out2 = tmp_path / "r1", tmp_path / "r2"
+    assert main([str(tmp_path / "abl"), "--out", str(out1)]) == 0
+    assert main([str(tmp_path / "abl"), "--out", str(out2)]) == 0
+    assert (out1 / "ablation.csv").read_text() == (out2 / "ablation.csv").read_text()
+    table = read_csv(out1 / "ablation.csv")
+    assert [r["name"] for r in table] == ["fp32", "tf32", "bf16"]
+    assert table[1]["noise"] == "True" and ".." in table[1]["speedup_vs_prev_ci"]

@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from enum import Enum
 from typing import Any
 
@@ -389,6 +390,8 @@ def register_configs() -> None:
         "gpt2x_path_hash": lambda src: hashlib.sha256(str(src).encode()).hexdigest()[:10],
         # multirun job folders (conf/hydra/default.yaml: hydra.sweep.subdir)
         "gpt2x_job_dir": job_dirname,
+        # a file shipped with the package (gpt2x/assets/), e.g. the rehearsal's HellaSwag sample
+        "gpt2x_asset": lambda name: str(Path(__file__).resolve().parent / "assets" / str(name)),
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -426,14 +429,22 @@ def world_size_from_env() -> int:
 
 def grad_accum_steps(cfg: Any, world_size: int) -> int:
     """Micro-steps per optimization step, derived from the fixed global batch in tokens."""
-    tokens_per_micro_step = cfg.trainer.micro_batch_size * cfg.trainer.seq_len * world_size
+    b, t = cfg.trainer.micro_batch_size, cfg.trainer.seq_len
+    tokens_per_micro_step = b * t * world_size
     total = cfg.trainer.total_batch_tokens
     if total <= 0 or total % tokens_per_micro_step:
+        # the largest micro batch up to B that divides the step (tokens per step stay fixed)
+        fits = next((k for k in range(b, 0, -1) if total > 0 and total % (k * t * world_size) == 0), None)
+        fix = (
+            f"set trainer.micro_batch_size={fits} (accumulation makes up the rest) or "
+            if fits
+            else ""
+        )
         raise ConfigError(
             f"trainer.total_batch_tokens={total} is not a positive multiple of "
-            f"micro_batch_size*seq_len*world_size = {cfg.trainer.micro_batch_size}*"
-            f"{cfg.trainer.seq_len}*{world_size} = {tokens_per_micro_step}; "
-            f"set trainer.total_batch_tokens to a multiple of {tokens_per_micro_step}"
+            f"micro_batch_size*seq_len*world_size = {b}*{t}*{world_size} = "
+            f"{tokens_per_micro_step}; {fix}set trainer.total_batch_tokens to a multiple of "
+            f"{tokens_per_micro_step}"
         )
     return total // tokens_per_micro_step
 

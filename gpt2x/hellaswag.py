@@ -19,9 +19,8 @@ This module depends on torch and the standard library only; the model is reached
 ``logits_fn`` callable and the tokenizer through an ``encode`` callable, so the trainer can pass
 a lambda around its (possibly compiled / DDP / FSDP wrapped) GPT and its tiktoken encoding.
 
-CLI, scoring a Hugging Face checkpoint with tiktoken's GPT-2 encoding::
-
-    python -m gpt2x.hellaswag --hf-model gpt2 [--path FILE] [--limit N] [--device cpu]
+From the command line: `python -m gpt2x.evaluate checkpoint=<run> hellaswag=true`, or
+`python -m gpt2x.evaluate hf_model=gpt2 hellaswag=true val=false` for OpenAI's checkpoints.
 """
 
 from __future__ import annotations
@@ -491,63 +490,3 @@ def evaluate_hellaswag(
         "correct": correct,
         "correct_norm": correct_norm,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    import argparse
-    import sys
-    import time
-
-    p = argparse.ArgumentParser(
-        prog="python -m gpt2x.hellaswag",
-        description="Score a Hugging Face GPT2LMHeadModel on HellaSwag (acc, acc_norm).",
-    )
-    p.add_argument("--hf-model", required=True, help="hub name (e.g. gpt2) or local directory")
-    p.add_argument("--path", default=None, help="hellaswag jsonl (default: cached val split)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-
-    try:
-        path = Path(args.path) if args.path else hellaswag_path("val")
-        load_examples(path, limit=1)  # fail fast on a bad file before loading the model
-    except HellaSwagError as e:
-        p.exit(2, f"error: {e}\n")
-
-    from transformers import GPT2LMHeadModel
-
-    from gpt2x.tokenizer import get_tokenizer
-
-    enc = get_tokenizer()
-    encode = getattr(enc, "encode_ordinary", enc.encode)
-    model = GPT2LMHeadModel.from_pretrained(args.hf_model).to(args.device).eval()
-    max_len = int(model.config.n_positions)
-
-    t0 = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        if done % 500 == 0 or done == total:
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            print(f"  {done}/{total} examples ({rate:.1f}/s)", file=sys.stderr, flush=True)
-
-    result = evaluate_hellaswag(
-        lambda t: model(t).logits,
-        encode,
-        path,
-        limit=args.limit,
-        device=args.device,
-        max_len=max_len,
-        progress=progress,
-    )
-    result = {"model": args.hf_model, "path": str(path), **result}
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    print(json.dumps(result))
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -809,6 +809,12 @@ def build_model(cfg: DictConfig, device: torch.device) -> GPT:
             )
     except ValueError as e:  # an option this torch lacks (loss=chunked): one line
         raise ConfigError(str(e)) from None
+    except OSError as e:  # from_pretrained: no network and nothing cached
+        raise ConfigError(
+            f"model.init_from={m.init_from} cannot be loaded ({str(e).splitlines()[0]}); with no "
+            "network, download it where there is one (huggingface-cli download gpt2) and set "
+            "model.init_from=/path/to/that/folder"
+        ) from None
     model = model.to(device)
     if cfg.precision.float8:
         try:

@@ -152,3 +152,15 @@ def test_conf_layout_links_experiments_and_sweeps():
     assert (CONF_DIR / "experiment").resolve() == (REPO_ROOT / "experiments").resolve()
     assert (CONF_DIR / "sweep").resolve() == (REPO_ROOT / "sweeps").resolve()
     assert Path(CONF_DIR / "experiment").is_dir()
+
+
+def test_a_batch_that_does_not_divide_names_the_micro_batch_that_fits():
+    # the lecture's 524,288 tokens per step on 8 ranks at T=1024: B=48 does not divide, 32 does
+    cfg = compose_cfg(
+        ["trainer.micro_batch_size=48", "model.block_size=1024", "trainer.total_batch_tokens=524288"]
+    )
+    with pytest.raises(ConfigError) as e:
+        grad_accum_steps(cfg, 8)
+    assert "set trainer.micro_batch_size=32 (accumulation makes up the rest)" in str(e.value)
+    cfg.trainer.micro_batch_size = 32
+    assert grad_accum_steps(cfg, 8) == 2

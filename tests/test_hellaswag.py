@@ -642,16 +642,38 @@ def test_malformed_files_name_file_and_line(tmp_path):
 # ------------------------------------------------------------------------------- CLI
 
 
-def test_cli_scores_a_local_hf_model(tmp_path, capsys):
+def test_evaluate_scores_a_local_hf_model_like_the_reference(tmp_path):
+    """`python -m gpt2x.evaluate hf_model=<folder>`: the published baselines' path, on a local
+    Hugging Face folder (the Hub is unreachable here): the same accuracies as HF's own logits
+    scored one example at a time."""
+    from conftest import run_cli
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2_encoding()  # skip when the tokenizer is unavailable
+    enc = gpt2_encoding()
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
-    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "model")
-    res = hs.main(["--hf-model", str(tmp_path / "model"), "--path", str(TINY), "--limit", "4"])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["n"] == res["n"] == 4
-    assert 0.0 <= printed["acc"] <= 1.0 and 0.0 <= printed["acc_norm"] <= 1.0
-    with pytest.raises(SystemExit):
-        hs.main(["--hf-model", str(tmp_path / "model"), "--path", str(tmp_path / "missing")])
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path / "model")
+    proc = run_cli(
+        "gpt2x.evaluate",
+        f"hf_model={tmp_path / 'model'}",
+        "val=false",
+        "hellaswag=true",
+        f"hellaswag_path={TINY}",
+        "device=cpu",
+        cwd=tmp_path,
+    )
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    correct = correct_norm = 0
+    for ex in load_examples(TINY):
+        tokens, mask, label = render_example(ex, enc.encode_ordinary, max_len=128)
+        pred, pred_norm = score_batch(lambda t: model(t).logits, tokens, mask)
+        correct += pred == label
+        correct_norm += pred_norm == label
+    assert got["hellaswag_n"] == 6
+    assert got["hellaswag_acc"] == pytest.approx(correct / 6)
+    assert got["hellaswag_acc_norm"] == pytest.approx(correct_norm / 6)
+    missing = run_cli(
+        "gpt2x.evaluate", "hf_model=/nonexistent/gpt2", "val=false", cwd=tmp_path, check=False
+    )
+    assert missing.returncode == 2 and "hf_model=/path/to/gpt2" in missing.stderr

@@ -433,3 +433,25 @@ def test_cli(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "matched no files" in bad.stderr
+
+
+def test_tinyshakespeare_pins_the_lectures_input_txt(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from gpt2x import CONF_DIR
+    from gpt2x.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["data=tinyshakespeare", f"paths.data_dir={tmp_path}"])
+    pinned = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert cfg.data.sha256 == pinned
+    assert cfg.data.source.endswith("/tinyshakespeare/input.txt")
+    # a file placed by hand that is not the lecture's: one line naming both checksums
+    d = Path(cfg.data.dir)
+    d.mkdir(parents=True)
+    (d / "input.txt").write_text("not the lecture's Shakespeare\n")
+    with pytest.raises(DataError) as e:
+        ensure_prepared(cfg.data)
+    assert "\n" not in str(e.value) and f"data.sha256={pinned}" in str(e.value)
+    assert f"delete {d / 'input.txt'}" in str(e.value)

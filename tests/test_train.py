@@ -321,3 +321,27 @@ def test_wandb_disabled_completes_and_records_no_wandb_run(tmp_path, data_root, 
     assert record["status"] == "completed", record["error"]
     assert record["wandb"] is None and not (run_dir / "wandb").exists()
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1]
+
+
+def test_progress_bar_and_the_projected_wall_time(tmp_path, data_root):
+    proc, run_dir = cli_train(
+        tmp_path,
+        data_root,
+        "trainer.max_steps=6",
+        "trainer.warmup_steps_for_timing=2",
+        "trainer.progress=bar",
+        "trainer.log_every=100",
+        "logger=none",
+    )
+    # rich's bar, finished: step/max, elapsed, eta, tokens/s and the latest loss
+    last = read_jsonl(run_dir / "metrics.jsonl")[-1]
+    bar = [line for line in proc.stdout.splitlines() if line.startswith("step 6/6")]
+    assert bar and "tok/s" in bar[-1] and f"loss {last['loss']:.4f}" in bar[-1]
+    # after the first measured step (step 2), once
+    assert proc.stdout.count("projected wall time:") == 1
+    # log_every=100: plain lines only for step 0 and the last step
+    assert proc.stdout.count("/6 | loss ") == 2
+    # and without a terminal the default (auto) is plain lines only
+    (tmp_path / "plain").mkdir()
+    proc, _ = cli_train(tmp_path / "plain", data_root, "trainer.max_steps=3", "logger=none")
+    assert "━" not in proc.stdout and proc.stdout.count("/3 | loss ") == 3

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2x import plots, stats
+from gpt2x.figure import FigureError, plot_reproduction
 from gpt2x.runfolder import config_hash, read_jsonl
 from gpt2x.wandb_logger import wandb_api_key_configured
 
@@ -1032,11 +1033,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="steps skipped before timing (default: trainer.warmup_steps_for_timing)",
     )
     p.add_argument("--title", help="title of the markdown / W&B report")
+    p.add_argument(
+        "--figure",
+        action="store_true",
+        help="the lecture's results figure of each run folder (loss and HellaSwag vs tokens, "
+        "with the GPT-2/GPT-3 baselines) into <folder>/reproduction.png",
+    )
+    p.add_argument(
+        "--target-loss",
+        type=float,
+        help="s_to_target: step time to reach this training loss (default: the baseline's last)",
+    )
     p.add_argument("--wandb", action="store_true", help="also save a W&B report (needs network)")
     p.add_argument("--project", help="W&B project (default: from the records)")
     p.add_argument("--entity", help="W&B entity (default: from the records, else your default)")
     p.add_argument("--group", help="W&B group to compare (default: the runs' group)")
     return p.parse_args(argv)
+
+
+def draw_figures(folders: Sequence[str], out: str | None) -> int:
+    """`--figure`: gpt2x.figure.plot_reproduction for every run folder given."""
+    for folder in folders:
+        dest = Path(out) / f"{Path(folder).name}.png" if out else Path(folder) / "reproduction.png"
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            print(f"wrote {plot_reproduction(folder, dest)}")
+        except (FigureError, OSError) as e:
+            _err(_one_line(str(e)))
+            return 2
+    return 0
 
 
 def _err(msg: str) -> None:
@@ -1056,6 +1081,8 @@ def _is_plain_ablation_rebuild(args: argparse.Namespace) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.figure:
+        return draw_figures(args.folders, args.out)
     try:
         out = Path(args.out) if args.out else Path(args.folders[0])
         if _is_plain_ablation_rebuild(args):
@@ -1065,7 +1092,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = load_runs(args.folders)
             order = [s.strip() for s in args.order.split(",") if s.strip()] if args.order else None
             rows = summarize(
-                runs, baseline=args.baseline, warmup=args.warmup, order=order, x=args.x
+                runs,
+                baseline=args.baseline,
+                warmup=args.warmup,
+                order=order,
+                x=args.x,
+                target_loss=args.target_loss,
             )
             baseline = args.baseline or next((r["name"] for r in rows if r["median_ms"]), None)
             paths = write_report(

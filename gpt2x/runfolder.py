@@ -31,6 +31,7 @@ from gpt2x import REPO_ROOT, __version__
 RECORD = "record.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
+SAMPLES = "samples.jsonl"  # the periodic samples (trainer.sample_every), one row per sample
 SCHEMA = 1
 
 
@@ -176,10 +177,15 @@ class RunRecord:
             self._eval.write(json.dumps(json_safe(row)) + "\n")
             self._eval.flush()
 
+    def log_sample(self, step: int, text: str) -> None:
+        if self.enabled:
+            with open(self.dir / SAMPLES, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "text": text}) + "\n")
+
     def truncate(self, step: int) -> None:
         """A resumed or rolled-back run logs steps >= `step` again: drop the old rows."""
         if self.enabled:
-            for name in (METRICS, EVAL):
+            for name in (METRICS, EVAL, SAMPLES):
                 truncate_jsonl(self.dir / name, step)
 
     def finish(self, status: str, error: str | None = None, **fields: Any) -> None:

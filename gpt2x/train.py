@@ -471,7 +471,7 @@ def sample(run: Run, max_new_tokens: int, seed: int) -> str:
 
 
 def write_sample(run: Run, step: int, final: bool) -> None:
-    """A sample into sample.txt (the final one) or samples.txt (every trainer.sample_every)."""
+    """A sample into sample.txt (the final one) or samples.jsonl (every trainer.sample_every)."""
     cfg, d = run.cfg, run.dist
     # under FSDP every forward all-gathers parameters: all ranks sample, rank 0 writes
     if not (d.is_main or d.is_sharded):
@@ -483,8 +483,7 @@ def write_sample(run: Run, step: int, final: bool) -> None:
     if final:
         (run_dir / "sample.txt").write_text(text)
     else:
-        with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
-            f.write(f"--- step {step}\n{text}\n")
+        run.record.log_sample(step, text)
     log.info("sample: (step %d)\n%s", step, text)
 
 

@@ -15,7 +15,15 @@ from conftest import REPO
 
 PACKAGE = REPO / "gpt2x"
 # modules that must import without torch (the report runs on any machine)
-TORCH_FREE = ["gpt2x.runfolder", "gpt2x.report", "gpt2x.stats", "gpt2x.plots", "gpt2x.wandb_logger"]
+TORCH_FREE = [
+    "gpt2x.runfolder",
+    "gpt2x.report",
+    "gpt2x.stats",
+    "gpt2x.plots",
+    "gpt2x.wandb_logger",
+    "gpt2x.figure",
+    "gpt2x.baselines",
+]
 
 
 def module_name(path: Path) -> str:
@@ -179,6 +187,7 @@ def test_a_built_wheel_trains_from_an_unrelated_folder(tmp_path):
         check=True,
     ).stdout.strip()
     assert where == str(env_dir / "wheel" / "gpt2x" / "conf")  # the wheel's own configs
+    assert (Path(where).parent / "assets" / "hellaswag_sample.jsonl").is_file()  # package data
     for group in (
         "experiment/ladder/fp32.yaml", "experiment/ladder/nano_cpu.yml",
         "sweep/batch_size.yaml",

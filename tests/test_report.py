@@ -22,6 +22,7 @@ from gpt2x.report import (
     summarize,
     write_report,
 )
+from gpt2x.runfolder import read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOKENS_PER_STEP = 4096
@@ -653,3 +654,22 @@ def test_report_cli_rebuilds_the_same_table_from_a_repeated_ablation(tmp_path, c
     table = read_csv(out1 / "ablation.csv")
     assert [r["name"] for r in table] == ["fp32", "tf32", "bf16"]
     assert table[1]["noise"] == "True" and ".." in table[1]["speedup_vs_prev_ci"]
+
+
+def test_cli_figure_draws_the_reproduction_figure_from_the_record(tmp_path, capsys):
+    from gpt2x.figure import reproduction_figure
+
+    run = write_run(tmp_path, "run", "reproduce/rehearsal", 100.0)
+    with open(run / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"step": 9, "val_loss": 3.55, "hellaswag_acc_norm": 0.25, "tokens_seen": 9}))
+        f.write("\n")
+    assert main([str(run), "--figure"]) == 0
+    assert_png(run / "reproduction.png")
+    assert f"wrote {run / 'reproduction.png'}" in capsys.readouterr().out
+    # what the PNG shows is the record's data
+    ax_loss = reproduction_figure(run).axes[0]
+    train = next(line for line in ax_loss.lines if line.get_gid() == "train")
+    assert list(train.get_ydata()) == [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert main([str(tmp_path / "nothing"), "--figure"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpt2x.report: error:") and "\n" not in err

@@ -291,9 +291,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def teardown() -> None:
-    """Destroy the process group; safe to call on any path (normal exit or error)."""
+def teardown(wait_for_peers: bool = False) -> None:
+    """Destroy the process group; safe to call on any path (normal exit or error).
+
+    wait_for_peers (a run that ended normally): first a barrier with a short timeout, so no rank
+    tears down while a peer still has a collective in flight (a gloo group freed under a
+    pending operation can block its owner's exit)."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            with contextlib.suppress(Exception):
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                else:
+                    dist.barrier()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 

@@ -10,6 +10,7 @@ path. The helpers follow in the order the loop calls them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import random
@@ -138,6 +139,7 @@ def main(cfg: DictConfig) -> float | None:
 def run_training(cfg: DictConfig) -> float | None:
     """Set up, train, sample; keep the record truthful on every exit path."""
     run = None
+    completed = False
     try:
         run = setup(cfg)
         with run.stop:  # SIGTERM/SIGUSR1 handlers (main thread only) while training
@@ -158,6 +160,7 @@ def run_training(cfg: DictConfig) -> float | None:
         run.record.finish("completed", summary=summary, compile_seconds=summary["compile_seconds"])
         if run.wandb:
             run.wandb.finish(summary=summary)
+        completed = True
         return summary["val_loss"]
     except TrainingInterrupted:
         raise  # the record is already finished as "interrupted"
@@ -174,7 +177,11 @@ def run_training(cfg: DictConfig) -> float | None:
                 run.wandb.finish(exit_code=1)
         raise
     finally:
-        distributed.teardown()
+        # the DDP/FSDP model goes before its process group does (a gloo group freed inside the
+        # reducer's destructor, after destroy_process_group, could block the process's exit)
+        run = None
+        gc.collect()
+        distributed.teardown(wait_for_peers=completed)
 
 
 # ============================================================================================

@@ -155,29 +155,30 @@ def test_a_built_wheel_trains_from_an_unrelated_folder(tmp_path):
     )
     (wheel,) = dist.glob("gpt2x-*.whl")
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)  # a fresh environment, nothing installed
     py = env_dir / "bin" / "python"
-    # the outer environment's editable gpt2x must not shadow the wheel: install into the venv
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # the wheel, installed into the fresh environment's own site-packages
     subprocess.run(
-        [
-            py,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--no-index",
-            "--target",
-            env_dir / "wheel",
-            wheel,
-        ],
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", site, wheel],
         check=True,
         capture_output=True,
         timeout=300,
     )
+    # its dependencies (torch, hydra, ...) from this environment, without installing them again:
+    # a path in a .pth file is added to sys.path but its own .pth files (this environment's
+    # editable gpt2x hook) are not run, so `import gpt2x` finds the wheel
+    outer = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    (Path(site) / "outer_deps.pth").write_text(outer + "\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
-    env.update(PYTHONPATH=str(env_dir / "wheel"), OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
+    env.update(OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
     where = subprocess.run(
         [py, "-c", "import gpt2x; print(gpt2x.CONF_DIR)"],
         cwd=elsewhere,
@@ -186,7 +187,7 @@ def test_a_built_wheel_trains_from_an_unrelated_folder(tmp_path):
         text=True,
         check=True,
     ).stdout.strip()
-    assert where == str(env_dir / "wheel" / "gpt2x" / "conf")  # the wheel's own configs
+    assert where == str(Path(site) / "gpt2x" / "conf")  # the wheel's own configs
     assert (Path(where).parent / "assets" / "hellaswag_sample.jsonl").is_file()  # package data
     for group in (
         "experiment/ladder/fp32.yaml", "experiment/ladder/nano_cpu.yml",

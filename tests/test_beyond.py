@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 import yaml
@@ -201,12 +200,10 @@ def test_fp8_is_na_on_cpu_and_muon_trains_through_ablate(tmp_path, data_root):
         float(muon["loss"]) - float(base["loss"]), abs=1e-9
     )
     record = json.loads((out / "03_muon" / "record.json").read_text())
+    baseline = json.loads((out / "01_fused" / "record.json").read_text())
     assert record["config"]["optim"]["name"] == "muon"
-    assert record["tokens_per_step"] == json.loads(
-        (out / "01_fused" / "record.json").read_text()
-    )["tokens_per_step"]
-    fp8_record = json.loads((out / "02_fp8" / "record.json").read_text())
-    assert fp8_record["status"] == "n/a"
-    assert not Path(out / "02_fp8" / "metrics.jsonl").exists() or not (
-        out / "02_fp8" / "metrics.jsonl"
-    ).read_text().strip()
+    assert record["tokens_per_step"] == baseline["tokens_per_step"]  # equal tokens per step
+    # n/a: stopped before any step ran (no step rows at all)
+    assert json.loads((out / "02_fp8" / "record.json").read_text())["status"] == "n/a"
+    metrics = out / "02_fp8" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()

@@ -5,10 +5,12 @@
     python -m gpt2x.ablate rungs=[fp32,bf16] steps=5 warmup=1
     python -m gpt2x.ablate ladder=nano_cpu dry_run=true         # print the rung commands only
 
-A ladder is a small file, `experiments/ladder/<ladder>/ladder.yml`: the ordered rungs (each a
-named experiment, `experiments/ladder/<ladder>/<rung>.yaml`, that includes the previous rung
-and changes one thing), the measured steps and warm-up steps, the processes for distributed
-rungs and overrides for every rung. Each rung runs as its own subprocess, one after the other,
+A ladder is a small file, `experiments/ladder/<ladder>.yml`: its shape (`shape:`, the
+`ladder_shape` config group: what every rung holds constant), the ordered rungs (each a named
+experiment, `experiments/ladder/<rung>.yaml`, that includes the previous rung and changes one
+thing), the measured and warm-up steps, the repeats, the processes for distributed rungs and
+overrides for every rung. Each rung runs as its own subprocess, one after the other (with
+repeats: every rung, then every rung again),
 
     python -m gpt2x.train +experiment=<rung> <overrides> hydra.run.dir=<out>/<NN>_<rung>
 
@@ -73,19 +75,26 @@ NOT_AVAILABLE = re.compile(r"\bis not available on\b")
 INTERRUPT_GRACE_S = 60.0  # after Ctrl-C, how long a rung may take to finish its record
 
 USAGE = """\
-usage: python -m gpt2x.ablate [ladder=NAME|PATH] [rungs=[A,B,...]] [steps=N] [warmup=N]
-                              [nproc=N] [out=DIR] [overrides=[K=V,...]] [wandb=true|--wandb]
-                              [timeout=SECONDS] [quiet=true] [dry_run=true] [-- K=V ...]
+usage: python -m gpt2x.ablate [ladder=NAME|FILE] [rungs=[A,B,...]] [steps=N] [warmup=N]
+                              [repeats=N] [nproc=N] [out=DIR] [overrides=[...]] [profile=BOOL]
+                              [wandb=BOOL|--wandb] [timeout=SECONDS] [quiet=BOOL]
+                              [dry_run=BOOL|--dry-run] [-- K=V ...]
 
-  ladder     a folder under experiments/ladder/ (nano_cpu, gpt2_124m) or a ladder .yml file
-  rungs      experiment names to run in order instead of (or without) a ladder's list; names
-             without '/' are taken from the ladder's folder
+Options are Hydra overrides of gpt2x.config.AblateConfig (conf/ablate.yaml); everything after
+`--` is passed to every rung as Hydra overrides of the trainer's config.
+
+  ladder     experiments/ladder/<NAME>.yml (nano_cpu, gpt2_124m, beyond_cpu, ...) or a .yml file
+  rungs      experiments to run in order instead of (or without) a ladder's list; a name
+             without '/' (or found under experiments/ladder/) is experiments/ladder/<name>.yaml
   steps      measured optimizer steps per rung (default: the ladder's, else 10)
-  warmup     steps run before timing starts, per rung (default: the ladder's, else 3)
+  warmup     untimed steps before the measured ones, per rung (default: the ladder's, else 3)
+  repeats    fresh processes per rung, interleaved: every rung, then every rung again, ...
+             (default: the ladder's, else 1); the table reports 95% intervals over them
   nproc      processes for parallel=ddp|fsdp rungs (torchrun); default: the ladder's, else the
              number of CUDA devices, else 2 gloo processes on CPU
   out        the ablation folder (default: outputs/ablations/<ladder>_<timestamp>)
-  overrides  Hydra overrides for every rung (same as the ones after `--`)
+  overrides  Hydra overrides for every rung (the same as the ones after `--`)
+  profile    a step-time breakdown of each rung's last untimed warm-up step (default: true)
   wandb      at the end, also save a W&B report of the rungs (needs network and an API key)
   timeout    a rung running longer than this is stopped and recorded as failed
   quiet      do not echo the rungs' output (it is always in <rung folder>/rung.log)

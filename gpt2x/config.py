@@ -14,8 +14,8 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -192,7 +192,7 @@ class TrainerConfig:
     # stop with a message if loss is NaN/inf; a finite loss above spike_factor x the running
     # median counts as a spike (0 disables)
     spike_factor: float = 0.0
-    # checkpointing / resume (see gpt2x/checkpoint.py)
+    # checkpointing / resume (see gpt2x/checkpoint/)
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 2
     save_final: bool = True
@@ -253,7 +253,8 @@ class Config:
     compile_mode: CompileMode = CompileMode.default
     compile_scope: CompileScope = CompileScope.model
     experiment: str = ""  # name of the experiment / ladder rung, recorded in the run record
-    # the repeat index of an interleaved measurement (`-m ... repeat=range(3)`); no other effect
+    # the repeat index of a repeated measurement (gpt2x.ablate repeats=N sets it; a sweep:
+    # `-m repeat=0,1,2 ...`); runs that differ only in it are one row of a report
     repeat: int = 0
     defaults: list[Any] = field(default_factory=list)
 
@@ -320,7 +321,9 @@ class EvaluateConfig:
     hf_model: str = ""
     val: bool = True  # the validation loss on the fixed val set
     data_dir: str = ""  # prepared data folder; "" = the checkpoint run's data.dir
-    eval_tokens: int = 0  # 0 = the run's trainer.eval_tokens (for hf_model: 20 x 16 x 1024)
+    # 0 = the run's trainer.eval_tokens; for hf_model the reproduce recipes' set: 20 batches of
+    # 64 x 1024 tokens on 8 ranks = 10,485,760 (gpt2x.evaluate.HF_EVAL_TOKENS)
+    eval_tokens: int = 0
     micro_batch_size: int = 0  # 0 = the run's (for hf_model: 16)
     hellaswag: bool = False
     hellaswag_path: str = ""  # "" = the run's trainer.hellaswag_path, else the cached val split

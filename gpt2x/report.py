@@ -33,7 +33,7 @@ from gpt2x.wandb_logger import wandb_api_key_configured
 DEFAULT_WARMUP = 3
 TRAIN_MODULE = "gpt2x.train"
 
-# W&B metric keys logged by the trainer (gpt2x.metrics.WandbLogger)
+# W&B metric keys logged by the trainer (gpt2x.wandb_logger.WandbLogger)
 WANDB_LOSS = "train/loss"
 WANDB_TOKENS_PER_S = "perf/tokens_per_s"
 WANDB_MFU = "perf/mfu"
@@ -73,6 +73,9 @@ COLUMNS = [
 ]
 # speed-up intervals: the confidence level of the paired t-interval (gpt2x.stats)
 CONFIDENCE = 0.95
+
+
+REPEAT_IN_NAME = re.compile(r"(?<=[_,])repeat=\d+,?")
 
 
 class ReportError(RuntimeError):
@@ -155,7 +158,7 @@ def load_run(folder: str | Path) -> Run:
         raise ReportError(f"cannot read {record_path}: {_one_line(str(e))}") from None
     if not isinstance(record, dict):
         raise ReportError(f"cannot read {record_path}: not a JSON object")
-    name = str(record.get("experiment") or "") or folder.name
+    name = str(record.get("experiment") or "") or _config_name(folder.name)
     return Run(
         path=folder,
         record=record,
@@ -163,6 +166,14 @@ def load_run(folder: str | Path) -> Run:
         evals=read_jsonl(folder / "eval.jsonl"),
         name=name,
     )
+
+
+def _config_name(folder: str) -> str:
+    """A sweep job's folder (`<job num>_<overrides>`) without its job number and `repeat=N`,
+    so the repeats of one configuration share a name (one row)."""
+    if not REPEAT_IN_NAME.search(folder):
+        return folder
+    return re.sub(r"^\d+_", "", REPEAT_IN_NAME.sub("", folder)).rstrip(",") or folder
 
 
 def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
@@ -605,8 +616,8 @@ def write_report(
     x = x or _sweep_key(rows)
     columns = columns_of(rows, x)
     header = build_header(runs) if header is None else header
-    by_name = {r.name: r for r in runs}
     groups = {g[0].name: g for g in group_runs(runs)}
+    by_name = {name: g[0] for name, g in groups.items()}
     breakdowns = [{"name": r["name"], "breakdown": mean_breakdown(groups.get(r["name"], []))} for r in rows]
     paths: dict[str, Path] = {}
 
@@ -661,7 +672,8 @@ def write_report(
         md.append("")
         md.append(f"- status: {row['status']}" + (f" ({row['error']})" if row["error"] else ""))
         if run is not None:
-            md.append(f"- folder: `{run.path}`")
+            folders = [r.path for r in groups[row["name"]]]
+            md.append("- folder: " + ", ".join(f"`{f}`" for f in folders))
         md.append(f"- config hash: `{row.get('config_hash') or 'n/a'}`")
         if run is not None:
             md.append(f"- re-run: `{rerun_command(run)}`")
@@ -746,7 +758,8 @@ def breakdown_table(breakdowns: Sequence[dict]) -> list[str]:
 
 
 def mean_breakdown(group: Sequence[Run]) -> dict | None:
-    """The step-time breakdown a row's completed repeats recorded, averaged per category."""
+    """The step-time breakdown a row's completed repeats recorded: each category's mean, the
+    median step time."""
     found = [r.record["breakdown"] for r in group if r.ok and isinstance(r.record.get("breakdown"), dict)]
     if not found:
         return None
@@ -787,7 +800,9 @@ def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -
         "ablate command": f"`{manifest['command']}`",
         "measured": (
             f"{manifest['steps']} optimizer steps per rung after {manifest['warmup']} warm-up "
-            "steps (trainer.warmup_steps_for_timing); compile time is compile_s, outside it"
+            "steps (trainer.warmup_steps_for_timing), "
+            f"{manifest.get('repeats', 1)} interleaved repeat(s) per rung as fresh processes; "
+            "compile time is compile_s, outside the measured steps"
         ),
         "seeds": ", ".join(seeds) if seeds else None,
         "overrides for every rung": " ".join(manifest["overrides"]) or "none",

@@ -203,6 +203,7 @@ def train(run: Run) -> dict:
     first = max(run.start_step + 1, run.start_step + warmup - t.breakdown_steps)
     breakdown_at = set(range(first, run.start_step + warmup)) if t.breakdown_steps else set()
     breakdowns: list = []
+    peak_mem: dict[str, float] = {}  # the run's peak of each per-step memory figure
     if t.on_bad_loss == "rollback" and run.last_checkpoint is None:
         save_checkpoint(run, run.start_step, tokens_seen, losses)  # something to roll back to
     step = run.start_step
@@ -232,6 +233,9 @@ def train(run: Run) -> dict:
                 "tokens_seen": tokens_seen,
             }
             step_ms.append(ms)
+            for key in ("mem_gb", "mem_reserved_gb", "rss_gb"):
+                if key in row:
+                    peak_mem[key] = max(row[key], peak_mem.get(key, 0.0))
             if profiler is not None:
                 profiler.step()
             try:
@@ -298,7 +302,7 @@ def train(run: Run) -> dict:
         "tokens_per_s": s.tokens_per_s,
         "mfu": s.mfu,
         "mfu_measured": s.mfu_measured,
-        **{f"peak_{k}": v for k, v in peak_memory(d.device).items()},
+        **{f"peak_{k}": v for k, v in peak_mem.items()},
         "compile_seconds": s.compile_seconds,
     }
 

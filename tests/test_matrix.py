@@ -501,8 +501,8 @@ def test_pairwise_array_covers_every_pair_and_is_small():
     assert uncovered_pairs(ROWS, AXES) == set()
     sizes = sorted(len(v) for v in AXES.values())
     assert sizes[-1] * sizes[-2] <= len(ROWS) <= 16  # the pairwise lower bound .. small
-    # the check can fail: without a row some pair is uncovered
-    assert uncovered_pairs(ROWS[1:], AXES)
+    # the check can fail: without the last row (added for a pair still open) some pair is
+    assert uncovered_pairs(ROWS[:-1], AXES)
     assert len({row_id(r) for r in ROWS}) == len(ROWS)
 
 

@@ -673,3 +673,19 @@ def test_cli_figure_draws_the_reproduction_figure_from_the_record(tmp_path, caps
     assert main([str(tmp_path / "nothing"), "--figure"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gpt2x.report: error:") and "\n" not in err
+
+
+def test_sweep_repeats_share_one_row(tmp_path):
+    # `-m repeat=0,1 trainer.micro_batch_size=1,2`: job folders differ in number and repeat only
+    for i, (rep, b, ms) in enumerate([(0, 1, 40.0), (0, 2, 30.0), (1, 1, 44.0), (1, 2, 33.0)]):
+        run = write_run(tmp_path, f"{i}_trainer.micro_batch_size={b},repeat={rep}", "", ms)
+        rec = json.loads((run / "record.json").read_text())
+        rec["config"].update(repeat=rep)
+        rec["config"]["trainer"]["micro_batch_size"] = b
+        (run / "record.json").write_text(json.dumps(rec))
+    rows = summarize(load_runs(tmp_path), x="trainer.micro_batch_size")
+    assert [(r["name"], r["repeats"]) for r in rows] == [
+        ("trainer.micro_batch_size=1", "2/2"),
+        ("trainer.micro_batch_size=2", "2/2"),
+    ]
+    assert rows[1]["speedup_vs_prev_ci"].n == 2 and rows[1]["best"]

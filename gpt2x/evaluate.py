@@ -103,6 +103,7 @@ def main(cfg: DictConfig) -> dict:
                 autocast_ctx=autocast_ctx(),
                 max_len=model.config.block_size,
                 examples_per_batch=cfg.hellaswag_batch,
+                logits_at=model.logits_at,
             )
         except HellaSwagError as e:
             fail(str(e))

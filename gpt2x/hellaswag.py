@@ -69,6 +69,8 @@ _DOWNLOAD_TIMEOUT_S = 60
 
 Encode = Callable[[str], Sequence[int]]
 LogitsFn = Callable[[torch.Tensor], Any]
+# (tokens (N, L), flat positions (K,) into N*L) -> logits (K, V) at those positions only
+LogitsAtFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class HellaSwagError(RuntimeError):
@@ -368,7 +370,10 @@ def make_batches(
 
 @torch.no_grad()
 def batch_predictions(
-    logits_fn: LogitsFn, batch: Batch, device: str | torch.device = "cpu"
+    logits_fn: LogitsFn,
+    batch: Batch,
+    device: str | torch.device = "cpu",
+    logits_at: LogitsAtFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example ``(pred, pred_norm)`` as (E,) device tensors; the batched :func:`score_batch`.
 
@@ -380,14 +385,17 @@ def batch_predictions(
     not all (4E, W, V) logits.
     """
     tokens = batch.tokens.to(device, non_blocking=True)
-    logits = _as_logits(logits_fn(tokens))
     rows, width = tokens.shape
-    if logits.shape[:2] != (rows, width):
-        raise ValueError(
-            f"logits_fn returned shape {tuple(logits.shape)} for input {(rows, width)}"
-        )
     scored = batch.scored.to(device, non_blocking=True)
-    picked = logits.reshape(rows * width, -1).index_select(0, scored).float()
+    if logits_at is not None:  # the model computes the head at the scored positions only
+        picked = logits_at(tokens, scored).float()
+    else:
+        logits = _as_logits(logits_fn(tokens))
+        if logits.shape[:2] != (rows, width):
+            raise ValueError(
+                f"logits_fn returned shape {tuple(logits.shape)} for input {(rows, width)}"
+            )
+        picked = logits.reshape(rows * width, -1).index_select(0, scored).float()
     losses = F.cross_entropy(picked, tokens.view(-1)[scored + 1], reduction="none")
     total = torch.zeros(rows, device=losses.device).index_add_(0, scored // width, losses)
     count = batch.mask[:, 1:].sum(dim=1).clamp_min(1).to(device, non_blocking=True)
@@ -419,8 +427,12 @@ def evaluate_hellaswag(
     pad_to_max_len: bool = False,
     progress: Callable[[int, int], None] | None = None,
     examples_per_batch: int = 16,
+    logits_at: LogitsAtFn | None = None,
 ) -> dict:
     """Score HellaSwag; returns ``acc``, ``acc_norm`` and the counts behind them.
+
+    * ``logits_at(tokens, positions)`` (e.g. ``GPT.logits_at``), when given, replaces
+      ``logits_fn``: the model computes its LM head only at the scored (ending) positions.
 
     * Example ``i`` is scored by the rank with ``i % world_size == rank``; all examples are
       tokenized up front, ``examples_per_batch`` examples (``4 *`` as many rows) per forward.
@@ -461,7 +473,7 @@ def evaluate_hellaswag(
     ctx = autocast_ctx if autocast_ctx is not None else contextlib.nullcontext()
     with ctx:
         for batch in batches:
-            pred, pred_norm = batch_predictions(logits_fn, batch, device)
+            pred, pred_norm = batch_predictions(logits_fn, batch, device, logits_at)
             labels = batch.labels.to(device, non_blocking=True)
             real = labels >= 0
             counts += torch.stack(

@@ -178,6 +178,10 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab_size) and the mean
         cross-entropy over targets (positions with target -1 are ignored), or None. With
         loss=chunked and targets, logits are None (see head_and_loss)."""
+        return self.head_and_loss(self.trunk(idx), targets)
+
+    def trunk(self, idx: Tensor) -> Tensor:
+        """Embeddings and the transformer blocks: the residual stream (B, T, C) before ln_f."""
         seq_len, block_size = idx.size(1), self.config.block_size
         if seq_len > block_size:
             raise ValueError(f"sequence length {seq_len} exceeds block_size={block_size}")
@@ -189,7 +193,14 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.head_and_loss(x, targets)
+        return x
+
+    def logits_at(self, idx: Tensor, positions: Tensor) -> Tensor:
+        """Logits (K, vocab_size) at the flat positions (indices into B*T) only: scoring a few
+        positions (HellaSwag's endings) skips the LM head, the largest matmul of a small model,
+        everywhere else."""
+        x = self.transformer.ln_f(self.trunk(idx))
+        return self.lm_head(x.reshape(-1, x.size(-1)).index_select(0, positions))
 
     def head_and_loss(
         self, x: Tensor, targets: Tensor | None = None

@@ -454,6 +454,9 @@ def hellaswag(run: Run) -> dict:
             autocast_ctx=autocast(cfg.precision, d.device),
             max_len=cfg.model.block_size,
             pad_to_max_len=bool(cfg.compile),
+            # the head at the endings only (the plain module; under FSDP the root's own
+            # parameters are gathered by its forward, so the whole forward runs there)
+            logits_at=None if d.is_sharded else run.raw_model.logits_at,
         )
     finally:
         run.model.train()

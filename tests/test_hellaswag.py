@@ -407,11 +407,13 @@ def reference_preds(logits_fn, examples, max_len):
     return preds
 
 
-def batched_preds(logits_fn, examples, examples_per_batch, max_len, pad_to_max_len):
+def batched_preds(
+    logits_fn, examples, examples_per_batch, max_len, pad_to_max_len, logits_at=None
+):
     preds: dict[int, tuple[int, int]] = {}
     batches = hs.make_batches(examples, byte_encode, examples_per_batch, max_len, pad_to_max_len)
     for batch in batches:
-        pred, pred_norm = hs.batch_predictions(logits_fn, batch, "cpu")
+        pred, pred_norm = hs.batch_predictions(logits_fn, batch, "cpu", logits_at)
         for j, i in enumerate(batch.index.tolist()):
             if i >= 0:
                 assert i not in preds
@@ -437,6 +439,9 @@ def test_batched_equals_one_at_a_time(tiny_gpt, synthetic_file, which):
         for pad in (False, True):
             got = batched_preds(logits_fn, examples, per_batch, MAX_LEN, pad)
             assert got == ref, (per_batch, pad)
+            # the LM head at the endings only (GPT.logits_at): the same predictions
+            at = batched_preds(None, examples, per_batch, MAX_LEN, pad, tiny_gpt.logits_at)
+            assert at == ref, ("logits_at", per_batch, pad)
     correct, correct_norm = label_counts(ref, examples)
     for per_batch, pad in ((16, False), (3, True)):
         res = evaluate_hellaswag(

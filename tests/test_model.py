@@ -626,3 +626,13 @@ def test_chunked_loss_under_fp16_autocast_does_not_overflow():
     assert torch.isfinite(value)
     assert value.item() == pytest.approx(ref.item(), rel=1e-3)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_logits_at_equals_the_full_logits_at_those_positions():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 97, (3, 16))
+    positions = torch.tensor([0, 5, 17, 31, 47])  # flat indices into 3 x 16
+    with torch.no_grad():
+        full = model(idx)[0].reshape(-1, 97)
+        torch.testing.assert_close(model.logits_at(idx, positions), full[positions])

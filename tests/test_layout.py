@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -137,6 +138,7 @@ def test_a_built_wheel_trains_from_an_unrelated_folder(tmp_path):
     """pip wheel . -> a fresh virtual environment (torch etc. from this one, via
     --system-site-packages) -> `python -m gpt2x.train debug=fast_dev_run` elsewhere."""
     dist = tmp_path / "dist"
+    leftover = not (REPO / "build").exists()  # setuptools builds in <repo>/build: clean it up
     subprocess.run(
         [
             sys.executable,
@@ -153,6 +155,8 @@ def test_a_built_wheel_trains_from_an_unrelated_folder(tmp_path):
         capture_output=True,
         timeout=300,
     )
+    if leftover:
+        shutil.rmtree(REPO / "build", ignore_errors=True)
     (wheel,) = dist.glob("gpt2x-*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)  # a fresh environment, nothing installed

@@ -81,9 +81,9 @@ CANDIDATES = [
         "ladder/beyond/chunked",
         ["loss.chunk_size=256"],
     ),
-    Candidate("max_autotune", "chunked + compile_mode=max_autotune", "ladder/beyond/max_autotune"),
+    Candidate("max_autotune", "chunked + compile_mode=max-autotune", "ladder/beyond/max_autotune"),
     Candidate(
-        "reduce_overhead", "chunked + compile_mode=reduce_overhead", "ladder/beyond/reduce_overhead"
+        "reduce_overhead", "chunked + compile_mode=reduce-overhead", "ladder/beyond/reduce_overhead"
     ),
     Candidate("block", "chunked + compile_scope=block", "ladder/beyond/block"),
     Candidate(

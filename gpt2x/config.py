@@ -48,10 +48,8 @@ class ParallelKind(str, Enum):
     fsdp = "fsdp"
 
 
-class CompileMode(str, Enum):
-    default = "default"
-    reduce_overhead = "reduce-overhead"  # CUDA graphs
-    max_autotune = "max-autotune"
+# torch.compile's modes, in torch's own spelling ("reduce-overhead": CUDA graphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class CompileScope(str, Enum):
@@ -250,7 +248,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     compile: bool = False  # torch.compile the model
-    compile_mode: CompileMode = CompileMode.default
+    compile_mode: str = "default"  # one of COMPILE_MODES (torch.compile's `mode`)
     compile_scope: CompileScope = CompileScope.model
     experiment: str = ""  # name of the experiment / ladder rung, recorded in the run record
     # the repeat index of a repeated measurement (gpt2x.ablate repeats=N sets it; a sweep:
@@ -499,6 +497,11 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     ):
         if t[key] < 0:
             raise ConfigError(f"trainer.{key}={t[key]} must be >= 0")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"compile_mode={cfg.compile_mode!r} is not a torch.compile mode; use one of "
+            f"{', '.join(COMPILE_MODES)}"
+        )
     if t.progress not in ("auto", "bar", "log"):
         raise ConfigError(f"trainer.progress={t.progress!r} must be auto, bar or log")
     if cfg.loss.chunk_size <= 0:

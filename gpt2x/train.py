@@ -35,7 +35,7 @@ from gpt2x.config import (
     validate,
 )
 from gpt2x.data import DataError, ShardLoader, ensure_prepared
-from gpt2x.float8 import convert_to_float8
+from gpt2x.float8 import check_float8, convert_to_float8
 from gpt2x.hellaswag import HellaSwagError, evaluate_hellaswag, hellaswag_path, load_examples
 from gpt2x.metrics import (
     format_step,
@@ -664,7 +664,7 @@ def setup(cfg: DictConfig) -> Run:
     optimizer = build_optimizer(model, cfg.optim)
     if cfg.compile:
         model = distributed.compile_model(
-            model, d.kind, mode=cfg.compile_mode.value, scope=cfg.compile_scope.value
+            model, d.kind, mode=cfg.compile_mode, scope=cfg.compile_scope.value
         )
 
     accum = grad_accum_steps(cfg, d.world_size)
@@ -769,6 +769,11 @@ def preflight_checks(cfg: DictConfig, d: distributed.Dist) -> None:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.precision.float8:
+        try:
+            check_float8(d.device)
+        except ValueError as e:  # Float8Unavailable: "precision=fp8 is not available on ..."
+            raise ConfigError(str(e)) from None
     m, t = cfg.model, cfg.trainer
     n_params = m.vocab_size * m.n_embd + m.n_layer * 12 * m.n_embd**2  # for the disk-space check
     saves = t.checkpoint_every > 0 or t.save_final or t.on_bad_loss == "rollback"
@@ -782,7 +787,7 @@ def paths_taken(cfg: DictConfig, d: distributed.Dist) -> dict:
         "attention": AttnImpl(cfg.attn.impl).value,
         "loss": cfg.loss.impl.value,
         "float8": bool(cfg.precision.float8),
-        "compile": f"{cfg.compile_scope.value}/{cfg.compile_mode.value}" if cfg.compile else None,
+        "compile": f"{cfg.compile_scope.value}/{cfg.compile_mode}" if cfg.compile else None,
         "optimizer": f"{cfg.optim.name.value}{' (fused)' if cfg.optim.fused else ''}",
         "activation_checkpointing": bool(cfg.model.activation_checkpointing),
         "tf32": bool(cfg.precision.tf32) and d.device.type == "cuda",

@@ -107,8 +107,8 @@ def test_the_changes_are_the_named_options():
     # the option each rung names, as gpt2x.config spells it (enum members, group choices)
     cfg = {r: compose_rung(f"ladder/beyond/{r}") for r in RUNGS}
     assert cfg["chunked"]["loss"]["impl"] == "chunked"
-    assert cfg["max_autotune"]["compile_mode"] == "max_autotune"
-    assert cfg["reduce_overhead"]["compile_mode"] == "reduce_overhead"
+    assert cfg["max_autotune"]["compile_mode"] == "max-autotune"
+    assert cfg["reduce_overhead"]["compile_mode"] == "reduce-overhead"
     assert cfg["block"]["compile_scope"] == "block" and cfg["block"]["compile"] is True
     assert cfg["ckpt"]["model"]["activation_checkpointing"] is True
     assert (cfg["ddp"]["parallel"]["kind"], cfg["fsdp"]["parallel"]["kind"]) == ("ddp", "fsdp")

@@ -81,6 +81,15 @@ CANDIDATES = [
         "ladder/beyond/chunked",
         ["loss.chunk_size=256"],
     ),
+    # fp32 instead of bf16 autocast: on a CPU without bf16 matrix units (no AMX) bf16 matmuls
+    # can be slower than fp32 ones; the same model, only the autocast dtype differs
+    Candidate("fused_fp32", "fused with precision=fp32", overrides=["precision=fp32"]),
+    Candidate(
+        "chunked_256_fp32",
+        "loss=chunked loss.chunk_size=256, precision=fp32",
+        "ladder/beyond/chunked",
+        ["loss.chunk_size=256", "precision=fp32"],
+    ),
     Candidate("max_autotune", "chunked + compile_mode=max-autotune", "ladder/beyond/max_autotune"),
     Candidate(
         "reduce_overhead", "chunked + compile_mode=reduce-overhead", "ladder/beyond/reduce_overhead"

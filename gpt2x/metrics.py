@@ -4,7 +4,8 @@ MFU follows the nanoGPT/PaLM convention: FLOPs per token = 6N + 12*L*H*Q*T (the 
 `flops_per_token`), divided by a peak FLOP/s. Two peaks, each its own column (gpt2x.peak):
 `mfu` against the spec-sheet dense bf16 peak of the GPU (empty where none is known: CPUs,
 unlisted GPUs, MIG slices; `trainer.peak_flops` sets it by hand), and `mfu_measured` against the
-bf16 matmul peak measured on this machine by a short probe (every device; cached per machine).
+better of the bf16 and fp32 matmul peaks measured on this machine by a short probe (every
+device; cached per machine).
 """
 
 from __future__ import annotations

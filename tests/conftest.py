@@ -64,3 +64,29 @@ def run_cli(
             f"\n--- stderr\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def compose_rung(name: str, *overrides: str) -> dict:
+    """An experiment's resolved config as the trainer sees it (tests of the ladder rungs)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gpt2x import CONF_DIR
+    from gpt2x.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={name}", *overrides])
+    cfg.paths.run_dir = "/tmp/run"
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: configs compared key by key."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, run_cli
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import TINY, compose_rung, flatten, run_cli
 
-from gpt2x import CONF_DIR, REPO_ROOT, ablate, report
+from gpt2x import REPO_ROOT, ablate, report
 from gpt2x.config import register_configs
 from gpt2x.runfolder import read_jsonl
 
@@ -42,22 +40,6 @@ CHANGES = {
 RUNG_OVERRIDES = [*TINY, "trainer.seq_len=32", "logger=none"]
 STEPS = 2  # measured steps; TINY sets trainer.warmup_steps_for_timing=1 -> 3 steps per rung
 
-
-def compose_rung(name: str, *overrides: str) -> dict:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={name}", *overrides])
-    cfg.paths.run_dir = "/tmp/run"
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def ablate_cli(tmp_path: Path, data_root: Path, *args: str, check=True, rung_overrides=()):

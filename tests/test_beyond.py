@@ -12,11 +12,9 @@ import math
 
 import pytest
 import yaml
-from conftest import TINY, run_cli
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import TINY, compose_rung, flatten, run_cli
 
-from gpt2x import CONF_DIR, REPO_ROOT
+from gpt2x import REPO_ROOT
 from gpt2x.config import register_configs
 
 register_configs()
@@ -45,22 +43,6 @@ RUNGS = {
 FOLLOW_B = {"trainer.total_batch_tokens", "trainer.eval_tokens"}
 RUNG_OVERRIDES = [*TINY, "trainer.seq_len=32", "logger=none"]
 
-
-def compose_rung(name: str, *overrides: str) -> dict:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={name}", *overrides])
-    cfg.paths.run_dir = "/tmp/run"
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def changed(a: dict, b: dict) -> set[str]:

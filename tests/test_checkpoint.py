@@ -785,3 +785,21 @@ def test_hellaswag_eval_row_goes_to_wandb_as_val_hellaswag_acc_norm():
             },
         )
     ]
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "expected"),
+    [
+        ("cuda", "bf16", "flash"),
+        ("cuda", "fp16", "flash"),
+        ("cuda", "fp32", "sdpa"),  # the flash kernel has no fp32 CUDA version
+        ("cpu", "bf16", "sdpa"),
+        ("cpu", "fp32", "sdpa"),
+        ("mps", "fp32", "sdpa"),
+    ],
+)
+def test_a_flash_checkpoint_runs_everywhere_with_sdpa_where_flash_cannot(device, dtype, expected):
+    from gpt2x.checkpoint.state import inference_attention
+
+    assert inference_attention("flash", torch.device(device), dtype) == expected
+    assert inference_attention("naive", torch.device(device), dtype) == "naive"

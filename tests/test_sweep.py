@@ -512,3 +512,26 @@ def test_stop_process_group_escalates_until_the_group_is_gone(ignores_sigterm):
     assert proc.returncode == -expected
     proc.stdout.close()
     stop_process_group(proc, ((signal.SIGKILL, 1.0),))  # already gone: nothing to do
+
+
+def test_each_job_of_an_in_process_sweep_compiles_afresh():
+    """multirun.begin_job resets dynamo: without it, job 2 of a sequential sweep reuses job 1's
+    compiled code (and, at a new batch size, recompiles with a dynamic batch dimension), so its
+    tokens/s and compile_seconds would not be its own."""
+    from gpt2x import multirun
+
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append([tuple(t.shape) for t in example_inputs])
+        return gm.forward
+
+    fn = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, backend=backend)
+    fn(torch.ones(4, 8))
+    fn(torch.ones(4, 8))
+    assert len(compiles) == 1  # cached within a job
+    fn(torch.ones(6, 8))  # a new batch size in the same process: dynamo goes dynamic
+    assert len(compiles) == 2
+    multirun.begin_job()
+    fn(torch.ones(6, 8))
+    assert len(compiles) == 3 and compiles[-1] == [(6, 8)]  # a fresh, static compile

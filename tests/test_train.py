@@ -60,6 +60,14 @@ def test_cli_run_writes_the_record_and_loss_falls(tmp_path, data_root):
     for key in ("loss", "lr", "grad_norm", "ms", "tokens_per_s", "tokens_seen"):
         assert all(isinstance(r[key], (int, float)) for r in rows), key
     assert all(r["mfu"] is None for r in rows), "no known peak on CPU: MFU is omitted, not guessed"
+    # ... but MFU against this machine's measured matmul peak (the better of bf16 and fp32)
+    peaks = record["hardware"]["peak_flops"]
+    assert peaks["spec"] is None and peaks["spec_bf16"] is None
+    assert peaks["measured"] == max(peaks["measured_bf16"], peaks["measured_fp32"]) > 0
+    flops = record["flops_per_token"]
+    for r in rows:
+        assert r["mfu_measured"] == pytest.approx(r["tokens_per_s"] * flops / peaks["measured"])
+    assert record["hardware"]["cpu"] not in ("", "x86_64")  # the CPU's model name
     # loss starts near ln(vocab) and clearly falls
     assert abs(rows[0]["loss"] - math.log(50257)) < 0.3
     assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 1.0
@@ -345,3 +353,19 @@ def test_progress_bar_and_the_projected_wall_time(tmp_path, data_root):
     (tmp_path / "plain").mkdir()
     proc, _ = cli_train(tmp_path / "plain", data_root, "trainer.max_steps=3", "logger=none")
     assert "━" not in proc.stdout and proc.stdout.count("/3 | loss ") == 3
+
+
+def test_peak_memory_is_per_step_on_cpu():
+    import torch
+
+    from gpt2x.metrics import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    base = peak_memory(cpu)["rss_gb"]
+    big = torch.ones(64 * 1024 * 1024, dtype=torch.float32)  # 256 MB, touched
+    peak = peak_memory(cpu)["rss_gb"]
+    del big
+    reset_peak_memory(cpu)  # the next step's window starts at the current (smaller) RSS
+    after = peak_memory(cpu)["rss_gb"]
+    assert peak - base > 0.2 and peak - after > 0.2

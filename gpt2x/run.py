@@ -1,0 +1,322 @@
+"""One training run's parts, built by `setup`: every check of the settings first
+(`preflight_checks`), then the data loaders, the model (wrapped, compiled), the optimizer, the
+run record and W&B. gpt2x.train runs the loop over a `Run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from gpt2x import checkpoint, distributed
+from gpt2x.config import AttnImpl, ConfigError, grad_accum_steps, to_container, validate
+from gpt2x.data import ShardLoader, ensure_prepared
+from gpt2x.float8 import check_float8, convert_to_float8
+from gpt2x.hellaswag import HellaSwagError, hellaswag_path, load_examples
+from gpt2x.metrics import hardware
+from gpt2x.model import GPT, GPTConfig, check_attention
+from gpt2x.optim import build_optimizer
+from gpt2x.peak import peak_record
+from gpt2x.precision import grad_scaler, setup_precision, torch_dtype
+from gpt2x.preemption import StopSignals
+from gpt2x.runfolder import RunRecord, git_info, versions
+from gpt2x.validation import val_reader
+from gpt2x.wandb_logger import WandbLogger
+
+log = logging.getLogger("gpt2x.train")
+
+
+@dataclass
+class Run:
+    """What one training run holds; built by `setup`, used by `train`."""
+
+    cfg: DictConfig
+    dist: distributed.Dist
+    model: torch.nn.Module  # possibly DDP- and compile-wrapped: use for forward/backward
+    raw_model: GPT  # the plain module: sampling, export, checkpoints
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: ShardLoader
+    val_loader: ShardLoader
+    record: RunRecord
+    wandb: WandbLogger | None
+    grad_accum: int
+    tokens_per_step: int
+    flops_per_token: float
+    # {"spec": dense bf16 FLOP/s or None, "measured": the better probed matmul peak, ...}
+    peaks: dict
+    start_step: int = 0
+    # checkpoints and fault tolerance (gpt2x/checkpoint/, docs/checkpoints.md)
+    tokens_seen: int = 0  # at start_step
+    loss_history: list[float] = field(default_factory=list)  # recent losses, for the spike check
+    skip_batches: dict[int, int] = field(default_factory=dict)  # step -> bad steps' batches skipped
+    last_checkpoint: Path | None = None  # what trainer.on_bad_loss=rollback goes back to
+    stop: StopSignals = field(default_factory=StopSignals)
+    stopped_by: int | None = None  # the signal number that ended the run early
+    hellaswag_file: Path | None = None
+
+
+# ============================================================================================
+# setup: every check first, then build
+
+
+def setup(cfg: DictConfig) -> Run:
+    d = distributed.setup(cfg.parallel, cfg.trainer.device)
+    preflight_checks(cfg, d)
+    seed_everything(cfg.trainer.seed)
+    t = cfg.trainer
+
+    # data: rank 0 prepares small corpora on first use while the others wait
+    if d.is_main:
+        data_dir = ensure_prepared(cfg.data)
+    distributed.barrier(d)
+    if not d.is_main:
+        data_dir = ensure_prepared(cfg.data)
+    train_loader = ShardLoader(
+        data_dir,
+        "train",
+        batch_size=t.micro_batch_size,
+        seq_len=t.seq_len,
+        rank=d.rank,
+        world_size=d.world_size,
+        seed=t.seed,
+        shuffle=cfg.data.shuffle,
+        pin_memory=d.device.type == "cuda",
+    )
+    if t.overfit_one_batch:
+        train_loader = RepeatFirstBatch(train_loader)
+    # validation reads fixed windows by position (see gpt2x.validation)
+    val_loader = val_reader(data_dir, t.seq_len)
+    val_loader.validation_windows(t.eval_tokens)  # a too-small val split fails before training
+
+    raw_model = build_model(cfg, d.device)
+    model = distributed.wrap_model(raw_model, d, cfg.precision)
+    optimizer = build_optimizer(model, cfg.optim)
+    if cfg.compile:
+        model = distributed.compile_model(
+            model, d.kind, mode=cfg.compile_mode, scope=cfg.compile_scope.value
+        )
+
+    accum = grad_accum_steps(cfg, d.world_size)
+    tokens_per_step = t.micro_batch_size * t.seq_len * accum * d.world_size
+    flops_per_token = raw_model.flops_per_token(t.seq_len)
+    # the matmul probe, once per machine (cached): MFU on every device. The denominator is the
+    # better of the bf16 and fp32 peaks: bf16 on GPUs, but a CPU without bf16 matrix units runs
+    # fp32 matmuls faster, and MFU against the slower peak would read over 100%
+    probed = peak_record(d.device)
+    peaks = {
+        "spec": t.peak_flops or probed["spec_bf16"],
+        "measured": max(probed["measured_bf16"], probed["measured_fp32"]),
+        **probed,
+    }
+
+    run_dir = Path(cfg.paths.run_dir)
+    hellaswag_file = find_hellaswag(cfg, d)
+    config = to_container(cfg)
+    record = RunRecord(run_dir, enabled=d.is_main)
+    record.start(
+        run_id=run_dir.name,
+        run_dir=str(run_dir),
+        experiment=cfg.experiment,
+        overrides=_task_overrides(),
+        config=config,
+        git=git_info(),
+        versions={**versions(), "cuda": torch.version.cuda},
+        hardware=hardware(d.device, peaks),
+        world_size=d.world_size,
+        grad_accum_steps=accum,
+        tokens_per_step=tokens_per_step,
+        n_params=raw_model.num_params(non_embedding=False),
+        flops_per_token=flops_per_token,
+        paths_taken=paths_taken(cfg, d),
+        compile_seconds=None,
+        summary=None,
+        wandb=None,
+    )
+    wandb_logger = None
+    if d.is_main and cfg.logger.kind.value == "wandb":
+        try:
+            wandb_logger = WandbLogger(cfg.logger, str(run_dir), config, run_dir.name)
+        except Exception as e:
+            record.finish("failed", error=f"W&B init failed: {e}".splitlines()[0])
+            raise
+        record.update(wandb=wandb_logger.info())
+
+    log.info(
+        "model %s: %.2fM params | %s | attn=%s | loss=%s | compile=%s | %s x%d | B=%d T=%d "
+        "accum=%d -> %d tokens/step | data %s",
+        cfg.model.name,
+        raw_model.num_params(non_embedding=False) / 1e6,
+        cfg.precision.name,
+        cfg.attn.impl.value,
+        cfg.loss.impl.value,
+        cfg.compile,
+        d.device,
+        d.world_size,
+        t.micro_batch_size,
+        t.seq_len,
+        accum,
+        tokens_per_step,
+        data_dir,
+    )
+    run = Run(
+        cfg=cfg,
+        dist=d,
+        model=model,
+        raw_model=raw_model,
+        optimizer=optimizer,
+        scaler=grad_scaler(cfg.precision, d.device),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        record=record,
+        wandb=wandb_logger,
+        grad_accum=accum,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_token,
+        peaks=peaks,
+        hellaswag_file=hellaswag_file,
+    )
+    return run
+
+
+def preflight_checks(cfg: DictConfig, d: distributed.Dist) -> None:
+    """Every check of the settings, before any data is read or compute runs: the config's own
+    cross-field rules (gpt2x.config.validate), then what depends on this device and torch
+    (precision, attention kernel, loss and float8 paths), then the run folder. Each failure is
+    one ConfigError naming the setting to change."""
+    validate(cfg, d.world_size)
+    setup_precision(cfg.precision, d.device)
+    try:
+        check_attention(
+            AttnImpl(cfg.attn.impl).value,
+            d.device,
+            torch_dtype(cfg.precision.dtype),
+            head_dim=cfg.model.n_embd // cfg.model.n_head,
+            dropout=cfg.model.dropout,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.precision.float8:
+        try:
+            check_float8(d.device)
+        except ValueError as e:  # Float8Unavailable: "precision=fp8 is not available on ..."
+            raise ConfigError(str(e)) from None
+    m, t = cfg.model, cfg.trainer
+    n_params = m.vocab_size * m.n_embd + m.n_layer * 12 * m.n_embd**2  # for the disk-space check
+    saves = t.checkpoint_every > 0 or t.save_final or t.on_bad_loss == "rollback"
+    # an unwritable or too full output folder is a one-line error here, before any compute
+    checkpoint.preflight(Path(cfg.paths.run_dir), n_params, saves, dist=d)
+
+
+def paths_taken(cfg: DictConfig, d: distributed.Dist) -> dict:
+    """Which code path each rung-like choice really ran (never a silent fallback)."""
+    return {
+        "attention": AttnImpl(cfg.attn.impl).value,
+        "loss": cfg.loss.impl.value,
+        "float8": bool(cfg.precision.float8),
+        "compile": f"{cfg.compile_scope.value}/{cfg.compile_mode}" if cfg.compile else None,
+        "optimizer": f"{cfg.optim.name.value}{' (fused)' if cfg.optim.fused else ''}",
+        "activation_checkpointing": bool(cfg.model.activation_checkpointing),
+        "tf32": bool(cfg.precision.tf32) and d.device.type == "cuda",
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> GPT:
+    m = cfg.model
+    options = dict(
+        attn=AttnImpl(cfg.attn.impl).value,
+        loss=cfg.loss.impl.value,
+        loss_chunk_size=cfg.loss.chunk_size,
+        activation_checkpointing=m.activation_checkpointing,
+    )
+    try:
+        if m.init_from == "scratch":
+            gpt_cfg = GPTConfig(
+                block_size=m.block_size,
+                vocab_size=m.vocab_size,
+                n_layer=m.n_layer,
+                n_head=m.n_head,
+                n_embd=m.n_embd,
+                dropout=m.dropout,
+                bias=m.bias,
+                **options,
+            )
+            model = GPT(gpt_cfg)
+        else:
+            model = GPT.from_pretrained(
+                m.init_from, vocab_size=m.vocab_size, dropout=m.dropout, **options
+            )
+    except ValueError as e:  # an option this torch lacks (loss=chunked): one line
+        raise ConfigError(str(e)) from None
+    except OSError as e:  # from_pretrained: no network and nothing cached
+        raise ConfigError(
+            f"model.init_from={m.init_from} cannot be loaded ({str(e).splitlines()[0]}); with no "
+            "network, download it where there is one (huggingface-cli download gpt2) and set "
+            "model.init_from=/path/to/that/folder"
+        ) from None
+    model = model.to(device)
+    if cfg.precision.float8:
+        try:
+            model = convert_to_float8(model, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return model
+
+
+class RepeatFirstBatch:
+    """debug=overfit_batch: the first batch forever; a working model drives its loss to ~0."""
+
+    def __init__(self, loader: ShardLoader):
+        self.loader = loader
+        self.batch = loader.next_batch()
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def find_hellaswag(cfg: DictConfig, d: distributed.Dist) -> Path | None:
+    """The HellaSwag file for trainer.hellaswag_every > 0 (rank 0 downloads the val split once);
+    a missing or malformed file is a ConfigError before training."""
+    t = cfg.trainer
+    if t.hellaswag_every <= 0:
+        return None
+
+    def find() -> Path:
+        path = Path(t.hellaswag_path).expanduser() if t.hellaswag_path else hellaswag_path("val")
+        load_examples(path, limit=1)
+        return path
+
+    if d.is_main:  # downloads the val split once; errors are raised by every rank below
+        with contextlib.suppress(HellaSwagError):
+            find()
+    distributed.barrier(d)
+    try:
+        return find()
+    except HellaSwagError as e:
+        raise ConfigError(f"trainer.hellaswag_every={t.hellaswag_every}: {e}") from None
+
+
+def _task_overrides() -> list[str]:
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []

@@ -149,32 +149,26 @@ def main() -> None:
                 return contextlib.nullcontext()
             return torch.autocast("cpu", dtype=dtype)
 
+        def batched(limit, logits_at, autocast=autocast):
+            return evaluate_hellaswag(
+                logits_fn,
+                encode,
+                path,
+                limit=limit,
+                device="cpu",
+                autocast_ctx=autocast(),
+                max_len=cfg.block_size,
+                examples_per_batch=args.examples_per_batch,
+                logits_at=logits_at,
+            )
+
         methods = {
             "one at a time": lambda limit: one_at_a_time(
                 logits_fn, encode, path, limit, cfg.block_size, autocast()
             ),
-            "batched": lambda limit: evaluate_hellaswag(
-                logits_fn,
-                encode,
-                path,
-                limit=limit,
-                device="cpu",
-                autocast_ctx=autocast(),
-                max_len=cfg.block_size,
-                examples_per_batch=args.examples_per_batch,
-            ),
+            "batched": lambda limit: batched(limit, None),
             # what the trainer and gpt2x.evaluate run: the LM head at the endings only
-            "batched, head at endings": lambda limit: evaluate_hellaswag(
-                logits_fn,
-                encode,
-                path,
-                limit=limit,
-                device="cpu",
-                autocast_ctx=autocast(),
-                max_len=cfg.block_size,
-                examples_per_batch=args.examples_per_batch,
-                logits_at=model.logits_at,
-            ),
+            "batched, head at endings": lambda limit: batched(limit, model.logits_at),
         }
         rates: dict[str, list[float]] = {m: [] for m in methods}
         results = {}

@@ -75,6 +75,7 @@ def test_each_rung_includes_the_previous_and_changes_one_thing(ladder):
     folder = REPO_ROOT / "experiments" / "ladder"
     spec = yaml.safe_load((folder / f"{ladder}.yml").read_text())
     assert spec["rungs"] == RUNGS and spec["shape"] == ladder
+    assert spec["repeats"] == 3  # the default: intervals on every ablation (docs/ladder.md)
     prev = None
     for rung in RUNGS:
         text = (folder / f"{rung}.yaml").read_text()  # one file per rung, shared by the ladders
@@ -122,7 +123,13 @@ def test_ddp_rung_keeps_each_ranks_batch(monkeypatch):
 def test_dry_run_prints_the_commands_with_one_wandb_group(tmp_path):
     out = tmp_path / "abl"
     proc = run_cli(
-        "gpt2x.ablate", "ladder=nano_cpu", "dry_run=true", f"out={out}", "nproc=3", cwd=tmp_path
+        "gpt2x.ablate",
+        "ladder=nano_cpu",
+        "repeats=1",
+        "dry_run=true",
+        f"out={out}",
+        "nproc=3",
+        cwd=tmp_path,
     )
     lines = [line for line in proc.stdout.splitlines() if "gpt2x.train" in line]
     assert len(lines) == 8 and not out.exists()

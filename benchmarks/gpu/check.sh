@@ -56,7 +56,7 @@ if [ -z "${GPT2X_CHECK_B:-}" ]; then
     if [ "$gb" -ge 60 ]; then GPT2X_CHECK_B=16; else GPT2X_CHECK_B=8; fi
 fi
 echo "== (b) ladder gpt2_124m, B=$GPT2X_CHECK_B"
-"$PY" -m gpt2x.ablate ladder=gpt2_124m steps=20 warmup=5 out="$report/ladder" timeout=150 \
+"$PY" -m gpt2x.ablate ladder=gpt2_124m steps=20 warmup=5 repeats=1 out="$report/ladder" timeout=150 \
     -- logger=none trainer.micro_batch_size="$GPT2X_CHECK_B" 2>&1 | tee "$report/ladder.log"
 ladder_rc=${PIPESTATUS[0]}
 

@@ -24,6 +24,7 @@ from conftest import TINY, run_cli
 from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR, distributed
+from gpt2x.ablate import LAUNCH_ENV  # the launcher variables a child must not inherit
 from gpt2x.config import ConfigError, ParallelKind, register_configs
 
 register_configs()
@@ -39,16 +40,6 @@ COMMON = [
     "trainer.total_batch_tokens=512",
     "trainer.eval_tokens=224",
 ]
-LAUNCH_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GPT2X_RUN_ID",
-    "TORCHELASTIC_RUN_ID",
-)
 
 
 def clean_env(**extra: str) -> dict:

@@ -38,6 +38,7 @@ from matrix_cases import (
 from omegaconf import OmegaConf
 
 from gpt2x import CONF_DIR
+from gpt2x.ablate import LAUNCH_ENV  # the launcher variables a child must not inherit
 from gpt2x.config import ConfigError, register_configs, validate
 from gpt2x.data import DataError
 from gpt2x.runfolder import read_jsonl
@@ -48,16 +49,6 @@ register_configs()
 CASES_SCRIPT = Path(__file__).with_name("matrix_cases.py")
 HELLASWAG_TINY = REPO / "tests" / "data" / "hellaswag_tiny.jsonl"
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-LAUNCH_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GPT2X_RUN_ID",
-    "TORCHELASTIC_RUN_ID",
-)
 
 
 def options(group: str) -> list[str]:

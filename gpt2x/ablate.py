@@ -427,12 +427,16 @@ def prepare(rungs: list[Rung], settings: dict, out: Path) -> None:
     """Folders, launchers and exact commands; every rung's config composed once here."""
     group = out.name
     nproc = settings["nproc"]
+    composed: dict[tuple, dict] = {}  # the repeats of a rung compose to the same config
     for rung in rungs:
         folder = out / f"{rung.index:02d}_{rung.short}"
         if settings["repeats"] > 1:
             folder = folder / f"repeat_{rung.repeat}"
         rung.dir = str(folder.absolute())
-        config = compose_rung(rung)
+        key = (rung.experiment, *(o for o in rung.overrides if not o.startswith("repeat=")))
+        if key not in composed:
+            composed[key] = compose_rung(rung)
+        config = composed[key]
         extra = []
         if not _has_key(rung.overrides, "logger.group"):
             extra.append(_override("logger.group", group))

@@ -90,3 +90,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def clean_env(**extra: str) -> dict:
+    """This process' environment without launcher variables (the test may run under one)."""
+    from gpt2x.ablate import LAUNCH_ENV
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "SUBMITIT_"))
+    }
+    return {**env, "OMP_NUM_THREADS": "1", **extra}

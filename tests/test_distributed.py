@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, clean_env, run_cli
 from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR, distributed
@@ -40,16 +40,6 @@ COMMON = [
     "trainer.total_batch_tokens=512",
     "trainer.eval_tokens=224",
 ]
-
-
-def clean_env(**extra: str) -> dict:
-    """This process' environment without launcher variables (the test may run under one)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "SUBMITIT_"))
-    }
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def torchrun(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, clean_env, run_cli
 from hydra import compose, initialize_config_dir
 from matrix_cases import (
     AXES,
@@ -38,7 +38,6 @@ from matrix_cases import (
 from omegaconf import OmegaConf
 
 from gpt2x import CONF_DIR
-from gpt2x.ablate import LAUNCH_ENV  # the launcher variables a child must not inherit
 from gpt2x.config import ConfigError, register_configs, validate
 from gpt2x.data import DataError
 from gpt2x.runfolder import read_jsonl
@@ -133,15 +132,6 @@ def write_text_corpus(folder: Path, files: int, lines: int) -> list[Path]:
 # torchrun batches: many 2-rank runs in one launch (tests/matrix_cases.py)
 
 _BATCHES: dict[str, dict] = {}
-
-
-def clean_env(**extra: str) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "SUBMITIT_"))
-    }
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def torchrun_batch(name: str, jobs: dict[str, list[str]], tmp_path_factory) -> dict:

@@ -46,13 +46,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from gpt2x import CONF_DIR, EXPERIMENTS_DIR, REPO_ROOT, report
-from gpt2x.config import AblateConfig, register_configs, to_container
+from gpt2x.config import AblateConfig, Interleave, register_configs, to_container
 from gpt2x.launch import failure_from_log, quote_override_value, stop_process_group
 from gpt2x.runfolder import failed_record, git_info, now, read_record, write_json
 
 LADDER_DIR = EXPERIMENTS_DIR / "ladder"
 LADDER_SUFFIX = ".yml"  # experiments/ladder/<ladder>.yml (not *.yaml: not a Hydra config)
 TRAIN_MODULE = "gpt2x.train"
+LOCKSTEP_MODULE = "gpt2x.lockstep"
 BASENAME = report.ABLATION  # ablation.md / ablation.csv / ablation.json
 DEFAULT_STEPS = 10
 DEFAULT_WARMUP = 3
@@ -181,6 +182,7 @@ class Ladder:
     overrides: list[str] = field(default_factory=list)
     description: str = ""
     repeats: int = 1
+    interleave: str = "runs"
 
 
 def ladder_names() -> list[str]:
@@ -204,10 +206,13 @@ def load_ladder(spec: str) -> Ladder:
     if not isinstance(data, dict) or not isinstance(data.get("rungs"), list) or not data["rungs"]:
         raise AblationError(f"{path}: needs a non-empty `rungs:` list")
     keys = {"name", "description", "shape", "rungs", "steps", "warmup", "repeats", "nproc"}
-    keys.add("overrides")
+    keys |= {"overrides", "interleave"}
     unknown = set(data) - keys
     if unknown:
         raise AblationError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    interleave = str(data.get("interleave") or Interleave.runs.value)
+    if interleave not in {i.value for i in Interleave}:
+        raise AblationError(f"{path}: interleave: {interleave!r} is not one of runs, steps")
     # the shape (conf/ladder_shape/<shape>.yaml) every rung of this ladder is composed with
     shape = [f"ladder_shape={data['shape']}"] if data.get("shape") else []
     return Ladder(
@@ -218,6 +223,7 @@ def load_ladder(spec: str) -> Ladder:
         warmup=int(data["warmup"]) if data.get("warmup") is not None else DEFAULT_WARMUP,
         nproc=int(data["nproc"]) if data.get("nproc") else None,
         repeats=int(data.get("repeats") or 1),
+        interleave=interleave,
         overrides=[*shape, *(str(o) for o in data.get("overrides") or [])],
         description=str(data.get("description") or ""),
     )
@@ -234,7 +240,7 @@ class Rung:
     experiment: str  # +experiment=<this>
     overrides: list[str]  # every override after +experiment=, in order
     dir: str = ""
-    launcher: str = "python"  # python | torchrun
+    launcher: str = "python"  # python | torchrun | lockstep (shares a process, see below)
     nproc: int = 1
     command: list[str] = field(default_factory=list)
     status: str = "pending"  # pending | completed | failed | n/a | interrupted | not run
@@ -243,6 +249,9 @@ class Rung:
     seconds: float | None = None
     config_hash: str | None = None
     started_at: str | None = None
+    # interleave=steps: the plan file of the gpt2x.lockstep process this rung ran in (with the
+    # other single-process rungs of its repeat); `command` stays the rung's own command
+    lockstep: str | None = None
 
 
 def _entry(ladder: Ladder | None, item: Any) -> tuple[str, str | None, list[str]]:
@@ -392,6 +401,9 @@ def plan(opts: AblateConfig) -> tuple[Ladder | None, list[Rung], dict]:
         "steps": steps,
         "warmup": warmup,
         "repeats": repeats,
+        "interleave": Interleave(
+            opts.interleave or (ladder.interleave if ladder else "runs")
+        ).value,
         "nproc": opts.nproc or (ladder.nproc if ladder else None),
         "overrides": common,
     }
@@ -423,8 +435,9 @@ def _override(key: str, value: str) -> str:
     return f"{key}={value if plain else quote_override_value(value)}"
 
 
-def prepare(rungs: list[Rung], settings: dict, out: Path) -> None:
-    """Folders, launchers and exact commands; every rung's config composed once here."""
+def prepare(rungs: list[Rung], settings: dict, out: Path) -> list[list[Rung]]:
+    """Folders, launchers and exact commands; every rung's config composed once here. Returns
+    what runs, in order: a rung alone, or (interleave=steps) the rungs sharing one process."""
     group = out.name
     nproc = settings["nproc"]
     composed: dict[tuple, dict] = {}  # the repeats of a rung compose to the same config
@@ -460,6 +473,52 @@ def prepare(rungs: list[Rung], settings: dict, out: Path) -> None:
             rung.command = [sys.executable, *torchrun, *argv]
         else:
             rung.command = [sys.executable, *argv]
+    if settings.get("interleave") != Interleave.steps.value:
+        return [[rung] for rung in rungs]
+    return lockstep_units(rungs, out)
+
+
+def lockstep_units(rungs: list[Rung], out: Path) -> list[list[Rung]]:
+    """interleave=steps: the consecutive single-process rungs of one repeat share a process
+    (gpt2x.lockstep, one step of each in turn); a ddp/fsdp rung runs alone between them."""
+    units: list[list[Rung]] = []
+    for rung in rungs:
+        last = units[-1] if units else None
+        shares = (
+            last is not None
+            and rung.launcher == "python"
+            and last[-1].launcher == "python"
+            and last[-1].repeat == rung.repeat
+        )
+        if shares:
+            last.append(rung)
+        else:
+            units.append([rung])
+    n_in_repeat: dict[int, int] = {}
+    for unit in units:
+        if len(unit) < 2:
+            continue
+        repeat = unit[0].repeat
+        k = n_in_repeat[repeat] = n_in_repeat.get(repeat, 0) + 1
+        plan = out / "lockstep" / f"repeat_{repeat}{'' if k == 1 else f'_{k}'}.json"
+        for rung in unit:
+            rung.launcher, rung.lockstep = "lockstep", str(plan.absolute())
+    return units
+
+
+def lockstep_plan(unit: list[Rung]) -> dict:
+    """What gpt2x.lockstep reads: every member's experiment, overrides and run folder."""
+    return {
+        "id": unit[0].lockstep,  # unique: the report pairs steps only within one process
+        "members": [
+            {"name": r.name, "experiment": r.experiment, "overrides": r.overrides, "run_dir": r.dir}
+            for r in unit
+        ],
+    }
+
+
+def lockstep_command(unit: list[Rung]) -> list[str]:
+    return [sys.executable, "-m", LOCKSTEP_MODULE, unit[0].lockstep or ""]
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,23 +562,20 @@ def stop_child(proc: subprocess.Popen, first: int, grace_s: float) -> None:
     )
 
 
-def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
-    """Run the rung's command in its own session, tee its output to <dir>/rung.log, then make
-    its record tell how it ended. Re-raises Interrupted after the rung has wound down."""
-    run_dir = Path(rung.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "rung.log"
-    rung.started_at = now()
-    t0 = time.monotonic()
-    prefix = f"[{rung.index:02d} {rung.short}] "
+def run_process(
+    command: list[str], env: dict, log_path: Path, timeout: float | None, echo: bool, prefix: str
+) -> tuple[int, bool, Interrupted | None]:
+    """Run a command in its own session, its output teed to log_path. Returns its exit status,
+    whether it timed out and the Interrupted (Ctrl-C/SIGTERM) that stopped it, if any."""
     timed_out = False
     interrupt: Interrupted | None = None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8", errors="replace") as log_file:
-        log_file.write("$ " + shlex.join(rung.command) + "\n")
+        log_file.write("$ " + shlex.join(command) + "\n")
         log_file.flush()
         proc = subprocess.Popen(
-            rung.command,
-            env=child_env(rung),
+            command,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -553,10 +609,54 @@ def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
         finally:
             proc.wait()
             reader.join(timeout=10)
-    rung.returncode = proc.returncode
+    return proc.returncode, timed_out, interrupt
+
+
+def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
+    """Run the rung's command, its output in <dir>/rung.log, then make its record tell how it
+    ended. Re-raises Interrupted after the rung has wound down."""
+    run_dir = Path(rung.dir)
+    rung.started_at = now()
+    t0 = time.monotonic()
+    prefix = f"[{rung.index:02d} {rung.short}] "
+    log_path = run_dir / "rung.log"
+    rung.returncode, timed_out, interrupt = run_process(
+        rung.command, child_env(rung), log_path, timeout, echo, prefix
+    )
     rung.seconds = round(time.monotonic() - t0, 2)
     text = log_path.read_text(encoding="utf-8", errors="replace")
     settle(rung, text, timed_out=timed_out, timeout=timeout, interrupted=interrupt is not None)
+    if interrupt is not None:
+        raise interrupt
+
+
+def run_lockstep(unit: list[Rung], timeout: float | None, echo: bool) -> None:
+    """Run the rungs of one gpt2x.lockstep process (interleave=steps): its plan file beside its
+    log, each rung's own lines in its rung.log, each rung settled from its own record."""
+    plan = Path(unit[0].lockstep or "")
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    write_json(plan, lockstep_plan(unit))
+    started, t0 = now(), time.monotonic()
+    limit = timeout * len(unit) if timeout is not None else None
+    returncode, timed_out, interrupt = run_process(
+        lockstep_command(unit), child_env(unit[0]), plan.with_suffix(".log"), limit, echo, ""
+    )
+    seconds = round(time.monotonic() - t0, 2)
+    text = plan.with_suffix(".log").read_text(encoding="utf-8", errors="replace")
+    for rung in unit:
+        rung.started_at, rung.seconds = started, seconds
+        # a member's failure is its own: the process exits 1 if any member failed
+        rung.returncode = 0 if returncode in (0, 1) else returncode
+        own = [line for line in text.splitlines(keepends=True) if f"][{rung.name}][" in line]
+        Path(rung.dir).mkdir(parents=True, exist_ok=True)
+        (Path(rung.dir) / "rung.log").write_text(
+            f"# this rung shared a process (gpt2x.lockstep): the whole log is {plan.with_suffix('.log')}\n"
+            + "".join(own)
+        )
+        limit_text = limit if limit is not None else timeout
+        settle(
+            rung, text, timed_out=timed_out, timeout=limit_text, interrupted=interrupt is not None
+        )
     if interrupt is not None:
         raise interrupt
 
@@ -718,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(opts.out).expanduser() if opts.out else default_out(ladder)
         if (out / f"{BASENAME}.json").exists():
             raise AblationError(f"{out} already holds an ablation; choose another out=")
-        prepare(rungs, settings, out)
+        units = prepare(rungs, settings, out)
     except AblationError as e:
         print(f"gpt2x.ablate: error: {e}", file=sys.stderr)
         return 2
@@ -732,43 +832,63 @@ def main(argv: list[str] | None = None) -> int:
         interrupted=None,
     )
     if opts.dry_run:
-        for rung in rungs:
+        for unit in units:
+            if len(unit) > 1:
+                names = ", ".join(r.short for r in unit)
+                print(f"# {unit[0].index:02d}-{unit[-1].index:02d} {names} (lockstep: one process)")
+                print(shlex.join(lockstep_command(unit)))
+                continue
+            rung = unit[0]
             print(f"# {rung.index:02d} {rung.short} ({rung.launcher}, nproc={rung.nproc})")
             print(shlex.join(rung.command))
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
     n_rungs = len(rungs) // settings["repeats"]
-    print(f"gpt2x.ablate: {n_rungs} rungs x {settings['repeats']} repeats -> {out}")
+    print(
+        f"gpt2x.ablate: {n_rungs} rungs x {settings['repeats']} repeats "
+        f"(interleave={settings['interleave']}) -> {out}"
+    )
     write_manifest(out, rungs, settings, "running")
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     stopped_by: int | None = None
     try:
-        for rung in rungs:
+        for unit in units:
             if stopped_by is not None:
-                rung.status = "not run"
+                for rung in unit:
+                    rung.status = "not run"
                 continue
+            first = unit[0]
             again = (
-                f", repeat {rung.repeat + 1}/{settings['repeats']}"
+                f", repeat {first.repeat + 1}/{settings['repeats']}"
                 if settings["repeats"] > 1
                 else ""
             )
-            print(
-                f"==> [{rung.index}/{n_rungs}{again}] {rung.name} ({rung.launcher}"
-                + (f", {rung.nproc} processes" if rung.launcher == "torchrun" else "")
-                + f"): {shlex.join(rung.command)}",
-                flush=True,
-            )
+            if len(unit) > 1:
+                where = f"{first.index}-{unit[-1].index}/{n_rungs}{again}"
+                what = ", ".join(r.name for r in unit) + " (one process, step by step)"
+                command = lockstep_command(unit)
+            else:
+                where = f"{first.index}/{n_rungs}{again}"
+                what = f"{first.name} ({first.launcher}" + (
+                    f", {first.nproc} processes)" if first.launcher == "torchrun" else ")"
+                )
+                command = first.command
+            print(f"==> [{where}] {what}: {shlex.join(command)}", flush=True)
             try:
-                run_rung(rung, opts.timeout, echo=not opts.quiet)
+                if len(unit) > 1:
+                    run_lockstep(unit, opts.timeout, echo=not opts.quiet)
+                else:
+                    run_rung(first, opts.timeout, echo=not opts.quiet)
             except Interrupted as e:
                 stopped_by = e.signum
-            print(
-                f"<== [{rung.index}/{n_rungs}{again}] {rung.name}: {rung.status}"
-                + (f" ({rung.error})" if rung.error else "")
-                + (f" in {rung.seconds:.1f} s" if rung.seconds is not None else ""),
-                flush=True,
-            )
+            for rung in unit:
+                print(
+                    f"<== [{rung.index}/{n_rungs}{again}] {rung.name}: {rung.status}"
+                    + (f" ({rung.error})" if rung.error else "")
+                    + (f" in {rung.seconds:.1f} s" if rung.seconds is not None else ""),
+                    flush=True,
+                )
             write_manifest(out, rungs, settings, "running")
     except Interrupted as e:  # between rungs
         stopped_by = e.signum

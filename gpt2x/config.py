@@ -72,6 +72,13 @@ class LoggerKind(str, Enum):
     none = "none"
 
 
+class Interleave(str, Enum):
+    """How gpt2x.ablate interleaves the repeats of its rungs (docs/ladder.md)."""
+
+    runs = "runs"  # every rung a fresh process: every rung, then every rung again, ...
+    steps = "steps"  # the single-process rungs of a repeat share one process, step by step
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online if an API key is configured, else offline
     online = "online"
@@ -342,6 +349,9 @@ class AblateConfig:
     # fresh processes per rung, interleaved (every rung once, then every rung again, ...);
     # default: the ladder's, else 1
     repeats: int | None = None
+    # runs: each rung a fresh process; steps: a repeat's single-process rungs take turns step
+    # by step in one process (gpt2x.lockstep), paired step by step; default: the ladder's, else runs
+    interleave: Interleave | None = None
     nproc: int | None = None  # processes of a ddp/fsdp rung (default: CUDA devices, else 2)
     out: str | None = None  # the ablation folder (default: outputs/ablations/<ladder>_<time>)
     overrides: list[str] = field(default_factory=list)  # for every rung (also after `--`)
@@ -435,7 +445,9 @@ def grad_accum_steps(cfg: Any, world_size: int) -> int:
     total = cfg.trainer.total_batch_tokens
     if total <= 0 or total % tokens_per_micro_step:
         # the largest micro batch up to B that divides the step (tokens per step stay fixed)
-        fits = next((k for k in range(b, 0, -1) if total > 0 and total % (k * t * world_size) == 0), None)
+        fits = next(
+            (k for k in range(b, 0, -1) if total > 0 and total % (k * t * world_size) == 0), None
+        )
         fix = (
             f"set trainer.micro_batch_size={fits} (accumulation makes up the rest) or "
             if fits

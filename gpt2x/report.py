@@ -195,8 +195,14 @@ def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -
         "measured": (
             f"{manifest['steps']} optimizer steps per rung after {manifest['warmup']} warm-up "
             "steps (trainer.warmup_steps_for_timing), "
-            f"{manifest.get('repeats', 1)} interleaved repeat(s) per rung as fresh processes; "
-            "compile time is compile_s, outside the measured steps"
+            f"{manifest.get('repeats', 1)} interleaved repeat(s) per rung "
+            + (
+                "(interleave=steps: per repeat, the single-process rungs took turns step by step "
+                "in one process, and a speed-up pairs their steps; ddp/fsdp rungs ran alone)"
+                if manifest.get("interleave") == "steps"
+                else "as fresh processes"
+            )
+            + "; compile time is compile_s, outside the measured steps"
         ),
         "seeds": ", ".join(seeds) if seeds else None,
         "overrides for every rung": " ".join(manifest["overrides"]) or "none",

@@ -68,7 +68,9 @@ class Run:
 # setup: every check first, then build
 
 
-def setup(cfg: DictConfig) -> Run:
+def setup(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
+    """The run's parts; `overrides` are what the record says it was launched with (default:
+    Hydra's task overrides)."""
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
     preflight_checks(cfg, d)
     seed_everything(cfg.trainer.seed)
@@ -126,7 +128,7 @@ def setup(cfg: DictConfig) -> Run:
         run_id=run_dir.name,
         run_dir=str(run_dir),
         experiment=cfg.experiment,
-        overrides=_task_overrides(),
+        overrides=_task_overrides() if overrides is None else list(overrides),
         config=config,
         git=git_info(),
         versions={**versions(), "cuda": torch.version.cuda},

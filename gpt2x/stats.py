@@ -10,6 +10,10 @@ The statistic:
 - a speed-up is PAIRED: repeat i of rung k against repeat i of rung k-1 (run back to back, so
   they share the machine's state). The log ratios cancel drift common to both rungs, which
   unpaired intervals count as noise twice. With a single pair there is no interval.
+- with `interleave=steps` (gpt2x.lockstep) the rungs of a repeat took turns step by step in one
+  process, so step j of rung k ran seconds after step j of rung k-1: that repeat's ratio is the
+  median of the step-by-step ratios (`step_paired_ratio`), which cancels drift on the scale of
+  seconds, not only minutes. The interval across repeats is then taken on these ratios as above.
 - "within noise": the speed-up interval includes 1.00x.
 
 Missing repeats (None) are skipped everywhere; the `n` of an Interval counts the values used.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 
@@ -152,6 +156,17 @@ def paired_ratio(
     if not ratios:
         raise ValueError("paired_ratio needs at least one index where both values are present")
     return log_t_interval(ratios, conf)
+
+
+def step_paired_ratio(a: Mapping[int, float], b: Mapping[int, float]) -> float:
+    """The median of a[j] / b[j] over the steps j both have (one repeat's paired speed-up when
+    the two rungs took turns step by step in one process)."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError("step_paired_ratio needs at least one step both rungs measured")
+    _present([a[j] for j in common], "step_paired_ratio")
+    _present([b[j] for j in common], "step_paired_ratio")
+    return statistics.median(a[j] / b[j] for j in common)
 
 
 def within_noise(interval: Interval) -> bool | None:

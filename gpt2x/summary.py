@@ -258,6 +258,12 @@ def _measure(run: Run, warmup: int) -> dict:
     measured = _measured_rows(run, warmup)
     ms = _values(measured, "ms")
     out["ms"] = ms
+    # step -> tokens/s: pairs steps of rungs that took turns in one process (gpt2x.lockstep)
+    out["by_step"] = {
+        int(r["step"]): float(r["tokens_per_s"])
+        for r in measured
+        if isinstance(r.get("step"), int) and (_num(r.get("tokens_per_s")) or 0) > 0
+    }
     if ms:
         out["median_ms"] = stats.median(ms)
     else:  # no per-step rows: fall back to the record's own summary
@@ -334,6 +340,8 @@ def summarize(
     groups = _order_groups(group_runs(runs), order)
     rows = []
     per_repeat: list[dict[int, float]] = []  # row -> {repeat: tokens/s}
+    # row -> {repeat: (the lockstep process it ran in or None, {step: tokens/s})}
+    per_step: list[dict[int, tuple[str | None, dict[int, float]]]] = []
     for group in groups:
         first = group[0]
         row: dict[str, Any] = dict.fromkeys(COLUMNS)
@@ -350,6 +358,7 @@ def summarize(
         measured = [(r, m) for r, m in measured if m["median_ms"]]
         tps = {r.repeat: m["tokens_per_s"] for r, m in measured if m["tokens_per_s"]}
         per_repeat.append(tps)
+        per_step.append({r.repeat: (_lockstep_id(r), m["by_step"]) for r, m in measured})
         if measured:
             pooled = [ms for _, m in measured for ms in m["ms"]]
             one = measured[0][1]
@@ -398,13 +407,13 @@ def summarize(
             row["speedup_vs_prev"] = 1.0
         else:
             row["speedup_vs_prev"] = _ratio(row["tokens_per_s"], rows[prev]["tokens_per_s"])
-            row["speedup_vs_prev_ci"] = _paired(per_repeat[i], per_repeat[prev])
+            row["speedup_vs_prev_ci"] = _paired(i, prev, per_repeat, per_step)
             if row["loss"] is not None and rows[prev]["loss"] is not None:
                 row["loss_vs_prev"] = row["loss"] - rows[prev]["loss"]
         if base is not None:
             row["speedup_vs_baseline"] = _ratio(row["tokens_per_s"], rows[base]["tokens_per_s"])
             if i != base:
-                row["speedup_vs_baseline_ci"] = _paired(per_repeat[i], per_repeat[base])
+                row["speedup_vs_baseline_ci"] = _paired(i, base, per_repeat, per_step)
             if row["loss"] is not None and rows[base]["loss"] is not None:
                 row["loss_vs_baseline"] = row["loss"] - rows[base]["loss"]
         ci = row["speedup_vs_prev_ci"]
@@ -422,12 +431,31 @@ def summarize(
     return rows
 
 
-def _paired(a: dict[int, float], b: dict[int, float]) -> stats.Interval | None:
-    """The paired interval of a/b over the repeats both have (None with fewer than 2)."""
-    common = sorted(set(a) & set(b))
+def _lockstep_id(run: Run) -> str | None:
+    lockstep = run.record.get("lockstep")
+    return str(lockstep.get("id")) if isinstance(lockstep, dict) and lockstep.get("id") else None
+
+
+def _paired(
+    i: int,
+    j: int,
+    per_repeat: list[dict[int, float]],
+    per_step: list[dict[int, tuple[str | None, dict[int, float]]]],
+) -> stats.Interval | None:
+    """Row i against row j over the repeats both have (None with fewer than 2): per repeat the
+    ratio of the repeats' tokens/s, or, where both ran in one gpt2x.lockstep process, the median
+    of their step-by-step ratios (gpt2x.stats)."""
+    common = sorted(set(per_repeat[i]) & set(per_repeat[j]))
     if len(common) < 2:
         return None
-    return stats.paired_ratio([a[k] for k in common], [b[k] for k in common], CONFIDENCE)
+    ratios = []
+    for k in common:
+        (own, a), (other, b) = per_step[i].get(k, (None, {})), per_step[j].get(k, (None, {}))
+        if own is not None and own == other and set(a) & set(b):
+            ratios.append(stats.step_paired_ratio(a, b))
+        else:
+            ratios.append(per_repeat[i][k] / per_repeat[j][k])
+    return stats.log_t_interval(ratios, CONFIDENCE)
 
 
 def _sweep_key(rows: Sequence[dict]) -> str | None:

@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import hydra
@@ -100,45 +101,17 @@ def run_training(cfg: DictConfig) -> float | None:
     completed = False
     try:
         run = setup(cfg)
-        resume_from = checkpoint.resolve_resume(cfg.trainer.resume, cfg.paths.run_dir, run.dist)
-        if resume_from is not None:
-            resume(run, resume_from)
+        resume_if_asked(run)
         with run.stop:  # SIGTERM/SIGUSR1 handlers (main thread only) while training
             summary = train(run)
-        if run.stopped_by:
-            message = (
-                f"stopped by {run.stop.name}; checkpoint {run.last_checkpoint} saved; continue "
-                "with trainer.resume=auto in the same run folder"
-            )
-            run.record.finish(
-                "interrupted",
-                error=message,
-                summary=summary,
-                compile_seconds=summary["compile_seconds"],
-            )
-            if run.wandb:
-                run.wandb.finish(exit_code=1)
-            raise TrainingInterrupted(message, exit_code(run.stopped_by))
-        if cfg.trainer.sample_tokens > 0:
-            write_sample(run, cfg.trainer.max_steps, final=True)
-        run.record.finish("completed", summary=summary, compile_seconds=summary["compile_seconds"])
-        if run.wandb:
-            run.wandb.finish(summary=summary)
+        val_loss = conclude(run, summary)
         completed = True
-        return summary["val_loss"]
+        return val_loss
     except TrainingInterrupted:
         raise  # the record is already finished as "interrupted"
-    except KeyboardInterrupt:
-        if run is not None:
-            run.record.finish("interrupted", error="interrupted by the user (Ctrl-C)")
-            if run.wandb:
-                run.wandb.finish(exit_code=130)
-        raise
     except BaseException as e:
         if run is not None:
-            run.record.finish("failed", error=_one_line(e))
-            if run.wandb:
-                run.wandb.finish(exit_code=1)
+            record_end(run, e)
         raise
     finally:
         # the DDP/FSDP model goes before its process group does (a gloo group freed inside the
@@ -148,11 +121,69 @@ def run_training(cfg: DictConfig) -> float | None:
         distributed.teardown(wait_for_peers=completed)
 
 
+def resume_if_asked(run: Run) -> None:
+    """trainer.resume: a checkpoint path, `auto` (the run folder's latest) or none."""
+    resume_from = checkpoint.resolve_resume(run.cfg.trainer.resume, run.cfg.paths.run_dir, run.dist)
+    if resume_from is not None:
+        resume(run, resume_from)
+
+
+def conclude(run: Run, summary: dict) -> float | None:
+    """The end of a loop that ran: stopped by a signal -> the record says interrupted and
+    TrainingInterrupted is raised; else the final sample, the record completed, W&B finished.
+    Returns the final validation loss."""
+    if run.stopped_by:
+        message = (
+            f"stopped by {run.stop.name}; checkpoint {run.last_checkpoint} saved; continue "
+            "with trainer.resume=auto in the same run folder"
+        )
+        run.record.finish(
+            "interrupted",
+            error=message,
+            summary=summary,
+            compile_seconds=summary["compile_seconds"],
+        )
+        if run.wandb:
+            run.wandb.finish(exit_code=1)
+        raise TrainingInterrupted(message, exit_code(run.stopped_by))
+    if run.cfg.trainer.sample_tokens > 0:
+        write_sample(run, run.cfg.trainer.max_steps, final=True)
+    run.record.finish("completed", summary=summary, compile_seconds=summary["compile_seconds"])
+    if run.wandb:
+        run.wandb.finish(summary=summary)
+    return summary["val_loss"]
+
+
+def record_end(run: Run, e: BaseException) -> None:
+    """The record (and W&B) of a run that an exception ended: Ctrl-C is "interrupted", anything
+    else "failed" with the exception as one line."""
+    if isinstance(e, KeyboardInterrupt):
+        run.record.finish("interrupted", error="interrupted by the user (Ctrl-C)")
+        code = 130
+    else:
+        run.record.finish("failed", error=_one_line(e))
+        code = 1
+    if run.wandb:
+        run.wandb.finish(exit_code=code)
+
+
 # ============================================================================================
 # the loop
 
 
 def train(run: Run) -> dict:
+    """Every step of the run (`training_steps`); returns the run's summary."""
+    steps = training_steps(run)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def training_steps(run: Run) -> Generator[dict, None, dict]:
+    """The loop, one optimization step per `next()`: yields each step's logged row and returns
+    the run's summary. A generator so that gpt2x.lockstep can take turns between runs."""
     cfg, d, t = run.cfg, run.dist, run.cfg.trainer
     step_ms: list[float] = []
     losses: list[float] = list(run.loss_history)
@@ -230,6 +261,7 @@ def train(run: Run) -> dict:
             if saved:
                 save_checkpoint(run, step, tokens_seen, losses)
             log_row(run, row, progress, t0)
+            yield row
             # SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
             if run.stop.requested(d) and step < t.max_steps:
                 if not saved:

@@ -3,7 +3,10 @@ turns step by step (run 1 step 0, run 2 step 0, ..., run 1 step 1, ...).
 
 gpt2x.ablate uses it for `interleave=steps`: a machine's drift (clocks, other tenants, a busy
 hypervisor) then hits every rung's step j alike, and step j of rung k is compared with step j of
-rung k-1, a few seconds apart, instead of with a process that ran minutes earlier. Each run
+rung k-1, a few seconds apart, instead of with a process that ran minutes earlier. The order of
+the turns is shuffled every round (seeded by the plan), so no run always follows the same other
+run: what one step leaves behind (caches, the allocator's state) is noise spread over all runs,
+not a bias of one. Each run
 keeps its own record, metrics and checkpoints in its own folder, exactly as `gpt2x.train`
 writes them, and computes what it would compute alone: before each turn the run's own RNG
 state and fp32 matmul setting (TF32) are put back. What is not its own: the process's peak
@@ -222,8 +225,16 @@ def run_plan(plan_id: str, members: list[Member]) -> int:
                     start(member, stop)
                 except Exception as e:  # noqa: BLE001 - this member fails alone
                     fail(member, e)
+            rounds = 0
             while any(m.status == "running" for m in members):
-                for member in [m for m in members if m.status == "running"]:
+                # a fresh order each round (seeded: the same plan takes the same turns): a
+                # member never always follows the same other one, so whatever a step leaves
+                # behind (caches, allocator state) spreads over all members as noise, not bias
+                order = [m for m in members if m.status == "running"]
+                random.Random(f"{plan_id}:{rounds}").shuffle(order)
+                log.info("round %d: %s", rounds, ", ".join(m.name for m in order))
+                rounds += 1
+                for member in order:
                     try:
                         take_turn(member)
                     except Exception as e:  # noqa: BLE001 - a NaN loss, an OOM: this one ends

@@ -7,7 +7,7 @@ Each measured step is forward + loss + backward + AdamW step on a fixed random b
 with time.perf_counter() around the whole step; on CUDA the device is synchronized before and
 after each timed step (kernels run asynchronously) and the table adds peak memory allocated /
 reserved per row. Prints a markdown table. The default device is cpu, as measured in
-benchmarks/model-cpu.md.
+benchmarks/model-cpu.md (its last section).
 """
 
 from __future__ import annotations

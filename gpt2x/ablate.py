@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -49,11 +51,12 @@ from gpt2x import CONF_DIR, EXPERIMENTS_DIR, REPO_ROOT, report
 from gpt2x.config import AblateConfig, Interleave, register_configs, to_container
 from gpt2x.launch import failure_from_log, quote_override_value, stop_process_group
 from gpt2x.runfolder import failed_record, git_info, now, read_record, write_json
+from gpt2x.turns import ENV_FDS as TURN_FDS_ENV
+from gpt2x.turns import ENV_GROUP as TURN_GROUP_ENV
 
 LADDER_DIR = EXPERIMENTS_DIR / "ladder"
 LADDER_SUFFIX = ".yml"  # experiments/ladder/<ladder>.yml (not *.yaml: not a Hydra config)
 TRAIN_MODULE = "gpt2x.train"
-LOCKSTEP_MODULE = "gpt2x.lockstep"
 BASENAME = report.ABLATION  # ablation.md / ablation.csv / ablation.json
 DEFAULT_STEPS = 10
 DEFAULT_WARMUP = 3
@@ -240,7 +243,7 @@ class Rung:
     experiment: str  # +experiment=<this>
     overrides: list[str]  # every override after +experiment=, in order
     dir: str = ""
-    launcher: str = "python"  # python | torchrun | lockstep (shares a process, see below)
+    launcher: str = "python"  # python | torchrun
     nproc: int = 1
     command: list[str] = field(default_factory=list)
     status: str = "pending"  # pending | completed | failed | n/a | interrupted | not run
@@ -249,8 +252,8 @@ class Rung:
     seconds: float | None = None
     config_hash: str | None = None
     started_at: str | None = None
-    # interleave=steps: the plan file of the gpt2x.lockstep process this rung ran in (with the
-    # other single-process rungs of its repeat); `command` stays the rung's own command
+    # interleave=steps: the group of rung processes this one took turns with, step by step
+    # (gpt2x.turns); None: it ran alone
     lockstep: str | None = None
 
 
@@ -479,18 +482,17 @@ def prepare(rungs: list[Rung], settings: dict, out: Path) -> list[list[Rung]]:
 
 
 def lockstep_units(rungs: list[Rung], out: Path) -> list[list[Rung]]:
-    """interleave=steps: the consecutive single-process rungs of one repeat share a process
-    (gpt2x.lockstep, one step of each in turn); a ddp/fsdp rung runs alone between them."""
+    """interleave=steps: the consecutive single-process rungs of one repeat run together and
+    take turns step by step (gpt2x.turns); a ddp/fsdp rung runs alone between them."""
     units: list[list[Rung]] = []
     for rung in rungs:
         last = units[-1] if units else None
-        shares = (
+        if (
             last is not None
             and rung.launcher == "python"
             and last[-1].launcher == "python"
             and last[-1].repeat == rung.repeat
-        )
-        if shares:
+        ):
             last.append(rung)
         else:
             units.append([rung])
@@ -500,25 +502,10 @@ def lockstep_units(rungs: list[Rung], out: Path) -> list[list[Rung]]:
             continue
         repeat = unit[0].repeat
         k = n_in_repeat[repeat] = n_in_repeat.get(repeat, 0) + 1
-        plan = out / "lockstep" / f"repeat_{repeat}{'' if k == 1 else f'_{k}'}.json"
+        group = f"{out.absolute()}#repeat_{repeat}" + ("" if k == 1 else f"_{k}")
         for rung in unit:
-            rung.launcher, rung.lockstep = "lockstep", str(plan.absolute())
+            rung.lockstep = group
     return units
-
-
-def lockstep_plan(unit: list[Rung]) -> dict:
-    """What gpt2x.lockstep reads: every member's experiment, overrides and run folder."""
-    return {
-        "id": unit[0].lockstep,  # unique: the report pairs steps only within one process
-        "members": [
-            {"name": r.name, "experiment": r.experiment, "overrides": r.overrides, "run_dir": r.dir}
-            for r in unit
-        ],
-    }
-
-
-def lockstep_command(unit: list[Rung]) -> list[str]:
-    return [sys.executable, "-m", LOCKSTEP_MODULE, unit[0].lockstep or ""]
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,38 +549,51 @@ def stop_child(proc: subprocess.Popen, first: int, grace_s: float) -> None:
     )
 
 
-def run_process(
-    command: list[str], env: dict, log_path: Path, timeout: float | None, echo: bool, prefix: str
-) -> tuple[int, bool, Interrupted | None]:
-    """Run a command in its own session, its output teed to log_path. Returns its exit status,
-    whether it timed out and the Interrupted (Ctrl-C/SIGTERM) that stopped it, if any."""
+def _tee(proc: subprocess.Popen, log_file: Any, echo: bool, prefix: str) -> threading.Thread:
+    """Copy the process's output to its log (and the console when echo) as it comes."""
+
+    def copy() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            if echo:
+                sys.stdout.write(prefix + line)
+                sys.stdout.flush()
+
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
+    return reader
+
+
+def _start(rung: Rung, log_file: Any, env: dict, pass_fds: tuple = ()) -> subprocess.Popen:
+    log_file.write("$ " + shlex.join(rung.command) + "\n")
+    log_file.flush()
+    return subprocess.Popen(
+        rung.command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,  # the terminal's Ctrl-C reaches the runner only
+        pass_fds=pass_fds,
+    )
+
+
+def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
+    """Run the rung's command in its own session, tee its output to <dir>/rung.log, then make
+    its record tell how it ended. Re-raises Interrupted after the rung has wound down."""
+    run_dir = Path(rung.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "rung.log"
+    rung.started_at = now()
+    t0 = time.monotonic()
     timed_out = False
     interrupt: Interrupted | None = None
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8", errors="replace") as log_file:
-        log_file.write("$ " + shlex.join(command) + "\n")
-        log_file.flush()
-        proc = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # the terminal's Ctrl-C reaches the runner only
-        )
-
-        def copy() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()
-                if echo:
-                    sys.stdout.write(prefix + line)
-                    sys.stdout.flush()
-
-        reader = threading.Thread(target=copy, daemon=True)
-        reader.start()
+        proc = _start(rung, log_file, child_env(rung))
+        reader = _tee(proc, log_file, echo, f"[{rung.index:02d} {rung.short}] ")
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -609,20 +609,7 @@ def run_process(
         finally:
             proc.wait()
             reader.join(timeout=10)
-    return proc.returncode, timed_out, interrupt
-
-
-def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
-    """Run the rung's command, its output in <dir>/rung.log, then make its record tell how it
-    ended. Re-raises Interrupted after the rung has wound down."""
-    run_dir = Path(rung.dir)
-    rung.started_at = now()
-    t0 = time.monotonic()
-    prefix = f"[{rung.index:02d} {rung.short}] "
-    log_path = run_dir / "rung.log"
-    rung.returncode, timed_out, interrupt = run_process(
-        rung.command, child_env(rung), log_path, timeout, echo, prefix
-    )
+    rung.returncode = proc.returncode
     rung.seconds = round(time.monotonic() - t0, 2)
     text = log_path.read_text(encoding="utf-8", errors="replace")
     settle(rung, text, timed_out=timed_out, timeout=timeout, interrupted=interrupt is not None)
@@ -630,35 +617,97 @@ def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
         raise interrupt
 
 
+@dataclass
+class _Turns:
+    """The runner's side of one rung's turns: the pipe ends it writes `go` to and reads `done`
+    from (gpt2x.turns has the rung's side)."""
+
+    rung: Rung
+    proc: subprocess.Popen
+    go: int
+    done: int
+    log_file: Any
+    reader: threading.Thread
+    active: bool = True
+
+
 def run_lockstep(unit: list[Rung], timeout: float | None, echo: bool) -> None:
-    """Run the rungs of one gpt2x.lockstep process (interleave=steps): its plan file beside its
-    log, each rung's own lines in its rung.log, each rung settled from its own record."""
-    plan = Path(unit[0].lockstep or "")
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    write_json(plan, lockstep_plan(unit))
+    """interleave=steps: start the unit's rungs together, each its own `gpt2x.train` process,
+    and hand out turns: every round (a rung's setup, then each of its steps) in a freshly
+    shuffled order (seeded by the group), one rung at a time. Each rung is then settled from
+    its own record and log, as run_rung does. Re-raises Interrupted after they wound down."""
+    members: list[_Turns] = []
     started, t0 = now(), time.monotonic()
     limit = timeout * len(unit) if timeout is not None else None
-    returncode, timed_out, interrupt = run_process(
-        lockstep_command(unit), child_env(unit[0]), plan.with_suffix(".log"), limit, echo, ""
-    )
+    timed_out, interrupt = False, None
+    try:
+        for rung in unit:
+            Path(rung.dir).mkdir(parents=True, exist_ok=True)
+            go_r, go_w = os.pipe()
+            done_r, done_w = os.pipe()
+            env = {
+                **child_env(rung),
+                TURN_FDS_ENV: f"{go_r},{done_w}",
+                TURN_GROUP_ENV: rung.lockstep or "",
+            }
+            log_file = open(Path(rung.dir) / "rung.log", "w", encoding="utf-8", errors="replace")  # noqa: SIM115
+            proc = _start(rung, log_file, env, pass_fds=(go_r, done_w))
+            os.close(go_r)
+            os.close(done_w)
+            reader = _tee(proc, log_file, echo, f"[{rung.index:02d} {rung.short}] ")
+            members.append(_Turns(rung, proc, go_w, done_r, log_file, reader))
+        rounds = 0
+        while any(m.active for m in members):
+            order = [m for m in members if m.active]
+            # a fresh order every round: no rung always follows the same other one
+            random.Random(f"{unit[0].lockstep}:{rounds}").shuffle(order)
+            rounds += 1
+            for m in order:
+                left = None if limit is None else limit - (time.monotonic() - t0)
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(m.rung.command, limit or 0)
+                m.active = _one_turn(m, left)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        for m in members:
+            stop_child(m.proc, signal.SIGTERM, 30.0)
+    except (Interrupted, KeyboardInterrupt) as e:
+        interrupt = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+        for m in members:
+            stop_child(m.proc, signal.SIGINT, INTERRUPT_GRACE_S)
+    except BaseException:
+        for m in members:
+            stop_child(m.proc, signal.SIGKILL, 5.0)
+        raise
+    finally:
+        for m in members:
+            for fd in (m.go, m.done):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            m.proc.wait()
+            m.reader.join(timeout=10)
+            m.log_file.close()
     seconds = round(time.monotonic() - t0, 2)
-    text = plan.with_suffix(".log").read_text(encoding="utf-8", errors="replace")
-    for rung in unit:
-        rung.started_at, rung.seconds = started, seconds
-        # a member's failure is its own: the process exits 1 if any member failed
-        rung.returncode = 0 if returncode in (0, 1) else returncode
-        own = [line for line in text.splitlines(keepends=True) if f"][{rung.name}][" in line]
-        Path(rung.dir).mkdir(parents=True, exist_ok=True)
-        (Path(rung.dir) / "rung.log").write_text(
-            f"# this rung shared a process (gpt2x.lockstep): the whole log is {plan.with_suffix('.log')}\n"
-            + "".join(own)
-        )
-        limit_text = limit if limit is not None else timeout
-        settle(
-            rung, text, timed_out=timed_out, timeout=limit_text, interrupted=interrupt is not None
-        )
+    for m in members:
+        rung = m.rung
+        rung.started_at, rung.seconds, rung.returncode = started, seconds, m.proc.returncode
+        text = (Path(rung.dir) / "rung.log").read_text(encoding="utf-8", errors="replace")
+        settle(rung, text, timed_out=timed_out, timeout=limit, interrupted=interrupt is not None)
     if interrupt is not None:
         raise interrupt
+
+
+def _one_turn(m: _Turns, timeout: float | None) -> bool:
+    """Give the rung one turn and wait until it says the turn is over; False once the rung has
+    ended (its process closed the pipes: finished, failed or crashed)."""
+    try:
+        os.write(m.go, b"g")
+    except BrokenPipeError:
+        return False
+    ready, _, _ = select.select([m.done], [], [], timeout)
+    if not ready:
+        raise subprocess.TimeoutExpired(m.rung.command, timeout or 0)
+    return os.read(m.done, 1) == b"."
 
 
 def failure_reason(text: str, returncode: int) -> str:
@@ -835,12 +884,12 @@ def main(argv: list[str] | None = None) -> int:
         for unit in units:
             if len(unit) > 1:
                 names = ", ".join(r.short for r in unit)
-                print(f"# {unit[0].index:02d}-{unit[-1].index:02d} {names} (lockstep: one process)")
-                print(shlex.join(lockstep_command(unit)))
-                continue
-            rung = unit[0]
-            print(f"# {rung.index:02d} {rung.short} ({rung.launcher}, nproc={rung.nproc})")
-            print(shlex.join(rung.command))
+                print(
+                    f"# {unit[0].index:02d}-{unit[-1].index:02d} {names} (together, step by step)"
+                )
+            for rung in unit:
+                print(f"# {rung.index:02d} {rung.short} ({rung.launcher}, nproc={rung.nproc})")
+                print(shlex.join(rung.command))
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -866,15 +915,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             if len(unit) > 1:
                 where = f"{first.index}-{unit[-1].index}/{n_rungs}{again}"
-                what = ", ".join(r.name for r in unit) + " (one process, step by step)"
-                command = lockstep_command(unit)
+                what = ", ".join(r.name for r in unit) + " (together, taking turns step by step)"
+                command = []
             else:
                 where = f"{first.index}/{n_rungs}{again}"
                 what = f"{first.name} ({first.launcher}" + (
                     f", {first.nproc} processes)" if first.launcher == "torchrun" else ")"
                 )
                 command = first.command
-            print(f"==> [{where}] {what}: {shlex.join(command)}", flush=True)
+            print(
+                f"==> [{where}] {what}" + (f": {shlex.join(command)}" if command else ""),
+                flush=True,
+            )
             try:
                 if len(unit) > 1:
                     run_lockstep(unit, opts.timeout, echo=not opts.quiet)

@@ -30,20 +30,20 @@ def setup_precision(precision_cfg, device: torch.device) -> None:
             f"precision=fp16 needs CUDA (GradScaler), this run is on {device.type}; "
             "use precision=bf16 or precision=fp32"
         )
-    if precision_cfg.tf32 and device.type != "cuda":
-        log.warning("precision.tf32=true is a no-op on %s (TF32 is a CUDA feature)", device.type)
-    apply_matmul_precision(precision_cfg, device)
-
-
-def apply_matmul_precision(precision_cfg, device: torch.device) -> None:
-    """The process-wide fp32 matmul setting of this precision (TF32 on or off, CUDA only).
-    gpt2x.lockstep calls it before each run's step: runs sharing a process take turns."""
-    if device.type != "cuda":
-        return
-    # "high" lets fp32 matmuls use TF32 tensor cores (10-bit mantissa inputs)
-    torch.backends.cuda.matmul.allow_tf32 = bool(precision_cfg.tf32)
-    torch.backends.cudnn.allow_tf32 = bool(precision_cfg.tf32)
-    torch.set_float32_matmul_precision("high" if precision_cfg.tf32 else "highest")
+    if precision_cfg.tf32:
+        if device.type == "cuda":
+            # "high" lets fp32 matmuls use TF32 tensor cores (10-bit mantissa inputs)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")
+        else:
+            log.warning(
+                "precision.tf32=true is a no-op on %s (TF32 is a CUDA feature)", device.type
+            )
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
 
 
 def autocast(precision_cfg, device: torch.device) -> contextlib.AbstractContextManager:

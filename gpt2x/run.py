@@ -28,6 +28,7 @@ from gpt2x.peak import peak_record
 from gpt2x.precision import grad_scaler, setup_precision, torch_dtype
 from gpt2x.preemption import StopSignals
 from gpt2x.runfolder import RunRecord, git_info, versions
+from gpt2x.turns import Turns
 from gpt2x.validation import val_reader
 from gpt2x.wandb_logger import WandbLogger
 
@@ -62,15 +63,14 @@ class Run:
     stop: StopSignals = field(default_factory=StopSignals)
     stopped_by: int | None = None  # the signal number that ended the run early
     hellaswag_file: Path | None = None
+    turns: Turns = field(default_factory=Turns)  # interleave=steps: whose step it is
 
 
 # ============================================================================================
 # setup: every check first, then build
 
 
-def setup(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
-    """The run's parts; `overrides` are what the record says it was launched with (default:
-    Hydra's task overrides)."""
+def setup(cfg: DictConfig) -> Run:
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
     preflight_checks(cfg, d)
     seed_everything(cfg.trainer.seed)
@@ -128,7 +128,7 @@ def setup(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
         run_id=run_dir.name,
         run_dir=str(run_dir),
         experiment=cfg.experiment,
-        overrides=_task_overrides() if overrides is None else list(overrides),
+        overrides=_task_overrides(),
         config=config,
         git=git_info(),
         versions={**versions(), "cuda": torch.version.cuda},

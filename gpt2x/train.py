@@ -14,7 +14,6 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Generator
 from pathlib import Path
 
 import hydra
@@ -44,6 +43,7 @@ from gpt2x.profiling import ProfilingUnavailable, mean_breakdown, profile_steps
 from gpt2x.progress import RunProgress, use_bar
 from gpt2x.run import Run, setup
 from gpt2x.tokenizer import get_tokenizer
+from gpt2x.turns import Turns
 from gpt2x.validation import validation_loss_sum
 
 log = logging.getLogger("gpt2x.train")
@@ -99,8 +99,13 @@ def run_training(cfg: DictConfig) -> float | None:
     """Set up, train, sample; keep the record truthful on every exit path."""
     run = None
     completed = False
+    turns = Turns.from_env()  # interleave=steps: runs take turns, step by step (gpt2x.turns)
     try:
+        turns.next()  # the first turn is the setup
         run = setup(cfg)
+        run.turns = turns
+        if turns.active:
+            run.record.update(lockstep=turns.info())
         resume_if_asked(run)
         with run.stop:  # SIGTERM/SIGUSR1 handlers (main thread only) while training
             summary = train(run)
@@ -114,6 +119,7 @@ def run_training(cfg: DictConfig) -> float | None:
             record_end(run, e)
         raise
     finally:
+        turns.finish()
         # the DDP/FSDP model goes before its process group does (a gloo group freed inside the
         # reducer's destructor, after destroy_process_group, could block the process's exit)
         run = None
@@ -172,18 +178,6 @@ def record_end(run: Run, e: BaseException) -> None:
 
 
 def train(run: Run) -> dict:
-    """Every step of the run (`training_steps`); returns the run's summary."""
-    steps = training_steps(run)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
-def training_steps(run: Run) -> Generator[dict, None, dict]:
-    """The loop, one optimization step per `next()`: yields each step's logged row and returns
-    the run's summary. A generator so that gpt2x.lockstep can take turns between runs."""
     cfg, d, t = run.cfg, run.dist, run.cfg.trainer
     step_ms: list[float] = []
     losses: list[float] = list(run.loss_history)
@@ -204,6 +198,7 @@ def training_steps(run: Run) -> Generator[dict, None, dict]:
     step = run.start_step
     try:
         while step < t.max_steps:
+            run.turns.next()  # interleave=steps: wait for this step's turn (gpt2x.turns)
             skip_bad_batches(run, step)
             distributed.fail_for_test(d, step)  # GPT2X_TEST_FAIL_RANK (tests only)
             reset_peak_memory(d.device)
@@ -261,7 +256,6 @@ def training_steps(run: Run) -> Generator[dict, None, dict]:
             if saved:
                 save_checkpoint(run, step, tokens_seen, losses)
             log_row(run, row, progress, t0)
-            yield row
             # SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
             if run.stop.requested(d) and step < t.max_steps:
                 if not saved:

@@ -26,6 +26,7 @@ TORCH_FREE = [
     "gpt2x.baselines",
     "gpt2x.summary",
     "gpt2x.wandb_report",
+    "gpt2x.turns",
 ]
 
 

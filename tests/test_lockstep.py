@@ -1,11 +1,14 @@
-"""interleave=steps: single-process rungs taking turns step by step in one process
-(gpt2x.lockstep), and the report pairing their steps. Each run must compute exactly what it
-computes alone; a member that fails must fail alone."""
+"""interleave=steps: the single-process rungs of a repeat run together and take turns step by
+step (gpt2x.turns, handed out by gpt2x.ablate), and the report pairs their steps. Each rung must
+compute exactly what it computes alone; a rung that fails must fail alone."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import select
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,101 +18,57 @@ from test_report import TOKENS_PER_STEP, write_run
 from gpt2x import ablate, report, stats
 from gpt2x.report import load_runs, summarize
 from gpt2x.runfolder import read_jsonl
+from gpt2x.turns import Turns, TurnsClosed
 
-OVERRIDES = [*TINY, "trainer.seq_len=32", "logger=none", "trainer.max_steps=4"]
-
-
-def member(name: str, experiment: str, run_dir: Path, *extra: str, data_root: Path) -> dict:
-    overrides = [*OVERRIDES, f"paths.data_dir={data_root}", *extra]
-    return {"name": name, "experiment": experiment, "overrides": overrides, "run_dir": str(run_dir)}
+# --------------------------------------------------------------------------------------------
+# gpt2x.turns: the run's side of the turns
 
 
-def losses(run_dir: Path) -> list[float]:
-    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl")]
+def test_turns_wait_for_go_and_answer_done():
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    turns = Turns(go_r, done_w, group="g")
+    assert turns.active and turns.info() == {"id": "g"}
+    os.write(go_w, b"gg")
+    turns.next()  # the first turn: nothing to end yet
+    assert select.select([done_r], [], [], 0)[0] == []
+    turns.next()  # ends turn 1 (one byte back), starts turn 2
+    assert os.read(done_r, 8) == b"."
+    turns.finish()  # ends turn 2 and closes its ends
+    assert os.read(done_r, 8) == b"."
+    assert os.read(done_r, 8) == b""  # closed: the runner sees the run has ended
+    turns.finish()  # twice is harmless
+    os.close(go_w)
+    os.close(done_r)
+
+
+def test_turns_stop_when_the_runner_is_gone():
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    os.close(go_w)  # the runner died
+    with pytest.raises(TurnsClosed, match="runner handing out turns is gone"):
+        Turns(go_r, done_w).next()
+    os.close(go_r)
+    os.close(done_r)
+    os.close(done_w)
+
+
+def test_without_the_variable_turns_do_nothing(monkeypatch):
+    monkeypatch.delenv("GPT2X_TURN_FDS", raising=False)
+    turns = Turns.from_env()
+    assert not turns.active and turns.info() is None
+    turns.next()
+    turns.finish()
+    monkeypatch.setenv("GPT2X_TURN_FDS", "3")
+    with pytest.raises(ValueError, match="GPT2X_TURN_FDS='3': expected two file descriptors"):
+        Turns.from_env()
 
 
 # --------------------------------------------------------------------------------------------
-# gpt2x.lockstep: each member as if alone
+# gpt2x.ablate interleave=steps: which rungs take turns
 
 
-@pytest.fixture(scope="module")
-def lockstep_run(tmp_path_factory, data_root) -> tuple[Path, object]:
-    """fp32 and bf16 with dropout (each step draws from the RNG) and an fp8 member that cannot
-    run on a CPU, in one process."""
-    tmp = tmp_path_factory.mktemp("lockstep")
-    dropout = "model.dropout=0.1"
-    plan = {
-        "id": "t",
-        "members": [
-            member("fp32", "ladder/fp32", tmp / "a", dropout, data_root=data_root),
-            member("fp8", "ladder/beyond/fp8", tmp / "c", data_root=data_root),
-            member("bf16", "ladder/bf16", tmp / "b", dropout, data_root=data_root),
-        ],
-    }
-    (tmp / "plan.json").write_text(json.dumps(plan))
-    proc = run_cli("gpt2x.lockstep", str(tmp / "plan.json"), cwd=tmp, check=False)
-    return tmp, proc
-
-
-def test_members_take_turns_and_compute_what_they_compute_alone(lockstep_run, data_root):
-    tmp, proc = lockstep_run
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # fp8 failed
-    # turns: fp32 step 0, bf16 step 0, fp32 step 1, ... (the log tags each line with the member)
-    steps = [
-        line.split("][")[1]
-        for line in proc.stdout.splitlines()
-        if "][INFO] step " in line and "/4 |" in line
-    ]
-    assert steps == ["fp32", "bf16"] * 4
-    for name, folder in (("fp32", "a"), ("bf16", "b")):
-        rec = json.loads((tmp / folder / "record.json").read_text())
-        assert rec["status"] == "completed"
-        assert rec["lockstep"] == {"id": "t", "members": ["fp32", "fp8", "bf16"]}
-        assert rec["overrides"][0] == f"+experiment=ladder/{name}"
-        # the same run alone: identical losses (the member's RNG is its own between turns:
-        # dropout draws from it every step)
-        alone = tmp / f"alone_{name}"
-        run_cli(
-            "gpt2x.train",
-            *rec["overrides"],
-            f"hydra.run.dir={alone}",
-            cwd=tmp,
-        )
-        assert losses(tmp / folder) == losses(alone)
-        assert all(math.isfinite(v) for v in losses(alone))
-
-
-def test_a_member_that_cannot_run_fails_alone_with_one_line(lockstep_run):
-    tmp, _ = lockstep_run
-    rec = json.loads((tmp / "c" / "record.json").read_text())
-    assert rec["status"] == "failed"
-    assert rec["error"].startswith("ConfigError: precision=fp8 is not available on cpu")
-    assert rec["experiment"] == "ladder/beyond/fp8" and rec["config"]["precision"]["name"] == "fp8"
-    assert not (tmp / "c" / "metrics.jsonl").exists()
-
-
-def test_a_distributed_member_is_refused(tmp_path, data_root):
-    plan = {"members": [member("ddp", "ladder/ddp", tmp_path / "d", data_root=data_root)]}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    proc = run_cli("gpt2x.lockstep", str(tmp_path / "plan.json"), cwd=tmp_path, check=False)
-    assert proc.returncode == 1
-    rec = json.loads((tmp_path / "d" / "record.json").read_text())
-    assert rec["status"] == "failed" and "parallel=ddp cannot share a process" in rec["error"]
-
-
-def test_a_bad_plan_is_one_line_and_exit_2(tmp_path):
-    (tmp_path / "plan.json").write_text('{"members": [{"name": "x"}]}')
-    proc = run_cli("gpt2x.lockstep", str(tmp_path / "plan.json"), cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("gpt2x.lockstep: error: cannot read the lockstep plan")
-    assert len(proc.stderr.strip().splitlines()) == 1
-
-
-# --------------------------------------------------------------------------------------------
-# gpt2x.ablate interleave=steps: which rungs share a process
-
-
-def test_units_group_a_repeats_single_process_rungs_and_run_ddp_alone(tmp_path, capsys):
+def test_a_repeats_single_process_rungs_go_together_and_ddp_runs_alone(tmp_path, capsys):
     out = tmp_path / "abl"
     args = [
         "rungs=[fp32,bf16,ddp,fused,vocab]",
@@ -120,26 +79,22 @@ def test_units_group_a_repeats_single_process_rungs_and_run_ddp_alone(tmp_path, 
     ]
     assert ablate.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    heads = [line for line in lines if line.startswith("# ")]
+    heads = [line for line in lines if line.startswith("# ") and "together" in line]
     assert (
         heads
         == [
-            "# 01-02 fp32, bf16 (lockstep: one process)",
-            "# 03 ddp (torchrun, nproc=2)",
-            "# 04-05 fused, vocab (lockstep: one process)",
+            "# 01-02 fp32, bf16 (together, step by step)",
+            "# 04-05 fused, vocab (together, step by step)",
         ]
         * 2
     )
-    commands = [line for line in lines if "gpt2x.lockstep" in line]
-    assert [c.rsplit("/", 1)[1] for c in commands] == [
-        "repeat_0.json",
-        "repeat_0_2.json",
-        "repeat_1.json",
-        "repeat_1_2.json",
-    ]
+    # each rung's command is its own, the same as with interleave=runs
+    commands = [line for line in lines if not line.startswith("# ")]
+    assert len(commands) == 10 and all("gpt2x.train" in c for c in commands)
+    assert "torch.distributed.run" in commands[2] and "+experiment=ladder/ddp" in commands[2]
     # interleave=runs (the default without a ladder): every rung its own process
     assert ablate.main([*args[:2], f"out={out}", "dry_run=true"]) == 0
-    assert "gpt2x.lockstep" not in capsys.readouterr().out
+    assert "together" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -163,11 +118,11 @@ def test_a_ladder_file_sets_interleave_and_rejects_other_values(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# the report: steps paired within a process
+# the report: steps paired within a group that took turns
 
 
 def write_lockstep_repeat(root: Path, rep: int, step_ms: dict[str, list[float]], same: bool):
-    """One repeat of rungs that ran in one process (same=True) or not; step_ms per rung."""
+    """One repeat of rungs that took turns (same=True) or ran apart; step_ms per rung."""
     for i, (rung, ms) in enumerate(step_ms.items()):
         run = write_run(root, f"{i:02d}_{rung}/repeat_{rep}", rung, 100.0, config={"trainer": {}})
         rows = read_jsonl(run / "metrics.jsonl")[: len(ms)]
@@ -178,7 +133,7 @@ def write_lockstep_repeat(root: Path, rep: int, step_ms: dict[str, list[float]],
         rec["config"]["repeat"] = rep
         rec["config"]["trainer"]["warmup_steps_for_timing"] = 1
         if same:
-            rec["lockstep"] = {"id": f"plan_{rep}", "members": list(step_ms)}
+            rec["lockstep"] = {"id": f"abl#repeat_{rep}"}
         (run / "record.json").write_text(json.dumps(rec))
 
 
@@ -198,7 +153,7 @@ def lockstep_ladder(root: Path, same: bool) -> dict[str, list[list[float]]]:
             "tf32": [100 * s * drift[rep] * j for s, j in zip(SWING, jitter)],
             "flash": [100 / 1.1 * s * drift[rep] * j for s, j in zip(SWING, jitter[::-1])],
         }
-        if not same:  # separate processes: each rung met the swings at other moments
+        if not same:  # apart: each rung met the swings at other moments
             step_ms["tf32"] = step_ms["tf32"][3:] + step_ms["tf32"][:3]
         write_lockstep_repeat(root, rep, step_ms, same)
         for rung, ms in step_ms.items():
@@ -206,7 +161,7 @@ def lockstep_ladder(root: Path, same: bool) -> dict[str, list[list[float]]]:
     return all_ms
 
 
-def test_rungs_of_one_process_pair_their_steps(tmp_path):
+def test_rungs_that_took_turns_pair_their_steps(tmp_path):
     all_ms = lockstep_ladder(tmp_path / "abl", same=True)
     rows = {r["name"]: r for r in summarize(load_runs(tmp_path / "abl"))}
 
@@ -233,10 +188,10 @@ def test_rungs_of_one_process_pair_their_steps(tmp_path):
     )
 
 
-def test_rungs_of_separate_processes_pair_their_repeats(tmp_path):
+def test_rungs_that_ran_apart_pair_their_repeats(tmp_path):
     all_ms = lockstep_ladder(tmp_path / "abl", same=False)
     rows = {r["name"]: r for r in summarize(load_runs(tmp_path / "abl"))}
-    # no shared process: repeat i's tokens/s (its median step, warm-up dropped) against repeat i's
+    # apart: repeat i's tokens/s (its median step, warm-up dropped) against repeat i's
     tps = {
         rung: [TOKENS_PER_STEP / (stats.median(ms[1:]) / 1000.0) for ms in all_ms[rung]]
         for rung in ("fp32", "tf32")
@@ -250,13 +205,25 @@ def test_rungs_of_separate_processes_pair_their_repeats(tmp_path):
 # end to end: a tiny ladder with interleave=steps, rebuilt by gpt2x.report
 
 
-def test_tiny_ladder_interleaved_by_steps_end_to_end(tmp_path, data_root):
-    out = tmp_path / "abl"
+def step_times(rung_log: Path) -> dict[int, datetime]:
+    """When each step's log line was written (the end of the step), from a rung.log."""
+    out = {}
+    for line in rung_log.read_text().splitlines():
+        if "[gpt2x.train][INFO] - step " in line and " | loss " in line:
+            when = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+            out[int(line.split(" - step ")[1].split("/")[0])] = when
+    return out
+
+
+@pytest.fixture(scope="module")
+def turns_ladder(tmp_path_factory, data_root) -> tuple[Path, object]:
+    """fp32, tf32 and an fp8 rung (n/a on a CPU) taking turns; 2 repeats; then ddp alone."""
+    tmp = tmp_path_factory.mktemp("turns")
+    out = tmp / "abl"
     proc = run_cli(
         "gpt2x.ablate",
         "rungs=[fp32,tf32,ladder/beyond/fp8]",
-        "steps=3",
-        "warmup=2",
+        "steps=3",  # + TINY's 1 warm-up step: steps 0..3
         "repeats=2",
         "interleave=steps",
         f"out={out}",
@@ -266,36 +233,62 @@ def test_tiny_ladder_interleaved_by_steps_end_to_end(tmp_path, data_root):
         "trainer.seq_len=32",
         "logger=none",
         f"paths.data_dir={data_root}",
-        cwd=tmp_path,
+        cwd=tmp,
     )
-    assert "ladder/beyond/fp8: n/a (ConfigError: precision=fp8 is not available" in proc.stdout
+    return out, proc
+
+
+def test_rungs_take_turns_step_by_step(turns_ladder):
+    out, proc = turns_ladder
     manifest = json.loads((out / "ablation.json").read_text())
     assert [r["status"] for r in manifest["rungs"]] == ["completed", "completed", "n/a"] * 2
-    assert {r["launcher"] for r in manifest["rungs"]} == {"lockstep"}
     assert manifest["interleave"] == "steps"
-    # each rung's log holds its own lines; the process's log holds all
-    own = (out / "01_fp32" / "repeat_0" / "rung.log").read_text()
-    assert "[ladder/fp32][INFO] step" in own and "[ladder/tf32]" not in own
-    assert "[ladder/tf32][INFO] step" in (out / "lockstep" / "repeat_0.log").read_text()
-    # the speed-up interval pairs the steps of each repeat's process
+    assert "fp8: n/a (precision=fp8 is not available on cpu" in proc.stdout
+    for rep in range(2):
+        times = {
+            rung: step_times(out / rung / f"repeat_{rep}" / "rung.log")
+            for rung in ("01_fp32", "02_tf32")
+        }
+        assert all(sorted(t) == list(range(4)) for t in times.values())
+        # every rung ends step j before any rung ends step j + 1: one step each per round
+        for j in range(3):
+            assert max(t[j] for t in times.values()) < min(t[j + 1] for t in times.values())
+        for rung in ("01_fp32", "02_tf32", "03_fp8"):
+            rec = json.loads((out / rung / f"repeat_{rep}" / "record.json").read_text())
+            if rung != "03_fp8":
+                assert rec["lockstep"] == {"id": f"{out}#repeat_{rep}"}
+
+
+def test_a_rung_that_took_turns_computes_what_it_computes_alone(turns_ladder, tmp_path):
+    out, _ = turns_ladder
+    rec = json.loads((out / "01_fp32" / "repeat_1" / "record.json").read_text())
+    alone = tmp_path / "alone"
+    run_cli("gpt2x.train", *rec["overrides"], f"hydra.run.dir={alone}", cwd=tmp_path)
+    losses = [m["loss"] for m in read_jsonl(alone / "metrics.jsonl")]
+    assert losses == [m["loss"] for m in read_jsonl(out / "01_fp32" / "repeat_1" / "metrics.jsonl")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert "lockstep" not in json.loads((alone / "record.json").read_text())
+
+
+def test_the_report_pairs_the_steps_of_rungs_that_took_turns(turns_ladder, tmp_path):
+    out, _ = turns_ladder
     rows = {r["name"]: r for r in summarize(load_runs(out))}
     ratios = []
     for rep in range(2):
-        a = {
-            m["step"]: m["tokens_per_s"]
-            for m in read_jsonl(out / "02_tf32" / f"repeat_{rep}" / "metrics.jsonl")[2:]
-        }
-        b = {
-            m["step"]: m["tokens_per_s"]
-            for m in read_jsonl(out / "01_fp32" / f"repeat_{rep}" / "metrics.jsonl")[2:]
-        }
-        ratios.append(stats.step_paired_ratio(a, b))
+        tps = [
+            {
+                m["step"]: m["tokens_per_s"]
+                for m in read_jsonl(out / rung / f"repeat_{rep}" / "metrics.jsonl")[
+                    1:
+                ]  # after the warm-up step
+            }
+            for rung in ("02_tf32", "01_fp32")
+        ]
+        ratios.append(stats.step_paired_ratio(*tps))
     ref = stats.log_t_interval(ratios)
     got = rows["ladder/tf32"]["speedup_vs_prev_ci"]
-    assert (got.lo, got.hi) == pytest.approx((ref.lo, ref.hi))
-    md = (out / "ablation.md").read_text()
-    assert "interleave=steps" in md
+    assert (got.center, got.lo, got.hi) == pytest.approx((ref.center, ref.lo, ref.hi))
+    assert "interleave=steps" in (out / "ablation.md").read_text()
     # gpt2x.report rebuilds the same table from the records
-    again = tmp_path / "again"
-    assert report.main([str(out), "--out", str(again)]) == 0
-    assert (again / "ablation.csv").read_text() == (out / "ablation.csv").read_text()
+    assert report.main([str(out), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ablation.csv").read_text() == (out / "ablation.csv").read_text()

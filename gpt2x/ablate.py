@@ -15,7 +15,9 @@ repeats: every rung, then every rung again),
     python -m gpt2x.train +experiment=<rung> <overrides> hydra.run.dir=<out>/<NN>_<rung>
 
 or, for a rung with parallel=ddp|fsdp, `torchrun --standalone --nproc_per_node=<nproc> -m
-gpt2x.train ...`, so a rung that crashes or runs out of memory fails alone: it is recorded as
+gpt2x.train ...`, so a rung that crashes or runs out of memory fails alone (with
+`interleave=steps` the single-process rungs of a repeat run at the same time, each its own
+process, and take turns step by step: see run_lockstep): it is recorded as
 failed with a one-line reason and the next rung runs. At the end (or after Ctrl-C, with the
 finished rungs) the runner writes into the ablation folder, through gpt2x.report:
 `ablation.md` (header + table + per-rung re-run commands), `ablation.csv`, `loss.png`,
@@ -53,6 +55,8 @@ from gpt2x.launch import failure_from_log, quote_override_value, stop_process_gr
 from gpt2x.runfolder import failed_record, git_info, now, read_record, write_json
 from gpt2x.turns import ENV_FDS as TURN_FDS_ENV
 from gpt2x.turns import ENV_GROUP as TURN_GROUP_ENV
+from gpt2x.turns import LAST as TURN_LAST
+from gpt2x.turns import STEP as TURN_STEP
 
 LADDER_DIR = EXPERIMENTS_DIR / "ladder"
 LADDER_SUFFIX = ".yml"  # experiments/ladder/<ladder>.yml (not *.yaml: not a Hydra config)
@@ -80,9 +84,10 @@ INTERRUPT_GRACE_S = 60.0  # after Ctrl-C, how long a rung may take to finish its
 
 USAGE = """\
 usage: python -m gpt2x.ablate [ladder=NAME|FILE] [rungs=[A,B,...]] [steps=N] [warmup=N]
-                              [repeats=N] [nproc=N] [out=DIR] [overrides=[...]] [profile=BOOL]
-                              [wandb=BOOL|--wandb] [timeout=SECONDS] [quiet=BOOL]
-                              [dry_run=BOOL|--dry-run] [-- K=V ...]
+                              [repeats=N] [interleave=runs|steps] [nproc=N] [out=DIR]
+                              [overrides=[...]] [profile=BOOL] [wandb=BOOL|--wandb]
+                              [timeout=SECONDS] [quiet=BOOL] [dry_run=BOOL|--dry-run]
+                              [-- K=V ...]
 
 Options are Hydra overrides of gpt2x.config.AblateConfig (conf/ablate.yaml); everything after
 `--` is passed to every rung as Hydra overrides of the trainer's config.
@@ -94,6 +99,8 @@ Options are Hydra overrides of gpt2x.config.AblateConfig (conf/ablate.yaml); eve
   warmup     untimed steps before the measured ones, per rung (default: the ladder's, else 3)
   repeats    fresh processes per rung, interleaved: every rung, then every rung again, ...
              (default: the ladder's, else 1); the table reports 95% intervals over them
+  interleave runs: each rung runs alone; steps: a repeat's single-process rungs run together,
+             taking turns step by step (default: the ladder's, else runs)
   nproc      processes for parallel=ddp|fsdp rungs (torchrun); default: the ladder's, else the
              number of CUDA devices, else 2 gloo processes on CPU
   out        the ablation folder (default: outputs/ablations/<ladder>_<timestamp>)
@@ -699,7 +706,8 @@ def run_lockstep(unit: list[Rung], timeout: float | None, echo: bool) -> None:
 
 def _one_turn(m: _Turns, timeout: float | None) -> bool:
     """Give the rung one turn and wait until it says the turn is over; False once the rung has
-    ended (its process closed the pipes: finished, failed or crashed)."""
+    ended: its last turn (then its process is waited for: its teardown would slow the next
+    rung's step) or its pipes closed (it failed or crashed)."""
     try:
         os.write(m.go, b"g")
     except BrokenPipeError:
@@ -707,7 +715,13 @@ def _one_turn(m: _Turns, timeout: float | None) -> bool:
     ready, _, _ = select.select([m.done], [], [], timeout)
     if not ready:
         raise subprocess.TimeoutExpired(m.rung.command, timeout or 0)
-    return os.read(m.done, 1) == b"."
+    said = os.read(m.done, 1)
+    if said == TURN_STEP:
+        return True
+    if said == TURN_LAST:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            m.proc.wait(timeout=INTERRUPT_GRACE_S)
+    return False
 
 
 def failure_reason(text: str, returncode: int) -> str:

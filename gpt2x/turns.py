@@ -6,8 +6,9 @@ a shuffled order each round. A run waits for its turn at every step boundary (th
 is its setup) and says when the turn is over; so step j of every rung runs within seconds of
 step j of the others, while each run keeps its own process, memory and caches exactly as a
 run on its own does. The runner passes two pipe ends in GPT2X_TURN_FDS ("go,done"): the run
-reads one byte from `go` to start a turn and writes one byte to `done` to end it. Without the
-variable every call is a no-op.
+reads one byte from `go` to start a turn and writes one byte to `done` to end it: "." for a
+step, "!" for its last turn, after which the runner waits for the process to exit (its
+teardown would otherwise slow the next rung's step). Without the variable every call is a no-op.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 
 ENV_FDS = "GPT2X_TURN_FDS"
 ENV_GROUP = "GPT2X_TURN_GROUP"  # the id the report pairs steps by (runs sharing the turns)
+STEP, LAST = b".", b"!"  # what the run writes to `done` at the end of a turn / its last turn
 
 
 class TurnsClosed(RuntimeError):
@@ -62,17 +64,17 @@ class Turns:
         self.in_turn = True
 
     def finish(self) -> None:
-        """End the last turn and let go of the pipes (safe to call twice)."""
+        """End the last turn ("the run is ending") and let go of the pipes (safe to call twice)."""
         if not self.active:
             return
         if self.in_turn:
             with contextlib.suppress(OSError):  # the runner is gone: nobody waits for this turn
-                self._done()
+                self._done(LAST)
         for fd in (self.go_fd, self.done_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)  # type: ignore[arg-type]
         self.go_fd = self.done_fd = None
 
-    def _done(self) -> None:
+    def _done(self, signal: bytes = STEP) -> None:
         self.in_turn = False
-        os.write(self.done_fd, b".")  # type: ignore[arg-type]
+        os.write(self.done_fd, signal)  # type: ignore[arg-type]

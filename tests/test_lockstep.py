@@ -34,8 +34,8 @@ def test_turns_wait_for_go_and_answer_done():
     assert select.select([done_r], [], [], 0)[0] == []
     turns.next()  # ends turn 1 (one byte back), starts turn 2
     assert os.read(done_r, 8) == b"."
-    turns.finish()  # ends turn 2 and closes its ends
-    assert os.read(done_r, 8) == b"."
+    turns.finish()  # ends turn 2, the last one ("!"), and closes its ends
+    assert os.read(done_r, 8) == b"!"
     assert os.read(done_r, 8) == b""  # closed: the runner sees the run has ended
     turns.finish()  # twice is harmless
     os.close(go_w)

@@ -637,6 +637,13 @@ class _Turns:
     reader: threading.Thread
     active: bool = True
 
+    def close_go(self) -> None:
+        """No more turns: a rung waiting for one reads end-of-file and stops."""
+        if self.go >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.go)
+            self.go = -1
+
 
 def run_lockstep(unit: list[Rung], timeout: float | None, echo: bool) -> None:
     """interleave=steps: start the unit's rungs together, each its own `gpt2x.train` process,
@@ -676,6 +683,8 @@ def run_lockstep(unit: list[Rung], timeout: float | None, echo: bool) -> None:
                 m.active = _one_turn(m, left)
     except subprocess.TimeoutExpired:
         timed_out = True
+        for m in members:  # a rung waiting for a turn ends at once (gpt2x.turns.TurnsClosed)
+            m.close_go()
         for m in members:
             stop_child(m.proc, signal.SIGTERM, 30.0)
     except (Interrupted, KeyboardInterrupt) as e:
@@ -688,9 +697,9 @@ def run_lockstep(unit: list[Rung], timeout: float | None, echo: bool) -> None:
         raise
     finally:
         for m in members:
-            for fd in (m.go, m.done):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            m.close_go()
+            with contextlib.suppress(OSError):
+                os.close(m.done)
             m.proc.wait()
             m.reader.join(timeout=10)
             m.log_file.close()

@@ -167,7 +167,8 @@ def plot_loss(curves: Sequence[Curve], path: str | Path) -> Path:
 
 def tokens_per_s_figure(rows: Sequence[dict]):
     """Bars of tokens/s per row with the repeats' 95% interval as error bars (rows that did not
-    complete: an empty, labelled slot); label: the speed-up vs the baseline."""
+    complete: an empty, labelled slot); labels: the speed-up vs the baseline and vs the previous
+    row, marked (noise) where that one's paired interval includes 1.00x."""
     fig = figure(max(6.0, 1.1 * len(rows) + 2), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     values = [r["tokens_per_s"] or 0.0 for r in rows]
@@ -180,23 +181,30 @@ def tokens_per_s_figure(rows: Sequence[dict]):
         err_hi.append(v * (ci.hi / ci.center - 1) if ok else 0.0)
     colors = ["C0" if r["median_ms"] else "0.7" for r in rows]
     bars = ax.bar(range(len(rows)), values, color=colors, yerr=[err_lo, err_hi], capsize=4)
-    for bar, row in zip(bars, rows):
+    for bar, row, above in zip(bars, rows, err_hi):
         label = f"{row['speedup_vs_baseline']:.2f}x" if row["speedup_vs_baseline"] else ""
-        if row.get("noise"):
-            label += " (noise)"
+        prev = row.get("speedup_vs_prev")
+        if prev and row.get("speedup_vs_prev_ci") is not None:
+            # the noise verdict belongs to the speed-up over the previous row
+            label += f"\nprev {prev:.2f}x" + (" (noise)" if row.get("noise") else "")
         if not row["median_ms"]:
             label = row["status"]
         ax.annotate(
             label,
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height() + above),
             ha="center",
             va="bottom",
             fontsize=8,
         )
+    tops = [v + e for v, e in zip(values, err_hi)]
+    if max(tops, default=0.0) > 0:
+        ax.set_ylim(0, 1.15 * max(tops))  # room for the two-line labels above the error bars
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("tokens / s (median step)")
-    ax.set_title("Throughput (error bars: 95% interval over repeats; label: vs baseline)")
+    ax.set_title(
+        "Throughput (error bars: 95% interval over repeats; labels: vs baseline, vs previous)"
+    )
     ax.grid(axis="y", alpha=0.3)
     return fig
 

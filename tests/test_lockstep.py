@@ -292,3 +292,29 @@ def test_the_report_pairs_the_steps_of_rungs_that_took_turns(turns_ladder, tmp_p
     # gpt2x.report rebuilds the same table from the records
     assert report.main([str(out), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "ablation.csv").read_text() == (out / "ablation.csv").read_text()
+
+
+def test_rungs_past_the_timeout_are_stopped_and_recorded(tmp_path, data_root):
+    out = tmp_path / "abl"
+    proc = run_cli(
+        "gpt2x.ablate",
+        "rungs=[fp32,tf32]",
+        "steps=2000",
+        "interleave=steps",
+        "timeout=10",  # seconds per rung: 20 for the two, far less than 2000 steps take
+        f"out={out}",
+        "quiet=true",
+        "--",
+        *TINY,
+        "trainer.seq_len=32",
+        "logger=none",
+        f"paths.data_dir={data_root}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    for rung in ("01_fp32", "02_tf32"):
+        rec = json.loads((out / rung / "record.json").read_text())
+        assert rec["status"] == "failed" and rec["error"].startswith("timed out after 20 s")
+        # the steps taken before the stop are kept
+        assert 0 < len(read_jsonl(out / rung / "metrics.jsonl")) < 2000

@@ -14,6 +14,7 @@ from gpt2x.stats import (
     median,
     paired_ratio,
     percentile,
+    step_paired_ratio,
     t_cdf,
     t_quantile,
     within_noise,
@@ -142,6 +143,17 @@ def test_paired_ratio_skips_missing_pairs():
         paired_ratio([1.0, None], [None, 2.0])
     with pytest.raises(ValueError, match="positive finite"):
         paired_ratio([1.0, 2.0], [0.0, 1.0])  # never divides by zero
+
+
+def test_step_paired_ratio_is_the_median_of_the_common_steps_ratios():
+    new = {3: 110.0, 4: 90.0, 5: 150.0, 6: 100.0}  # step 6: the old rung has no such step
+    old = {2: 1.0, 3: 100.0, 4: 100.0, 5: 100.0}
+    # ratios at steps 3, 4, 5: 1.1, 0.9, 1.5 -> median 1.1 (the slow step 5 of `old` counts once)
+    assert step_paired_ratio(new, old) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="at least one step both rungs measured"):
+        step_paired_ratio({1: 1.0}, {2: 1.0})
+    with pytest.raises(ValueError, match="positive finite"):
+        step_paired_ratio({1: 1.0}, {1: 0.0})
 
 
 def test_median_and_percentile_match_numpy():

@@ -75,7 +75,9 @@ def test_each_rung_includes_the_previous_and_changes_one_thing(ladder):
     folder = REPO_ROOT / "experiments" / "ladder"
     spec = yaml.safe_load((folder / f"{ladder}.yml").read_text())
     assert spec["rungs"] == RUNGS and spec["shape"] == ladder
-    assert spec["repeats"] == 3  # the default: intervals on every ablation (docs/ladder.md)
+    # the default: intervals on every ablation (docs/ladder.md); the CPU ladder's rungs take turns
+    assert spec["repeats"] == {"nano_cpu": 4, "gpt2_124m": 3}[ladder]
+    assert spec.get("interleave", "runs") == {"nano_cpu": "steps", "gpt2_124m": "runs"}[ladder]
     prev = None
     for rung in RUNGS:
         text = (folder / f"{rung}.yaml").read_text()  # one file per rung, shared by the ladders
@@ -136,7 +138,7 @@ def test_dry_run_prints_the_commands_with_one_wandb_group(tmp_path):
     for rung, line in zip(RUNGS, lines):
         assert f"+experiment=ladder/{rung} " in line and " ladder_shape=nano_cpu " in line
         assert "logger.group=abl " in line and f"hydra.run.dir={out}/" in line
-        assert "trainer.max_steps=13 " in line and "trainer.warmup_steps_for_timing=3 " in line
+        assert "trainer.max_steps=11 " in line and "trainer.warmup_steps_for_timing=3 " in line
     assert "torch.distributed.run --standalone --nproc_per_node=3 -m gpt2x.train" in lines[-1]
     assert "torch.distributed.run" not in "".join(lines[:-1])
 

@@ -8,6 +8,10 @@ import json
 import math
 import os
 import select
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -320,3 +324,38 @@ def test_rungs_past_the_timeout_are_stopped_and_recorded(tmp_path, data_root):
         assert rec["status"] == "failed" and rec["error"].startswith("timed out after 20 s")
         # the steps taken before the stop are kept
         assert 0 < len(read_jsonl(out / rung / "metrics.jsonl")) < 2000
+
+
+def test_ctrl_c_stops_every_rung_taking_turns_and_keeps_the_finished_one(tmp_path, data_root):
+    ladder = tmp_path / "long.yml"
+    ladder.write_text(
+        "interleave: steps\n"
+        "rungs:\n"
+        "  - ladder/fp32\n"
+        "  - {name: long, experiment: ladder/tf32, overrides: [trainer.max_steps=100000]}\n"
+        "  - ladder/bf16\n"
+    )
+    out = tmp_path / "abl"
+    cmd = [sys.executable, "-m", "gpt2x.ablate", f"ladder={ladder}", f"out={out}", "quiet=true"]
+    cmd += ["--", *TINY, "trainer.seq_len=32", "logger=none", f"paths.data_dir={data_root}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = out / "02_long" / "metrics.jsonl"
+        # fp32 and bf16 have 11 steps: past step 20, "long" takes its turns alone
+        while not (metrics.exists() and len(read_jsonl(metrics)) > 20):
+            assert proc.poll() is None and time.monotonic() < deadline, "long never got going"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout[-3000:]
+    manifest = json.loads((out / "ablation.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert [r["status"] for r in manifest["rungs"]] == ["completed", "interrupted", "completed"]
+    rec = json.loads((out / "02_long" / "record.json").read_text())
+    assert rec["status"] == "interrupted" and "Ctrl-C" in rec["error"]
+    assert len(read_jsonl(out / "02_long" / "metrics.jsonl")) > 20  # its steps are kept

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,26 @@ def run_cli(
             f"\n--- stderr\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def sigint_when(
+    cmd: list[str], cwd: Path, ready: Callable[[], bool], what: str, timeout: float = 240
+) -> tuple[int, str]:
+    """Start `cmd`, poll until ready() (a file the run writes; never a fixed sleep), send it
+    SIGINT (Ctrl-C) and return its exit status and output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} never happened"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stdout
 
 
 def compose_rung(name: str, *overrides: str) -> dict:

@@ -7,16 +7,14 @@ import csv
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, compose_rung, flatten, run_cli
+from conftest import TINY, compose_rung, flatten, run_cli, sigint_when
 
 from gpt2x import REPO_ROOT, ablate, report
 from gpt2x.config import register_configs
@@ -362,20 +360,11 @@ def test_ctrl_c_keeps_finished_rungs_and_writes_a_partial_table(tmp_path, data_r
     out = tmp_path / "abl"
     cmd = [sys.executable, "-m", "gpt2x.ablate", f"ladder={ladder}", f"out={out}", "quiet=true"]
     cmd += ["--", *RUNG_OVERRIDES, f"paths.data_dir={data_root}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        metrics = out / "02_long" / "metrics.jsonl"
-        while not (metrics.exists() and read_jsonl(metrics)):
-            assert proc.poll() is None and time.monotonic() < deadline, "rung 2 never started"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stdout[-3000:]
+    metrics = out / "02_long" / "metrics.jsonl"
+    returncode, stdout = sigint_when(
+        cmd, tmp_path, lambda: metrics.exists() and bool(read_jsonl(metrics)), "rung 2 starting"
+    )
+    assert returncode == 130, stdout[-3000:]
     rows = read_csv(out / "ablation.csv")
     assert [(r["name"], r["status"]) for r in rows] == [
         ("ladder/fp32", "completed"),

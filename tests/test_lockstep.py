@@ -8,15 +8,12 @@ import json
 import math
 import os
 import select
-import signal
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, sigint_when
 from test_report import TOKENS_PER_STEP, write_run
 
 from gpt2x import ablate, report, stats
@@ -209,6 +206,24 @@ def test_rungs_that_ran_apart_pair_their_repeats(tmp_path):
 # end to end: a tiny ladder with interleave=steps, rebuilt by gpt2x.report
 
 
+RUNG_OVERRIDES = [*TINY, "trainer.seq_len=32", "logger=none"]
+
+
+def ablate_tiny(cwd: Path, data_root: Path, *args: str, check: bool = True):
+    """gpt2x.ablate interleave=steps over tiny rungs."""
+    overrides = [*RUNG_OVERRIDES, f"paths.data_dir={data_root}"]
+    return run_cli(
+        "gpt2x.ablate",
+        *args,
+        "interleave=steps",
+        "quiet=true",
+        "--",
+        *overrides,
+        cwd=cwd,
+        check=check,
+    )
+
+
 def step_times(rung_log: Path) -> dict[int, datetime]:
     """When each step's log line was written (the end of the step), from a rung.log."""
     out = {}
@@ -224,20 +239,13 @@ def turns_ladder(tmp_path_factory, data_root) -> tuple[Path, object]:
     """fp32, tf32 and an fp8 rung (n/a on a CPU) taking turns; 2 repeats; then ddp alone."""
     tmp = tmp_path_factory.mktemp("turns")
     out = tmp / "abl"
-    proc = run_cli(
-        "gpt2x.ablate",
+    proc = ablate_tiny(
+        tmp,
+        data_root,
         "rungs=[fp32,tf32,ladder/beyond/fp8]",
         "steps=3",  # + TINY's 1 warm-up step: steps 0..3
         "repeats=2",
-        "interleave=steps",
         f"out={out}",
-        "quiet=true",
-        "--",
-        *TINY,
-        "trainer.seq_len=32",
-        "logger=none",
-        f"paths.data_dir={data_root}",
-        cwd=tmp,
     )
     return out, proc
 
@@ -302,20 +310,13 @@ def test_the_report_pairs_the_steps_of_rungs_that_took_turns(turns_ladder, tmp_p
 
 def test_rungs_past_the_timeout_are_stopped_and_recorded(tmp_path, data_root):
     out = tmp_path / "abl"
-    proc = run_cli(
-        "gpt2x.ablate",
+    proc = ablate_tiny(
+        tmp_path,
+        data_root,
         "rungs=[fp32,tf32]",
         "steps=2000",
-        "interleave=steps",
         "timeout=10",  # seconds per rung: 20 for the two, far less than 2000 steps take
         f"out={out}",
-        "quiet=true",
-        "--",
-        *TINY,
-        "trainer.seq_len=32",
-        "logger=none",
-        f"paths.data_dir={data_root}",
-        cwd=tmp_path,
         check=False,
     )
     assert proc.returncode == 1, proc.stdout[-2000:]
@@ -337,22 +338,13 @@ def test_ctrl_c_stops_every_rung_taking_turns_and_keeps_the_finished_one(tmp_pat
     )
     out = tmp_path / "abl"
     cmd = [sys.executable, "-m", "gpt2x.ablate", f"ladder={ladder}", f"out={out}", "quiet=true"]
-    cmd += ["--", *TINY, "trainer.seq_len=32", "logger=none", f"paths.data_dir={data_root}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        metrics = out / "02_long" / "metrics.jsonl"
-        # fp32 and bf16 have 11 steps: past step 20, "long" takes its turns alone
-        while not (metrics.exists() and len(read_jsonl(metrics)) > 20):
-            assert proc.poll() is None and time.monotonic() < deadline, "long never got going"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stdout[-3000:]
+    cmd += ["--", *RUNG_OVERRIDES, f"paths.data_dir={data_root}"]
+    metrics = out / "02_long" / "metrics.jsonl"
+    # fp32 and bf16 have 11 steps: past step 20, "long" takes its turns alone
+    returncode, stdout = sigint_when(
+        cmd, tmp_path, lambda: metrics.exists() and len(read_jsonl(metrics)) > 20, "long's step 20"
+    )
+    assert returncode == 130, stdout[-3000:]
     manifest = json.loads((out / "ablation.json").read_text())
     assert manifest["status"] == "interrupted"
     assert [r["status"] for r in manifest["rungs"]] == ["completed", "interrupted", "completed"]

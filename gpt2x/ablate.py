@@ -447,7 +447,7 @@ def _override(key: str, value: str) -> str:
 
 def prepare(rungs: list[Rung], settings: dict, out: Path) -> list[list[Rung]]:
     """Folders, launchers and exact commands; every rung's config composed once here. Returns
-    what runs, in order: a rung alone, or (interleave=steps) the rungs sharing one process."""
+    what runs, in order: a rung alone, or (interleave=steps) the rungs that take turns."""
     group = out.name
     nproc = settings["nproc"]
     composed: dict[tuple, dict] = {}  # the repeats of a rung compose to the same config

@@ -76,7 +76,7 @@ class Interleave(str, Enum):
     """How gpt2x.ablate interleaves the repeats of its rungs (docs/ladder.md)."""
 
     runs = "runs"  # every rung a fresh process: every rung, then every rung again, ...
-    steps = "steps"  # the single-process rungs of a repeat share one process, step by step
+    steps = "steps"  # the single-process rungs of a repeat run together, taking turns by step
 
 
 class WandbMode(str, Enum):
@@ -350,7 +350,8 @@ class AblateConfig:
     # default: the ladder's, else 1
     repeats: int | None = None
     # runs: each rung a fresh process; steps: a repeat's single-process rungs take turns step
-    # by step in one process (gpt2x.lockstep), paired step by step; default: the ladder's, else runs
+    # by step, each its own process (gpt2x.turns), paired step by step; default: the ladder's,
+    # else runs
     interleave: Interleave | None = None
     nproc: int | None = None  # processes of a ddp/fsdp rung (default: CUDA devices, else 2)
     out: str | None = None  # the ablation folder (default: outputs/ablations/<ladder>_<time>)

@@ -197,8 +197,9 @@ def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -
             "steps (trainer.warmup_steps_for_timing), "
             f"{manifest.get('repeats', 1)} interleaved repeat(s) per rung "
             + (
-                "(interleave=steps: per repeat, the single-process rungs took turns step by step "
-                "in one process, and a speed-up pairs their steps; ddp/fsdp rungs ran alone)"
+                "(interleave=steps: per repeat, the single-process rungs ran together, each its own "
+                "process, taking turns step by step, and a speed-up pairs their steps; ddp/fsdp "
+                "rungs ran alone)"
                 if manifest.get("interleave") == "steps"
                 else "as fresh processes"
             )

@@ -258,7 +258,7 @@ def _measure(run: Run, warmup: int) -> dict:
     measured = _measured_rows(run, warmup)
     ms = _values(measured, "ms")
     out["ms"] = ms
-    # step -> tokens/s: pairs steps of rungs that took turns in one process (gpt2x.lockstep)
+    # step -> tokens/s: pairs the steps of rungs that took turns (gpt2x.turns)
     out["by_step"] = {
         int(r["step"]): float(r["tokens_per_s"])
         for r in measured
@@ -340,7 +340,7 @@ def summarize(
     groups = _order_groups(group_runs(runs), order)
     rows = []
     per_repeat: list[dict[int, float]] = []  # row -> {repeat: tokens/s}
-    # row -> {repeat: (the lockstep process it ran in or None, {step: tokens/s})}
+    # row -> {repeat: (the group of rungs it took turns with or None, {step: tokens/s})}
     per_step: list[dict[int, tuple[str | None, dict[int, float]]]] = []
     for group in groups:
         first = group[0]
@@ -443,7 +443,7 @@ def _paired(
     per_step: list[dict[int, tuple[str | None, dict[int, float]]]],
 ) -> stats.Interval | None:
     """Row i against row j over the repeats both have (None with fewer than 2): per repeat the
-    ratio of the repeats' tokens/s, or, where both ran in one gpt2x.lockstep process, the median
+    ratio of the repeats' tokens/s, or, where both took turns in one group (gpt2x.turns), the median
     of their step-by-step ratios (gpt2x.stats)."""
     common = sorted(set(per_repeat[i]) & set(per_repeat[j]))
     if len(common) < 2:

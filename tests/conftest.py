@@ -69,6 +69,22 @@ def run_cli(
     return proc
 
 
+def cli_train(tmp_path: Path, data_root: Path, *overrides: str, check=True, env=None):
+    """`python -m gpt2x.train` on the tiny model in tmp_path/run; returns (process, run folder)."""
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "gpt2x.train",
+        *TINY,
+        f"paths.data_dir={data_root}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+        cwd=tmp_path,
+        check=check,
+        env=env,
+    )
+    return proc, run_dir
+
+
 def sigint_when(
     cmd: list[str], cwd: Path, ready: Callable[[], bool], what: str, timeout: float = 240
 ) -> tuple[int, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, clean_env, run_cli
+from conftest import REPO, TINY, clean_env, cli_train, run_cli
 from hydra import compose, initialize_config_dir
 from matrix_cases import (
     AXES,
@@ -81,21 +81,6 @@ def assert_completed(run_dir: Path, steps: int) -> dict:
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert rec["summary"]["steps"] == steps
     return rec
-
-
-def cli_train(tmp_path: Path, data_dir: Path, *overrides: str, env=None, check=True):
-    run_dir = tmp_path / "run"
-    proc = run_cli(
-        "gpt2x.train",
-        *TINY,
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
-        cwd=tmp_path,
-        env=env,
-        check=check,
-    )
-    return proc, run_dir
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, run_dir: Path, *needles: str) -> str:

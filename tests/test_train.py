@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, cli_train, run_cli
 from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR
@@ -28,21 +28,6 @@ def tiny_cfg(tmp_path: Path, data_root: Path, *overrides: str):
         )
     cfg.paths.run_dir = str(tmp_path / "run")
     return cfg
-
-
-def cli_train(tmp_path: Path, data_root: Path, *overrides: str, check=True, env=None):
-    run_dir = tmp_path / "run"
-    proc = run_cli(
-        "gpt2x.train",
-        *TINY,
-        f"paths.data_dir={data_root}",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
-        cwd=tmp_path,
-        check=check,
-        env=env,
-    )
-    return proc, run_dir
 
 
 def losses(run_dir: Path) -> list[float]:

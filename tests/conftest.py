@@ -42,6 +42,9 @@ def data_root(tmp_path_factory) -> Path:
     """One prepared-data cache for the whole session (Shakespeare is tokenized once)."""
     return tmp_path_factory.mktemp("data")
 
+# `torchrun --standalone --nproc_per_node=2` as this interpreter runs it (2 gloo ranks on CPU)
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
 
 def run_cli(
     module: str,

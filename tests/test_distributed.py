@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, clean_env, run_cli
+from conftest import TINY, TORCHRUN_2, clean_env, run_cli
 from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR, distributed
@@ -46,11 +46,7 @@ def torchrun(
     cwd: Path, *args: str, env: dict | None = None, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_2,
         "-m",
         "gpt2x.train",
         *args,

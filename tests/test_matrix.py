@@ -18,12 +18,11 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, clean_env, cli_train, run_cli
+from conftest import REPO, TINY, TORCHRUN_2, clean_env, cli_train, run_cli
 from hydra import compose, initialize_config_dir
 from matrix_cases import (
     AXES,
@@ -131,11 +130,7 @@ def torchrun_batch(name: str, jobs: dict[str, list[str]], tmp_path_factory) -> d
     ]
     (tmp / "jobs.json").write_text(json.dumps(listed))
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_2,
         str(CASES_SCRIPT),
         str(tmp / "jobs.json"),
         str(tmp / "results.json"),

@@ -309,43 +309,25 @@ class GPT(nn.Module):
         cls,
         name_or_dir: str,
         vocab_size: int | None = None,
-        attn: str = "naive",
         dropout: float = 0.0,
+        **options,
     ) -> GPT:
         """Load HF GPT-2 weights: a Hub name ("gpt2", "gpt2-medium", ...; needs network or the
-        HF cache) or a local HF directory. vocab_size > the checkpoint's pads the embedding with
-        zero rows, which leaves the logits of the real tokens unchanged."""
+        HF cache) or a local HF directory. The shape is the checkpoint's; `options` are the
+        GPTConfig fields that do not change the weights (attn, loss, loss_chunk_size,
+        activation_checkpointing). vocab_size > the checkpoint's pads the embedding with zero
+        rows, which leaves the logits of the real tokens unchanged."""
         from transformers import GPT2LMHeadModel
 
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        hc = hf.config
-        # refuse variants this implementation does not compute identically
-        unsupported = {
-            "activation_function": hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
-            "n_inner": hc.n_inner not in (None, 4 * hc.n_embd),
-            "layer_norm_epsilon": hc.layer_norm_epsilon != 1e-5,
-            "scale_attn_weights": not hc.scale_attn_weights,
-            "scale_attn_by_inverse_layer_idx": hc.scale_attn_by_inverse_layer_idx,
-            "add_cross_attention": hc.add_cross_attention,
-            "tie_word_embeddings": not getattr(hc, "tie_word_embeddings", True),
-        }
-        bad = [f"{k}={getattr(hc, k, None)!r}" for k, v in unsupported.items() if v]
-        if bad:
-            raise ValueError(f"{name_or_dir}: unsupported GPT-2 variant ({', '.join(bad)})")
-        vocab_size = hc.vocab_size if vocab_size is None else vocab_size
-        if vocab_size < hc.vocab_size:
+        shape = pretrained_shape(hf.config, name_or_dir)
+        vocab_size = shape["vocab_size"] if vocab_size is None else vocab_size
+        if vocab_size < shape["vocab_size"]:
             raise ValueError(
-                f"vocab_size={vocab_size} is smaller than {name_or_dir}'s {hc.vocab_size}"
+                f"vocab_size={vocab_size} is smaller than {name_or_dir}'s {shape['vocab_size']}"
             )
         config = GPTConfig(
-            block_size=hc.n_positions,
-            vocab_size=vocab_size,
-            n_layer=hc.n_layer,
-            n_head=hc.n_head,
-            n_embd=hc.n_embd,
-            dropout=dropout,
-            bias=True,
-            attn=attn,
+            **{**shape, "vocab_size": vocab_size}, dropout=dropout, bias=True, **options
         )
         model = cls(config)
         theirs = hf.state_dict()
@@ -403,6 +385,31 @@ class GPT(nn.Module):
                     src = src[:vocab_size]
                 p.copy_(src.to(device=p.device, dtype=p.dtype))
         hf.save_pretrained(str(out_dir))
+
+
+def pretrained_shape(hf_config, name_or_dir: str) -> dict:
+    """The GPTConfig shape (block_size, vocab_size, n_layer, n_head, n_embd) of a Hugging Face
+    GPT-2 config; ValueError for a variant this implementation does not compute identically."""
+    hc = hf_config
+    unsupported = {
+        "activation_function": hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
+        "n_inner": hc.n_inner not in (None, 4 * hc.n_embd),
+        "layer_norm_epsilon": hc.layer_norm_epsilon != 1e-5,
+        "scale_attn_weights": not hc.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": hc.scale_attn_by_inverse_layer_idx,
+        "add_cross_attention": hc.add_cross_attention,
+        "tie_word_embeddings": not getattr(hc, "tie_word_embeddings", True),
+    }
+    bad = [f"{k}={getattr(hc, k, None)!r}" for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{name_or_dir}: unsupported GPT-2 variant ({', '.join(bad)})")
+    return dict(
+        block_size=hc.n_positions,
+        vocab_size=hc.vocab_size,
+        n_layer=hc.n_layer,
+        n_head=hc.n_head,
+        n_embd=hc.n_embd,
+    )
 
 
 def check_attention(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from gpt2x import checkpoint, distributed
@@ -22,7 +23,7 @@ from gpt2x.data import ShardLoader, ensure_prepared
 from gpt2x.float8 import check_float8, convert_to_float8
 from gpt2x.hellaswag import HellaSwagError, hellaswag_path, load_examples
 from gpt2x.metrics import hardware
-from gpt2x.model import GPT, GPTConfig, check_attention
+from gpt2x.model import GPT, GPTConfig, check_attention, pretrained_shape
 from gpt2x.optim import build_optimizer
 from gpt2x.peak import peak_record
 from gpt2x.precision import grad_scaler, setup_precision, torch_dtype
@@ -72,6 +73,7 @@ class Run:
 
 def setup(cfg: DictConfig) -> Run:
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
+    adopt_pretrained_shape(cfg, d)
     preflight_checks(cfg, d)
     seed_everything(cfg.trainer.seed)
     t = cfg.trainer
@@ -218,6 +220,97 @@ def preflight_checks(cfg: DictConfig, d: distributed.Dist) -> None:
     checkpoint.preflight(Path(cfg.paths.run_dir), n_params, saves, dist=d)
 
 
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+def adopt_pretrained_shape(cfg: DictConfig, d: distributed.Dist) -> None:
+    """model.init_from=<Hub name or HF folder>: the model's shape is the checkpoint's, written
+    into cfg.model before anything reads it (so the record, seq_len's default and every check
+    see it). A shape key the user set on the command line to another value is a ConfigError
+    naming both; model.vocab_size may only pad the checkpoint's vocabulary."""
+    m = cfg.model
+    if m.init_from == "scratch":
+        return
+    if d.is_main:  # a Hub name downloads into the shared cache once
+        shape = read_pretrained_shape(m.init_from)
+    distributed.barrier(d)
+    if not d.is_main:
+        shape = read_pretrained_shape(m.init_from)
+    explicit = command_line_values("model.")
+    for key in SHAPE_KEYS:
+        if key in explicit and int(explicit[key]) != shape[key]:
+            raise ConfigError(
+                f"model.{key}={explicit[key]} conflicts with model.init_from={m.init_from}, "
+                f"whose {key} is {shape[key]}; drop model.{key} (the shape comes from the "
+                "checkpoint)"
+            )
+        m[key] = shape[key]
+    m.name = Path(m.init_from).name  # what the log and the record call the model
+    if m.vocab_size < shape["vocab_size"]:
+        if "vocab_size" in explicit:
+            raise ConfigError(
+                f"model.vocab_size={m.vocab_size} is smaller than model.init_from="
+                f"{m.init_from}'s {shape['vocab_size']}; drop model.vocab_size or pad it "
+                f"(>= {shape['vocab_size']})"
+            )
+        m.vocab_size = shape["vocab_size"]
+
+
+def read_pretrained_shape(name_or_dir: str) -> dict:
+    """The GPT-2 shape of a Hub name or a local Hugging Face folder (its config.json only);
+    ConfigError naming the fix for a missing folder, a folder that is no HF GPT-2, no network."""
+    from transformers import AutoConfig
+
+    key = f"model.init_from={name_or_dir}"
+    path = Path(name_or_dir).expanduser()
+    if path.exists() or name_or_dir.startswith((".", "/", "~")):  # a folder, not a Hub name
+        if not path.exists():
+            raise ConfigError(f"{key}: no such folder; give a Hub name (gpt2) or an HF folder")
+        gpt2x_run = checkpoint.list_checkpoints(checkpoint.checkpoints_dir(path))
+        if gpt2x_run or (path / checkpoint.META_FILE).is_file():
+            raise ConfigError(
+                f"{key} is a gpt2x run or checkpoint, not a Hugging Face folder; continue it "
+                f"with trainer.resume={name_or_dir}, or export it first (python -m "
+                f"gpt2x.export checkpoint={name_or_dir} out=<hf folder>) and start from that"
+            )
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{key}: {path} has no config.json, so it is not a Hugging Face model folder "
+                "(save_pretrained or python -m gpt2x.export writes one)"
+            )
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_dir)
+    except OSError as e:  # no network and nothing cached, or an unknown name
+        raise ConfigError(
+            f"{key} cannot be loaded ({str(e).splitlines()[0]}); with no network, download it "
+            "where there is one (huggingface-cli download gpt2) and set "
+            "model.init_from=/path/to/that/folder"
+        ) from None
+    except ValueError as e:  # a config.json transformers cannot read
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    if hf_config.model_type != "gpt2":
+        raise ConfigError(
+            f"{key} is a {hf_config.model_type!r} model; gpt2x trains GPT-2 (model_type gpt2)"
+        )
+    try:
+        return pretrained_shape(hf_config, name_or_dir)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def command_line_values(prefix: str) -> dict[str, str]:
+    """{key without prefix: value} of the command line's `prefix...=value` overrides (what the
+    user set explicitly, as opposed to a config group's defaults)."""
+    if not HydraConfig.initialized():
+        return {}
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return {
+        o.key_or_group.removeprefix(prefix): o.value()
+        for o in parsed
+        if o.key_or_group.startswith(prefix) and not o.is_delete()
+    }
+
+
 def paths_taken(cfg: DictConfig, d: distributed.Dist) -> dict:
     """Which code path each rung-like choice really ran (never a silent fallback)."""
     return {
@@ -259,16 +352,16 @@ def build_model(cfg: DictConfig, device: torch.device) -> GPT:
             )
             model = GPT(gpt_cfg)
         else:
+            # the shape is the checkpoint's (adopt_pretrained_shape wrote it into cfg.model)
             model = GPT.from_pretrained(
                 m.init_from, vocab_size=m.vocab_size, dropout=m.dropout, **options
             )
     except ValueError as e:  # an option this torch lacks (loss=chunked): one line
         raise ConfigError(str(e)) from None
-    except OSError as e:  # from_pretrained: no network and nothing cached
+    except OSError as e:  # from_pretrained: the weights file is missing or unreadable
         raise ConfigError(
-            f"model.init_from={m.init_from} cannot be loaded ({str(e).splitlines()[0]}); with no "
-            "network, download it where there is one (huggingface-cli download gpt2) and set "
-            "model.init_from=/path/to/that/folder"
+            f"model.init_from={m.init_from}: its weights cannot be loaded "
+            f"({str(e).splitlines()[0]})"
         ) from None
     model = model.to(device)
     if cfg.precision.float8:

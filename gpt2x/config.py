@@ -287,12 +287,38 @@ def job_dirname() -> str:
         first = swept.index(key) if key in swept else len(swept)
         lines.append((first, o.input_line.replace("=", conf.kv_sep, 1)))
     lines.sort()
-    full = conf.item_sep.join(line for _, line in lines)
+    name = _folder_name(conf.item_sep.join(line for _, line in lines))
+    return f"{hc.job.num}_{name}" if name else str(hc.job.num)
+
+
+def _folder_name(full: str) -> str:
+    """Overrides as one folder name: `/` becomes `-`, long lists are cut and end in a hash."""
     name = full.replace("/", "-").replace(os.sep, "-")
     if len(name) > MAX_JOB_NAME:
         digest = hashlib.sha1(full.encode()).hexdigest()[:8]
         name = f"{name[: MAX_JOB_NAME - 9]}-{digest}"
-    return f"{hc.job.num}_{name}" if name else str(hc.job.num)
+    return name
+
+
+# not part of a run's name: where it writes, how it logs, and trainer.resume itself
+_NOT_IN_RUN_NAME = ("hydra.", "paths.", "logger", "trainer.resume")
+
+
+def stable_run_name(overrides: list[str] | tuple[str, ...]) -> str:
+    """The run folder's name when trainer.resume=auto: the command line's overrides (sorted,
+    `key=value,...`), so launching the same command again (a requeue, a new `torchrun
+    --standalone` launch with a new rendezvous id) finds the same folder and continues it."""
+    keep = sorted(o.lstrip("+") for o in overrides)
+    keep = [o for o in keep if not o.lstrip("~").startswith(_NOT_IN_RUN_NAME)]
+    return _folder_name(",".join(keep)) or "default"
+
+
+def run_dir_name(resume: str) -> str:
+    """hydra.run.dir's last part: with trainer.resume=auto the overrides' stable name (unless
+    GPT2X_RUN_ID names the run), else one id per launch (`run_id`)."""
+    if str(resume) == "auto" and not os.environ.get("GPT2X_RUN_ID") and HydraConfig.initialized():
+        return stable_run_name(list(HydraConfig.get().overrides.task))
+    return run_id()
 
 
 # ---- the checkpoint tools: python -m gpt2x.sample | export | evaluate (conf/<tool>.yaml)
@@ -395,6 +421,7 @@ def register_configs() -> None:
     resolvers = {
         "eval": lambda expr: eval(expr, {"__builtins__": {}}, {}),  # arithmetic in YAML only
         "gpt2x_run_id": run_id,
+        "gpt2x_run_dir_name": run_dir_name,  # hydra.run.dir (conf/hydra/default.yaml)
         # only rank 0 writes Hydra's .hydra/ folder: other ranks would race on the same files
         "gpt2x_hydra_subdir": lambda: ".hydra" if is_rank_zero() else None,
         "gpt2x_rank_suffix": lambda: "" if is_rank_zero() else f"_rank{os.environ['RANK']}",
@@ -408,7 +435,7 @@ def register_configs() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(
-                name, fn, use_cache=name not in ("eval", "gpt2x_job_dir")
+                name, fn, use_cache=name not in ("eval", "gpt2x_job_dir", "gpt2x_run_dir_name")
             )
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

@@ -107,8 +107,10 @@ def summarize_steps(
 
 
 def format_step(row: dict, max_steps: int) -> str:
+    """One console line per step. It counts steps done (the last is `max_steps/max_steps`, as
+    the bar and the checkpoint `step_<max_steps>` do); the row's `step` is the 0-based index."""
     parts = [
-        f"step {row['step']:>5}/{max_steps}",
+        f"step {row['step'] + 1:>5}/{max_steps}",
         f"loss {row['loss']:.4f}",
         f"lr {row['lr']:.2e}",
         f"gnorm {row['grad_norm']:.3f}",

@@ -1,8 +1,11 @@
 """What a person watching a run sees: a live bar on a terminal, plain log lines otherwise.
 
 The bar (rich) shows step/max, elapsed, ETA, tokens/s and the latest loss; plain lines come every
-`trainer.log_every` steps (always when the output is not a terminal, e.g. a SLURM log). After the
-first measured steps the projected wall time of the whole run is logged once.
+`trainer.log_every` steps (always when the output is not a terminal, e.g. a SLURM log). While
+the bar is live, log lines meant for the terminal go through the bar's console (a RichHandler
+in place of the terminal's stream handler), so they print above the one live bar instead of
+over it; the log file keeps its plain lines. After the first measured steps the projected wall
+time of the whole run is logged once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import statistics
 import sys
 import time
 
+from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -59,8 +64,12 @@ class RunProgress:
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[stats]}"),
                 transient=False,
+                console=Console(stderr=True),
+                # print() to stdout shows above the bar too, unless stdout goes to a file
+                redirect_stdout=sys.stdout.isatty(),
             )
             self.task = self.bar.add_task("train", total=max_steps, completed=start_step, stats="")
+            self._swapped = route_terminal_logs(self.bar.console)
             self.bar.start()
 
     def update(self, row: dict) -> None:
@@ -86,4 +95,43 @@ class RunProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            restore_handlers(self._swapped)
             self.bar = None
+
+
+def _to_terminal(handler: logging.Handler) -> bool:
+    """A stream handler writing to a terminal (Hydra's console handler), not a log file."""
+    stream = getattr(handler, "stream", None)
+    return (
+        type(handler) is logging.StreamHandler
+        and stream is not None
+        and hasattr(stream, "isatty")
+        and stream.isatty()
+    )
+
+
+def route_terminal_logs(console: Console) -> list[tuple[logging.Handler, logging.Handler]]:
+    """Replace the root logger's terminal handlers with RichHandlers on `console` (the bar's):
+    rich prints their lines above the live bar. Returns the (old, new) pairs to restore."""
+    root = logging.getLogger()
+    swapped = []
+    for old in [h for h in root.handlers if _to_terminal(h)]:
+        new = RichHandler(
+            console=console,
+            level=old.level,
+            show_path=False,
+            markup=False,
+            log_time_format="[%Y-%m-%d %H:%M:%S]",
+        )
+        new.setFormatter(logging.Formatter("%(message)s"))
+        root.removeHandler(old)
+        root.addHandler(new)
+        swapped.append((old, new))
+    return swapped
+
+
+def restore_handlers(swapped: list[tuple[logging.Handler, logging.Handler]]) -> None:
+    root = logging.getLogger()
+    for old, new in swapped:
+        root.removeHandler(new)
+        root.addHandler(old)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,8 +22,10 @@ import torch
 from omegaconf import DictConfig
 
 from gpt2x import CONF_DIR, checkpoint, distributed, multirun
+from gpt2x.checkpoint.store import step_dir_name
 from gpt2x.config import (
     ConfigError,
+    is_rank_zero,
     register_configs,
     to_container,
 )
@@ -38,7 +41,7 @@ from gpt2x.metrics import (
 )
 from gpt2x.optim import lr_at, set_lr
 from gpt2x.precision import autocast
-from gpt2x.preemption import exit_code
+from gpt2x.preemption import StopWaiting, continue_command, exit_code
 from gpt2x.profiling import ProfilingUnavailable, mean_breakdown, profile_steps
 from gpt2x.progress import RunProgress, use_bar
 from gpt2x.run import Run, setup
@@ -54,7 +57,8 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGTERM/SIGUSR1 stopped the run cleanly at a step boundary after saving a checkpoint.
+    """Ctrl-C/SIGTERM/SIGUSR1 stopped the run cleanly at a step boundary after saving a
+    checkpoint.
 
     The CLI exits with `exit_code` (128 + the signal number, see docs/checkpoints.md)."""
 
@@ -77,13 +81,21 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run_training(cfg)
     except TrainingInterrupted as e:
-        # preempted (SIGTERM/SIGUSR1): a checkpoint is saved; exit 128 + signal number
-        print(f"interrupted: {e}", file=sys.stderr)
+        # Ctrl-C or preempted (SIGTERM/SIGUSR1): a checkpoint is saved; exit 128 + signal number
+        if is_rank_zero():
+            print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        # Ctrl-C before training started, or a second Ctrl-C during it: nothing more is saved
+        if is_rank_zero():
+            print("interrupted (Ctrl-C): stopped at once, nothing saved", file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, DataError, TrainingError, checkpoint.CheckpointError) as e:
-        # expected problems: one line naming the fix, no traceback
-        log.error("error: %s", e)
-        print(f"error: {e}", file=sys.stderr)
+        # expected problems: one line naming the fix, no traceback; on the console once (rank
+        # 0 of a torchrun launch), in every rank's log file
+        log_to_files(f"error: {e}")
+        if is_rank_zero():
+            print(f"error: {e}", file=sys.stderr)
         if not in_sweep:
             sys.exit(2)
         multirun.record_failure(cfg, e)
@@ -93,6 +105,15 @@ def main(cfg: DictConfig) -> float | None:
         log.exception("job failed")
         multirun.record_failure(cfg, e)
     return multirun.failed_job_result()  # outside `except`: the job's tensors can be freed now
+
+
+def log_to_files(message: str) -> None:
+    """An error line for the run's log files only (Hydra's file handlers): the console gets it
+    once, from main's own print."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def run_training(cfg: DictConfig) -> float | None:
@@ -141,7 +162,7 @@ def conclude(run: Run, summary: dict) -> float | None:
     if run.stopped_by:
         message = (
             f"stopped by {run.stop.name}; checkpoint {run.last_checkpoint} saved; continue "
-            "with trainer.resume=auto in the same run folder"
+            f"with: {continue_with(run)}"
         )
         run.record.finish(
             "interrupted",
@@ -160,11 +181,23 @@ def conclude(run: Run, summary: dict) -> float | None:
     return summary["val_loss"]
 
 
+def continue_with(run: Run) -> str:
+    """The command that continues this run from its newest checkpoint (gpt2x.preemption)."""
+    return continue_command(
+        run.record.data.get("overrides") or [],
+        run.cfg.paths.run_dir,
+        run.cfg.paths.output_dir,
+        run.dist.world_size,
+        int(os.environ.get("LOCAL_WORLD_SIZE", run.dist.world_size)),
+    )
+
+
 def record_end(run: Run, e: BaseException) -> None:
     """The record (and W&B) of a run that an exception ended: Ctrl-C is "interrupted", anything
     else "failed" with the exception as one line."""
     if isinstance(e, KeyboardInterrupt):
-        run.record.finish("interrupted", error="interrupted by the user (Ctrl-C)")
+        saved = f"; {run.last_checkpoint} is the newest checkpoint" if run.last_checkpoint else ""
+        run.record.finish("interrupted", error=f"aborted by the user (Ctrl-C){saved}")
         code = 130
     else:
         run.record.finish("failed", error=_one_line(e))
@@ -198,7 +231,12 @@ def train(run: Run) -> dict:
     step = run.start_step
     try:
         while step < t.max_steps:
-            run.turns.next()  # interleave=steps: wait for this step's turn (gpt2x.turns)
+            try:  # a stop signal while waiting for the turn stops the run here, at once
+                with run.stop.waiting():
+                    run.turns.next()  # interleave=steps: wait for this step's turn (gpt2x.turns)
+            except StopWaiting:
+                stop_at_boundary(run, step, tokens_seen, losses)
+                break
             skip_bad_batches(run, step)
             distributed.fail_for_test(d, step)  # GPT2X_TEST_FAIL_RANK (tests only)
             reset_peak_memory(d.device)
@@ -256,18 +294,9 @@ def train(run: Run) -> dict:
             if saved:
                 save_checkpoint(run, step, tokens_seen, losses)
             log_row(run, row, progress, t0)
-            # SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
+            # Ctrl-C, SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
             if run.stop.requested(d) and step < t.max_steps:
-                if not saved:
-                    save_checkpoint(run, step, tokens_seen, losses)
-                run.stopped_by = run.stop.signum
-                if d.is_main:
-                    log.warning(
-                        "%s received: stopped after step %d, checkpoint %s",
-                        run.stop.name,
-                        step - 1,
-                        run.last_checkpoint,
-                    )
+                stop_at_boundary(run, step, tokens_seen, losses)
                 break
     finally:
         progress.close()
@@ -295,6 +324,22 @@ def train(run: Run) -> dict:
         **{f"peak_{k}": v for k, v in peak_mem.items()},
         "compile_seconds": s.compile_seconds,
     }
+
+
+def stop_at_boundary(run: Run, done: int, tokens_seen: int, losses: list[float]) -> None:
+    """A stop signal came: checkpoint the `done` steps (unless that checkpoint was just saved);
+    `conclude` then ends the run as interrupted."""
+    if run.last_checkpoint is None or run.last_checkpoint.name != step_dir_name(done):
+        save_checkpoint(run, done, tokens_seen, losses)
+    run.stopped_by = run.stop.signum
+    if run.dist.is_main:
+        log.warning(
+            "%s received: stopped after step %d/%d, checkpoint %s",
+            run.stop.name,
+            done,
+            run.cfg.trainer.max_steps,
+            run.last_checkpoint,
+        )
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -397,7 +442,7 @@ def evaluate_and_log(run: Run, step: int, tokens_seen: int, with_hellaswag: bool
         hs = row.get("hellaswag_acc_norm")
         log.info(
             "step %d | val loss %.4f%s",
-            step,
+            step + 1,  # steps done, as the step lines count
             val_loss,
             "" if hs is None else f" | hellaswag acc_norm {hs:.4f}",
         )

@@ -678,7 +678,7 @@ def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "exitcode  : 143" in out, out[-4000:]
-    assert "SIGTERM received: stopped after step 2" in out
+    assert "SIGTERM received: stopped after step 3/8" in out
     assert record(run_dir)["status"] == "interrupted" and ckpts(run_dir) == ["step_000003"]
     # ... and the same command line again (a restart / requeue) continues exactly
     _torchrun(run_dir, data_root, "trainer.resume=auto", cwd=tmp_path)
@@ -708,7 +708,7 @@ def test_torchrun_max_restarts_resumes_in_place_exactly(
         entry=(str(script),),
         parallel=parallel,
     )
-    assert "SIGTERM received: stopped after step 2" in out
+    assert "SIGTERM received: stopped after step 3/8" in out
     rec = record(run_dir)
     assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
     assert [r["step"] for r in rows(run_dir)] == list(range(8))

@@ -326,13 +326,15 @@ def test_progress_bar_and_the_projected_wall_time(tmp_path, data_root):
         "trainer.log_every=100",
         "logger=none",
     )
-    # rich's bar, finished: step/max, elapsed, eta, tokens/s and the latest loss
+    # rich's bar (on stderr), finished: step/max, elapsed, eta, tokens/s and the latest loss;
+    # on a real terminal: tests/test_first_use.py
     last = read_jsonl(run_dir / "metrics.jsonl")[-1]
-    bar = [line for line in proc.stdout.splitlines() if line.startswith("step 6/6")]
+    bar = [line for line in proc.stderr.splitlines() if line.startswith("step 6/6")]
     assert bar and "tok/s" in bar[-1] and f"loss {last['loss']:.4f}" in bar[-1]
     # after the first measured step (step 2), once
     assert proc.stdout.count("projected wall time:") == 1
-    # log_every=100: plain lines only for step 0 and the last step
+    # log_every=100: plain lines only for the first and the last step, counted from 1
+    assert proc.stdout.count("step     1/6 | loss ") == proc.stdout.count("step     6/6 | loss ") == 1
     assert proc.stdout.count("/6 | loss ") == 2
     # and without a terminal the default (auto) is plain lines only
     (tmp_path / "plain").mkdir()

@@ -134,42 +134,58 @@ def measure_peak_flops(
     device: torch.device,
     dtype: torch.dtype,
     sizes: Sequence[int] | None = None,
-    repeats: int = 3,
-    budget_s: float = 2.5,
+    repeats: int | None = None,
+    budget_s: float | None = None,
+    warmup_s: float | None = None,
 ) -> float:
     """Best FLOP/s of square n x n matmuls over `sizes` (median of `repeats` timed calls each).
 
-    The default sizes reach the throughput plateau: 1024 and 2048 on a CPU, 4096 and 8192 on
-    CUDA. A size whose estimated cost (from the previous size, at n^3) would overrun `budget_s`
-    is skipped, so a slow CPU stays at a few seconds. fp32 is measured strictly (no TF32).
+    Each size is first multiplied for `warmup_s` seconds (at least once): a GPU starts from
+    idle clocks (an H200 read 345 MHz idle, 1980 MHz under load) and one warm-up call would time
+    the clock ramp, not the peak. The default sizes reach the throughput plateau: 1024 and 2048
+    on a CPU, 4096 and 8192 on CUDA. A size whose estimated cost (from the previous size, at n^3)
+    would overrun `budget_s` is skipped, so a slow CPU stays at a few seconds. fp32 is measured
+    strictly (no TF32).
     """
     device = torch.device(device)
+    cuda = device.type == "cuda"
     if sizes is None:
-        sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048)
-    inner = 10 if device.type == "cuda" else 1  # several launches per sync on a GPU
+        sizes = (4096, 8192) if cuda else (1024, 2048)
+    repeats = repeats if repeats is not None else (10 if cuda else 3)
+    budget_s = budget_s if budget_s is not None else (6.0 if cuda else 2.5)
+    warmup_s = warmup_s if warmup_s is not None else (1.0 if cuda else 0.1)
+    inner = 10 if cuda else 1  # several launches per sync on a GPU
     best, spent, call_s, prev_n = 0.0, 0.0, 0.0, 0
     with _ieee_fp32():
         for n in sorted(sizes):
-            if prev_n and call_s * (n / prev_n) ** 3 * (1 + repeats) * inner > budget_s - spent:
+            estimate = call_s * (n / prev_n) ** 3 * (1 + repeats) * inner + warmup_s if prev_n else 0
+            if estimate > budget_s - spent:
                 break
             begin = time.perf_counter()
-            a = torch.randn(n, n, device=device, dtype=dtype)
-            b = torch.randn(n, n, device=device, dtype=dtype)
-            out = torch.empty(n, n, device=device, dtype=dtype)
-            seconds = []
-            for i in range(1 + repeats):  # the first call warms up kernels and caches
-                _synchronize(device)
-                start = time.perf_counter()
-                for _ in range(inner):
-                    torch.mm(a, b, out=out)
-                _synchronize(device)
-                if i > 0:
-                    seconds.append((time.perf_counter() - start) / inner)
-            call_s, prev_n = statistics.median(seconds), n
+            abo = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)]
+            abo.append(torch.empty(n, n, device=device, dtype=dtype))
+            warm = time.perf_counter()
+            _mm_seconds(*abo, inner, device)  # kernels, caches
+            while time.perf_counter() - warm < warmup_s:  # clocks up to their sustained rate
+                _mm_seconds(*abo, inner, device)
+            timed = [_mm_seconds(*abo, inner, device) for _ in range(repeats)]
+            call_s, prev_n = statistics.median(timed), n
             best = max(best, 2 * n**3 / call_s)
             spent += time.perf_counter() - begin
-            del a, b, out
+            del abo
     return best
+
+
+def _mm_seconds(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, inner: int, device: torch.device
+) -> float:
+    """Seconds per matmul over `inner` back-to-back launches, synchronized around them."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(inner):
+        torch.mm(a, b, out=out)
+    _synchronize(device)
+    return (time.perf_counter() - start) / inner
 
 
 def default_cache_path() -> Path:
@@ -178,12 +194,17 @@ def default_cache_path() -> Path:
     return base / "peak_flops.json"
 
 
+# 2: warmed up for warmup_s seconds before timing (1: one warm-up call); older entries are not reused
+PROBE_VERSION = 2
+
+
 def cache_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What the measured peak depends on: the device, dtype, torch build and CPU thread count."""
+    """What the measured peak depends on: the device, dtype, torch build, CPU thread count and
+    how it was probed."""
     dtype_name = str(dtype).removeprefix("torch.")
     return (
         f"{device_name(device)} | {dtype_name} | torch {torch.__version__}"
-        f" | threads {torch.get_num_threads()}"
+        f" | threads {torch.get_num_threads()} | probe {PROBE_VERSION}"
     )
 
 

@@ -7,6 +7,7 @@ import logging
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,10 +101,30 @@ def spy_mm(monkeypatch) -> list[tuple[torch.dtype, int, str]]:
 
 def test_bf16_probe_really_multiplies_bf16(monkeypatch):
     calls = spy_mm(monkeypatch)
-    peak.measure_peak_flops(CPU, torch.bfloat16, sizes=(32, 64), repeats=2)
-    assert len(calls) == 2 * (1 + 2)  # a warm-up and two timed calls per size
+    peak.measure_peak_flops(CPU, torch.bfloat16, sizes=(32, 64), repeats=2, warmup_s=0.0)
+    assert len(calls) == 2 * (1 + 2)  # one warm-up call (no warm-up time) and two timed per size
     assert {dtype for dtype, _, _ in calls} == {torch.bfloat16}
     assert {n for _, n, _ in calls} == {32, 64}
+
+
+def test_probe_warms_up_for_warmup_s_before_timing(monkeypatch):
+    """The clocks' ramp from idle is not timed: each size runs warmup_s seconds of matmuls
+    first, then the `repeats` timed calls, which alone decide the figure. A fake clock: a
+    matmul takes 8 ms for the first 30 calls (idle clocks), then 1 ms (binary-exact steps)."""
+    slow, fast = 2.0**-7, 2.0**-10
+    clock = [0.0]
+    calls = spy_mm(monkeypatch)
+    spied = torch.mm
+
+    def mm(a, b, *, out=None):
+        clock[0] += slow if len(calls) < 30 else fast
+        return spied(a, b, out=out)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(peak, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    flops = peak.measure_peak_flops(CPU, torch.float32, sizes=(16,), repeats=3, warmup_s=30 * slow)
+    assert len(calls) == 30 + 3  # warm-up until 30 x 8 ms had passed, then 3 timed calls
+    assert flops == 2 * 16**3 / fast  # a probe that timed the ramp would read 8x less
 
 
 def test_fp32_probe_is_strict_fp32_and_restores_the_setting(monkeypatch):

@@ -77,9 +77,15 @@ LAUNCH_ENV = (
     "TORCHELASTIC_RUN_ID",
     "GPT2X_RUN_ID",
 )
-# a rung whose option this device or torch lacks ends with "... is not available on <device> ...":
-# the table shows it as n/a on this device, not as a failure
-NOT_AVAILABLE = re.compile(r"\bis not available on\b")
+# a rung whose option this machine cannot have: "... is not available on <device> ...", a
+# package this machine lacks (torchao for precision=fp8) or a newer torch ("... (torch >= 2.13)"):
+# the table shows it as n/a on this machine, not as a failure
+NOT_AVAILABLE = re.compile(r"\bis not available on\b|\bneeds torchao\b|\(torch >= \d+\.\d+\)")
+# a distributed rung with one process measures only the wrapper's overhead, not data parallelism
+ONE_PROCESS = (
+    "parallel={kind} is not available on one process (nproc=1{why}): a world of one measures "
+    "only {kind}'s overhead; run it with 2+ GPUs (nproc=N)"
+)
 INTERRUPT_GRACE_S = 60.0  # after Ctrl-C, how long a rung may take to finish its record
 
 USAGE = """\
@@ -105,7 +111,8 @@ Options are Hydra overrides of gpt2x.config.AblateConfig (conf/ablate.yaml); eve
              number of CUDA devices, else 2 gloo processes on CPU
   out        the ablation folder (default: outputs/ablations/<ladder>_<timestamp>)
   overrides  Hydra overrides for every rung (the same as the ones after `--`)
-  profile    a step-time breakdown of each rung's last untimed warm-up step (default: true)
+  profile    a step-time breakdown of one extra, untimed step after each rung's measured
+             ones (default: true)
   wandb      at the end, also save a W&B report of the rungs (needs network and an API key)
   timeout    a rung running longer than this is stopped and recorded as failed
   quiet      do not echo the rungs' output (it is always in <rung folder>/rung.log)
@@ -372,19 +379,21 @@ def plan(opts: AblateConfig) -> tuple[Ladder | None, list[Rung], dict]:
     # a rung override of the trainer's own keys wins over steps/warmup (and is reported as such)
     given_warmup = _int_value(common, "trainer.warmup_steps_for_timing")
     given_max = _int_value(common, "trainer.max_steps")
+    given_profiled = _int_value(common, "trainer.breakdown_steps")
     measure = []
     if given_warmup is None:
         measure.append(f"trainer.warmup_steps_for_timing={warmup}")
     else:
         warmup = given_warmup
+    # the step-time breakdown profiles one extra step after the measured ones (never before a
+    # timed step: gpt2x.train.breakdown_steps_at), left out of the timing
+    profiled = given_profiled if given_profiled is not None else int(opts.profile)
+    if given_profiled is None and profiled:
+        measure.append(f"trainer.breakdown_steps={profiled}")
     if given_max is None:
-        measure.append(f"trainer.max_steps={warmup + steps}")
+        measure.append(f"trainer.max_steps={warmup + steps + profiled}")
     else:
-        steps = max(0, given_max - warmup)
-
-    if opts.profile and not _has_key(common, "trainer.breakdown_steps") and warmup >= 2:
-        # the step-time breakdown of the last untimed warm-up step (the first one compiles)
-        measure.append("trainer.breakdown_steps=1")
+        steps = max(0, given_max - warmup - profiled)
     repeats = opts.repeats or (ladder.repeats if ladder else 1)
     entries = [_entry(ladder, item) for item in items]
     rungs: list[Rung] = []
@@ -450,6 +459,7 @@ def prepare(rungs: list[Rung], settings: dict, out: Path) -> list[list[Rung]]:
     what runs, in order: a rung alone, or (interleave=steps) the rungs that take turns."""
     group = out.name
     nproc = settings["nproc"]
+    chosen = nproc is not None  # nproc=N given, rather than one process per CUDA device
     composed: dict[tuple, dict] = {}  # the repeats of a rung compose to the same config
     for rung in rungs:
         folder = out / f"{rung.index:02d}_{rung.short}"
@@ -481,6 +491,10 @@ def prepare(rungs: list[Rung], settings: dict, out: Path) -> list[list[Rung]]:
             rung.launcher, rung.nproc = "torchrun", nproc
             torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
             rung.command = [sys.executable, *torchrun, *argv]
+            if nproc < 2:  # settled here, never launched
+                why = "" if chosen else ": this machine has one CUDA device"
+                kind = (config.get("parallel") or {}).get("kind")
+                rung.status, rung.error = "n/a", ONE_PROCESS.format(kind=kind, why=why)
         else:
             rung.command = [sys.executable, *argv]
     if settings.get("interleave") != Interleave.steps.value:
@@ -911,7 +925,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"# {unit[0].index:02d}-{unit[-1].index:02d} {names} (together, step by step)"
                 )
             for rung in unit:
-                print(f"# {rung.index:02d} {rung.short} ({rung.launcher}, nproc={rung.nproc})")
+                na = f" n/a: {rung.error}" if rung.status == "n/a" else ""
+                print(f"# {rung.index:02d} {rung.short} ({rung.launcher}, nproc={rung.nproc}){na}")
                 print(shlex.join(rung.command))
         return 0
 
@@ -951,7 +966,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             try:
-                if len(unit) > 1:
+                if first.status == "n/a":  # settled before it ran (prepare): its record only
+                    Path(first.dir).mkdir(parents=True, exist_ok=True)
+                    write_record(first, None)
+                elif len(unit) > 1:
                     run_lockstep(unit, opts.timeout, echo=not opts.quiet)
                 else:
                     run_rung(first, opts.timeout, echo=not opts.quiet)

@@ -216,8 +216,8 @@ class TrainerConfig:
     # debugging
     overfit_one_batch: bool = False  # train on the first batch over and over (must reach ~0 loss)
     profile_steps: int = 0  # > 0: torch.profiler trace of that many steps -> run_dir/profile/
-    # time breakdown (matmul, attention, loss, ...) of this many untimed warm-up steps, in the
-    # record's "breakdown" (gpt2x.profiling); 0 disables
+    # time breakdown (matmul, attention, loss, ...) of the run's last this-many steps, in the
+    # record's "breakdown" (gpt2x.profiling), left out of the step-time stats; 0 disables
     breakdown_steps: int = 0
     progress: str = "auto"  # auto (a live bar on a terminal) | bar | log
 
@@ -382,7 +382,7 @@ class AblateConfig:
     nproc: int | None = None  # processes of a ddp/fsdp rung (default: CUDA devices, else 2)
     out: str | None = None  # the ablation folder (default: outputs/ablations/<ladder>_<time>)
     overrides: list[str] = field(default_factory=list)  # for every rung (also after `--`)
-    profile: bool = True  # a step-time breakdown of the last untimed warm-up step(s) per rung
+    profile: bool = True  # a step-time breakdown of one extra step after the measured ones
     wandb: bool = False  # also save a W&B report of the rungs at the end
     timeout: float | None = None  # seconds a rung may run before it is stopped (failed)
     quiet: bool = False  # do not echo the rungs' output (always in <rung folder>/rung.log)

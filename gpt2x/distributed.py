@@ -384,8 +384,11 @@ def compile_model(
 ) -> torch.nn.Module:
     """torch.compile the (wrapped) model; call after `wrap_model` and `build_optimizer`.
 
-    scope="model" with single/ddp: `torch.compile(model)`, one graph for the whole forward
-    (DDP's DDPOptimizer splits it at bucket boundaries). Under fsdp, or scope="block": each
+    scope="model", single: `torch.compile(model)`, one graph for the whole forward. ddp: the
+    module inside DDP is compiled in place (`module.compile()`), as torch advises for DDP
+    ("apply torch.compile to the inner module passed to the wrapper"), never the wrapper; dynamo
+    still sees the active DDP module and splits the graph at its bucket boundaries
+    (DDPOptimizer), so all-reduces overlap the backward. Under fsdp, or scope="block": each
     transformer block is compiled in place (`Block.compile`), plus `GPT.head_and_loss` where the
     model has it. Compiling the FSDP root instead compiles only the blocks: FSDP2's hooks are
     hidden from dynamo, so GPT.forward itself (embeddings, ln_f, LM head, loss) runs eagerly.
@@ -397,6 +400,9 @@ def compile_model(
         raise ConfigError(f"compile scope={scope!r} is unknown; use model or block")
     mode = None if mode == "default" else mode
     if scope == "model" and kind is not ParallelKind.fsdp:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.module.compile(mode=mode, backend=backend)
+            return model
         return torch.compile(model, mode=mode, backend=backend)
     gpt = unwrap(model)
     blocks = getattr(getattr(gpt, "transformer", None), "h", None)

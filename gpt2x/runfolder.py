@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -32,7 +34,16 @@ RECORD = "record.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
 SAMPLES = "samples.jsonl"  # the periodic samples (trainer.sample_every), one row per sample
+LOCK = ".lock"  # held (flock) by the process that runs in the folder
+# a little disk space held back, freed to write the failed record when the disk fills up
+RESERVE = ".space_reserve"
+RESERVE_BYTES = 1 << 20
 SCHEMA = 1
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked (in use, or it holds another run); the message
+    is one line naming the fix. Raised before anything in the folder is changed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,13 +61,19 @@ def fsync_dir(d: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a per-process tmp file, fsync, rename: readers see the old or the new file."""
+    """Write to a per-process tmp file, fsync, rename: readers see the old or the new file.
+    A failed write (a full disk) removes its tmp file and leaves the old file as it was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
 
 
@@ -129,18 +146,180 @@ def command_line() -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# claiming a run folder: one run per folder, one process at a time
+
+_held: dict[str, int] = {}  # run folders whose lock this process holds: resolved path -> fd
+
+
+def describe_run(run_dir: str | Path) -> str | None:
+    """"a completed run of 8 steps" if the folder holds a run (a record, logged steps or
+    checkpoints), else None. Hydra's .hydra/ and the log of a start that failed do not count."""
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    steps = len(read_jsonl(run_dir / METRICS))
+    ckpts = (run_dir / "checkpoints").is_dir() and any(
+        p.name.startswith("step_") for p in (run_dir / "checkpoints").iterdir()
+    )
+    if record is None and not steps and not ckpts:
+        return None
+    status = (record or {}).get("status") or "unrecorded"
+    return f"a {status} run of {steps} logged step{'s' if steps != 1 else ''}" + (
+        " with checkpoints" if ckpts else ""
+    )
+
+
+def lock_run_folder(run_dir: str | Path) -> None:
+    """Hold <run_dir>/.lock (an exclusive flock) for as long as this process lives, or until
+    `release_run_folder`: a second process is refused at once, and the lock of a killed process
+    goes with it (nothing is left stuck). Idempotent within a process."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _held:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunFolderError(
+            f"cannot write to the run folder {run_dir} ({e.strerror or e}); set "
+            "paths.output_dir=... (or hydra.run.dir=...) to a writable folder with free space"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunFolderError(
+            f"the run folder {run_dir} is in use by {holder}; wait for that run to end, or "
+            "choose another folder (hydra.run.dir=...)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since {now()}".encode())
+    _held[key] = fd
+
+
+def release_run_folder(run_dir: str | Path) -> None:
+    fd = _held.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def claim_run_folder(run_dir: str | Path, resume: str, move_aside: bool = False) -> str | None:
+    """Take the run folder for a run, before anything in it is written (rank 0 calls it).
+
+    A folder in use by a live process is refused. A folder that holds a run is continued only
+    with trainer.resume (auto, or one of its own checkpoints); a fresh start there is refused,
+    or with move_aside the old run is renamed to `<folder>-old-<time>` first. Raises
+    RunFolderError (one line); returns a line to log when a run was moved aside."""
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        lock_run_folder(run_dir)  # in use -> RunFolderError before anything else
+    held = describe_run(run_dir) if run_dir.exists() else None
+    resume = (resume or "").strip()
+    moved = None
+    if held and resume and resume != "auto":
+        theirs = Path(resume).expanduser().resolve()
+        if run_dir.resolve() not in (theirs, *theirs.parents):
+            release_run_folder(run_dir)
+            raise RunFolderError(
+                f"{run_dir} holds {held}, and trainer.resume={resume} is another run's "
+                "checkpoint; resume into a new folder (hydra.run.dir=...) to keep both runs"
+            )
+    elif held and not resume:
+        if not move_aside:
+            release_run_folder(run_dir)
+            raise RunFolderError(
+                f"{run_dir} already holds {held}; continue it with trainer.resume=auto, choose "
+                "another folder (hydra.run.dir=...), or move the old run aside with "
+                "trainer.move_aside=true"
+            )
+        aside = run_dir.with_name(f"{run_dir.name}-old-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        os.replace(run_dir, aside)
+        release_run_folder(run_dir)  # the old lock went with the old run
+        moved = f"moved {held} aside: {run_dir} -> {aside}"
+    lock_run_folder(run_dir)
+    reserve_space(run_dir)
+    return moved
+
+
+def reserve_space(run_dir: Path) -> None:
+    """Hold RESERVE_BYTES in the folder, so that a full disk can still get its failed record."""
+    path = run_dir / RESERVE
+    with contextlib.suppress(OSError):
+        if not path.is_file() or path.stat().st_size < RESERVE_BYTES:
+            with open(path, "wb") as f:
+                f.write(b"\0" * RESERVE_BYTES)
+
+
+def release_reserve(run_dir: Path) -> bool:
+    """Free the reserved space (the disk is full); True if there was some."""
+    try:
+        (run_dir / RESERVE).unlink()
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# fault injection for the tests of what a kill leaves behind (tests/test_reliability.py)
+
+TEST_KILL_ENV = "GPT2X_TEST_KILL"  # "<point>@<step>", e.g. "before_checkpoint@4"
+
+
+def kill_for_test(point: str, step: int) -> None:
+    """SIGKILL this process at a chosen point of step `step` when GPT2X_TEST_KILL names it:
+    the way a test kills a run between two writes that must not be torn apart."""
+    if os.environ.get(TEST_KILL_ENV) == f"{point}@{step}":
+        os.kill(os.getpid(), 9)
+
+
+# --------------------------------------------------------------------------------------------
+# a failed rank's own reason (torchrun): rank 0's record names the rank that failed, not the
+# "connection closed by peer" that rank 0 saw when that rank's process went away
+
+
+def _launch() -> str:
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def note_rank_failure(run_dir: str | Path, rank: int, error: str) -> None:
+    """A non-zero rank's one-line reason, written before its process exits (and so before its
+    peers see the connection go)."""
+    with contextlib.suppress(OSError):
+        path = Path(run_dir) / f".failed_rank{rank}.json"
+        atomic_write_text(path, json.dumps({"launch": _launch(), "error": error}))
+
+
+def rank_failures(run_dir: str | Path) -> dict[int, str]:
+    """{rank: reason} noted by this launch's failed ranks."""
+    out = {}
+    for path in Path(run_dir).glob(".failed_rank*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            note = json.loads(path.read_text())
+            if note["launch"] == _launch():
+                out[int(path.stem.removeprefix(".failed_rank"))] = str(note["error"])
+    return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------------------------
 # writing
 
 
 class RunRecord:
-    """record.json + metrics.jsonl + eval.jsonl of one run folder (rank 0 writes)."""
+    """record.json + metrics.jsonl + eval.jsonl of one run folder (rank 0 writes).
+
+    A write that fails (a full disk) raises RunFolderError naming the file, after taking back
+    a half-written row; `finish` frees the folder's reserved space to record the failure."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.data: dict[str, Any] = {}
-        self._metrics = None
-        self._eval = None
+        self._files: dict[str, Any] = {}  # METRICS / EVAL: open for appending
 
     def start(self, **fields: Any) -> None:
         if not self.enabled:
@@ -158,9 +337,11 @@ class RunRecord:
         if "config" in fields:
             self.data["config_hash"] = config_hash(fields["config"])
         self._flush()
-        # append mode: a resumed run continues the same files
-        self._metrics = open(self.dir / METRICS, "a")  # noqa: SIM115 - open for the run
-        self._eval = open(self.dir / EVAL, "a")  # noqa: SIM115
+        self._open()
+
+    def _open(self) -> None:
+        # append mode: a resumed run continues the same files (truncated to its step first)
+        self._files = {name: open(self.dir / name, "a") for name in (METRICS, EVAL)}  # noqa: SIM115
 
     def update(self, **fields: Any) -> None:
         if self.enabled:
@@ -168,38 +349,75 @@ class RunRecord:
             self._flush()
 
     def log_step(self, row: dict) -> None:
-        if self._metrics is not None:
-            self._metrics.write(json.dumps(json_safe(row)) + "\n")
-            self._metrics.flush()
+        self._append(METRICS, row)
 
     def log_eval(self, row: dict) -> None:
-        if self._eval is not None:
-            self._eval.write(json.dumps(json_safe(row)) + "\n")
-            self._eval.flush()
+        self._append(EVAL, row)
 
     def log_sample(self, step: int, text: str) -> None:
         if self.enabled:
             with open(self.dir / SAMPLES, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "text": text}) + "\n")
+                self._write_row(f, SAMPLES, {"step": step, "text": text})
 
-    def truncate(self, step: int) -> None:
-        """A resumed or rolled-back run logs steps >= `step` again: drop the old rows."""
-        if self.enabled:
-            for name in (METRICS, EVAL, SAMPLES):
-                truncate_jsonl(self.dir / name, step)
+    def _append(self, name: str, row: dict) -> None:
+        f = self._files.get(name)
+        if f is not None:
+            self._write_row(f, name, row)
+
+    def _write_row(self, f: Any, name: str, row: dict) -> None:
+        """One whole row or none: a failed write is cut back to where the row began."""
+        start = f.tell()
+        try:
+            f.write(json.dumps(json_safe(row)) + "\n")
+            f.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+                f.seek(start)
+            raise RunFolderError(_write_error(self.dir / name, e)) from None
+
+    def truncate(self, step: int) -> int:
+        """A resumed or rolled-back run logs steps >= `step` again: drop the old rows (and any
+        unreadable line a killed run left). Returns the number of rows dropped."""
+        if not self.enabled:
+            return 0
+        for f in self._files.values():
+            f.close()
+        dropped = sum(truncate_jsonl(self.dir / name, step) for name in (METRICS, EVAL, SAMPLES))
+        if self._files:
+            self._open()
+        return dropped
 
     def finish(self, status: str, error: str | None = None, **fields: Any) -> None:
         if not self.enabled:
             return
         self.data.update(status=status, error=error, ended_at=now(), **fields)
-        self._flush()
-        for f in (self._metrics, self._eval):
-            if f is not None:
+        try:
+            self._flush()
+        except RunFolderError:
+            # a full disk: the reserved space is what lets the record say how the run ended
+            if not release_reserve(self.dir):
+                raise
+            self._flush()
+        for f in self._files.values():
+            with contextlib.suppress(OSError):
                 f.close()
-        self._metrics = self._eval = None
+        self._files = {}
 
     def _flush(self) -> None:
-        write_json(self.dir / RECORD, self.data)
+        try:
+            write_json(self.dir / RECORD, self.data)
+        except OSError as e:
+            raise RunFolderError(_write_error(self.dir / RECORD, e)) from None
+
+
+def _write_error(path: Path, e: OSError) -> str:
+    fix = (
+        "free space (or point hydra.run.dir elsewhere), then continue with trainer.resume=auto"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "check the folder's permissions, then continue with trainer.resume=auto"
+    )
+    return f"cannot write {path} ({e.strerror or e}); {fix}"
 
 
 def failed_record(
@@ -300,27 +518,25 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def truncate_jsonl(path: str | Path, step: int) -> int:
-    """Keep only the leading rows with row["step"] < step (in place: open append handles stay
-    valid). A killed run may have logged steps beyond its last checkpoint; the resumed run logs
-    them again. Returns the number of rows removed."""
+    """Keep the rows with row["step"] < step, in order, and drop the rest: rows a killed run
+    logged past its last checkpoint (the resumed run logs them again) and lines that are not
+    whole JSON rows (a write cut short). Returns the number of lines dropped."""
     path = Path(path)
     if not path.is_file():
         return 0
-    keep = 0
-    removed = 0
-    data = path.read_bytes()
-    offset = 0
-    for line in data.splitlines(keepends=True):
+    kept: list[bytes] = []
+    dropped = 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        if not line.strip():
+            continue
         try:
-            row = json.loads(line)
-            ok = line.endswith(b"\n") and int(row["step"]) < step
+            ok = line.endswith(b"\n") and int(json.loads(line)["step"]) < step
         except (ValueError, KeyError, TypeError):
-            ok = not line.strip() and line.endswith(b"\n")  # blank lines are harmless
-        if not ok:
-            removed = sum(1 for x in data[offset:].splitlines() if x.strip())
-            break
-        offset += len(line)
-        keep = offset
-    if keep < len(data):
-        os.truncate(path, keep)
-    return removed
+            ok = False
+        if ok:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_bytes(path, b"".join(kept))
+    return dropped

@@ -23,9 +23,11 @@ import torch
 from omegaconf import DictConfig
 
 from gpt2x import CONF_DIR, checkpoint, distributed, multirun
+from gpt2x.checkpoint import CheckpointError
 from gpt2x.checkpoint.store import step_dir_name
 from gpt2x.config import (
     ConfigError,
+    Dtype,
     is_rank_zero,
     register_configs,
     to_container,
@@ -46,6 +48,14 @@ from gpt2x.preemption import StopWaiting, continue_command, exit_code
 from gpt2x.profiling import ProfilingUnavailable, mean_breakdown, profile_steps
 from gpt2x.progress import RunProgress, use_bar
 from gpt2x.run import Run, setup
+from gpt2x.runfolder import (
+    RunFolderError,
+    kill_for_test,
+    note_rank_failure,
+    rank_failures,
+    release_reserve,
+    release_run_folder,
+)
 from gpt2x.tokenizer import get_tokenizer
 from gpt2x.turns import Turns
 from gpt2x.validation import validation_loss_sum
@@ -91,7 +101,7 @@ def main(cfg: DictConfig) -> float | None:
         if is_rank_zero():
             print("interrupted (Ctrl-C): stopped at once, nothing saved", file=sys.stderr)
         sys.exit(130)
-    except (ConfigError, DataError, TrainingError, checkpoint.CheckpointError) as e:
+    except (ConfigError, DataError, TrainingError, CheckpointError, RunFolderError) as e:
         # expected problems: one line naming the fix, no traceback; on the console once (rank
         # 0 of a torchrun launch), in every rank's log file
         log_to_files(f"error: {e}")
@@ -99,7 +109,8 @@ def main(cfg: DictConfig) -> float | None:
             print(f"error: {e}", file=sys.stderr)
         if not in_sweep:
             sys.exit(2)
-        multirun.record_failure(cfg, e)
+        if not isinstance(e, RunFolderError):  # that folder is another run's: leave it be
+            multirun.record_failure(cfg, e)
     except Exception as e:
         if not in_sweep:
             raise
@@ -137,11 +148,16 @@ def run_training(cfg: DictConfig) -> float | None:
     except TrainingInterrupted:
         raise  # the record is already finished as "interrupted"
     except BaseException as e:
+        if not is_rank_zero() and not isinstance(e, KeyboardInterrupt):
+            note_rank_failure(cfg.paths.run_dir, int(os.environ["RANK"]), _one_line(e))
         if run is not None:
             record_end(run, e)
         raise
     finally:
         turns.finish()
+        if is_rank_zero():
+            release_reserve(Path(cfg.paths.run_dir))
+            release_run_folder(cfg.paths.run_dir)
         # the DDP/FSDP model goes before its process group does (a gloo group freed inside the
         # reducer's destructor, after destroy_process_group, could block the process's exit)
         run = None
@@ -150,10 +166,22 @@ def run_training(cfg: DictConfig) -> float | None:
 
 
 def resume_if_asked(run: Run) -> None:
-    """trainer.resume: a checkpoint path, `auto` (the run folder's latest) or none."""
+    """trainer.resume: a checkpoint path, `auto` (the run folder's latest) or none. A run that
+    starts at step 0 (nothing to resume from) keeps no rows of an earlier attempt."""
     resume_from = checkpoint.resolve_resume(run.cfg.trainer.resume, run.cfg.paths.run_dir, run.dist)
     if resume_from is not None:
         resume(run, resume_from)
+        return
+    if run.dist.is_main and run.cfg.trainer.resume == "auto":
+        set_aside_newer_checkpoints(run, -1)  # none of them could be read: keep, but apart
+    dropped = run.record.truncate(0)
+    if dropped and run.dist.is_main:
+        log.warning(
+            "no checkpoint to resume from in %s: starting at step 0, without the %d rows an "
+            "earlier attempt logged",
+            run.cfg.paths.run_dir,
+            dropped,
+        )
 
 
 def conclude(run: Run, summary: dict) -> float | None:
@@ -201,7 +229,12 @@ def record_end(run: Run, e: BaseException) -> None:
         run.record.finish("interrupted", error=f"aborted by the user (Ctrl-C){saved}")
         code = 130
     else:
-        run.record.finish("failed", error=_one_line(e))
+        error = _one_line(e)
+        peers = rank_failures(run.cfg.paths.run_dir) if run.dist.world_size > 1 else {}
+        if peers:  # the rank that failed first, not what rank 0 saw of it
+            rank, reason = next(iter(peers.items()))
+            error = f"rank {rank} failed: {reason} (rank 0: {error})"
+        run.record.finish("failed", error=error)
         code = 1
     if run.wandb:
         run.wandb.finish(exit_code=code)
@@ -230,6 +263,7 @@ def train(run: Run) -> dict:
     if t.on_bad_loss == "rollback" and run.last_checkpoint is None:
         save_checkpoint(run, run.start_step, tokens_seen, losses)  # something to roll back to
     step = run.start_step
+    carried_ms = 0.0  # a checkpoint's save time, counted in the next step's wall-clock time
     try:
         while step < t.max_steps:
             try:  # a stop signal while waiting for the turn stops the run here, at once
@@ -269,7 +303,7 @@ def train(run: Run) -> dict:
             if profiler is not None:
                 profiler.step()
             try:
-                check_loss(row["loss"], losses, step, t.spike_factor)
+                check_loss(row["loss"], losses, step, t.spike_factor, fp32=is_fp32(cfg))
             except TrainingError as e:
                 if t.on_bad_loss != "rollback":
                     log_row(run, row, progress, t0)
@@ -293,9 +327,14 @@ def train(run: Run) -> dict:
             saved = (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or (
                 step == t.max_steps and t.save_final
             )
+            # the row before the checkpoint: a checkpoint never runs ahead of the rows it covers
+            log_row(run, row, progress, t0, carried_ms)
+            carried_ms = 0.0
+            kill_for_test("before_checkpoint", step)  # GPT2X_TEST_KILL (tests only)
             if saved:
+                t_save = time.perf_counter()
                 save_checkpoint(run, step, tokens_seen, losses)
-            log_row(run, row, progress, t0)
+                carried_ms = (time.perf_counter() - t_save) * 1000.0  # in the next row's wall_ms
             # Ctrl-C, SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
             if run.stop.requested(d) and step < t.max_steps:
                 stop_at_boundary(run, step, tokens_seen, losses)
@@ -407,11 +446,14 @@ def record_breakdown(run: Run, breakdowns: list) -> None:
         log.info("step-time breakdown: %s", bd.summary())
 
 
-def log_row(run: Run, row: dict, progress: RunProgress, t0: float) -> None:
+def log_row(
+    run: Run, row: dict, progress: RunProgress, t0: float, carried_ms: float = 0.0
+) -> None:
     """The step's row, to the record, W&B and the console. wall_ms runs from the step's start to
-    now (evaluation, checkpoint and logging included): tokens/s as a user's clock sees it."""
+    now (evaluation, sampling and logging included) plus carried_ms (the checkpoint saved after
+    the previous row): tokens/s as a user's clock sees it."""
     t = run.cfg.trainer
-    row["wall_ms"] = (time.perf_counter() - t0) * 1000.0
+    row["wall_ms"] = (time.perf_counter() - t0) * 1000.0 + carried_ms
     row["wall_tokens_per_s"] = run.tokens_per_step / (row["wall_ms"] / 1000.0)
     run.record.log_step(row)
     if run.wandb:
@@ -427,11 +469,12 @@ def every(n: int, step: int) -> bool:
     return n > 0 and step > 0 and step % n == 0
 
 
-def check_loss(loss: float, history: list[float], step: int, spike_factor: float) -> None:
+def check_loss(
+    loss: float, history: list[float], step: int, spike_factor: float, fp32: bool = False
+) -> None:
     if not math.isfinite(loss):
-        raise TrainingError(
-            f"loss is {loss} at step {step}; lower optim.lr, check the data, or try precision=fp32"
-        )
+        fix = "lower optim.lr or check the data" + ("" if fp32 else ", or try precision=fp32")
+        raise TrainingError(f"loss is {loss} at step {step}; {fix}")
     if spike_factor > 0 and len(history) >= 10:
         recent = sorted(history[-50:])
         median = recent[len(recent) // 2]
@@ -440,6 +483,10 @@ def check_loss(loss: float, history: list[float], step: int, spike_factor: float
                 f"loss spiked to {loss:.4f} at step {step} (> {spike_factor} x recent median "
                 f"{median:.4f}); lower optim.lr or raise trainer.spike_factor"
             )
+
+
+def is_fp32(cfg: DictConfig) -> bool:
+    return cfg.precision.dtype == Dtype.fp32 and not cfg.precision.float8
 
 
 def evaluate_and_log(run: Run, step: int, tokens_seen: int, with_hellaswag: bool) -> float:
@@ -569,6 +616,7 @@ def save_checkpoint(run: Run, step: int, tokens_seen: int, losses: list[float]) 
         extra={
             "loss_history": losses[-checkpoint.LOSS_HISTORY :],
             "skip_batches": dict(run.skip_batches),
+            "rollbacks": run.record.data.get("rollbacks") or [],
             # the schedule is a function of the step; recorded for reference
             "lr_schedule": {
                 "next_step": step,
@@ -611,9 +659,21 @@ def resume(run: Run, path: Path) -> None:
             state.step,
             state.tokens_seen,
         )
+        set_aside_newer_checkpoints(run, state.step)
     run.record.update(
-        resumed_from={"checkpoint": str(path), "step": state.step, "tokens_seen": state.tokens_seen}
+        resumed_from={"checkpoint": str(path), "step": state.step, "tokens_seen": state.tokens_seen},
+        rollbacks=state.extra.get("rollbacks") or [],  # the history's, up to the checkpoint
     )
+
+
+def set_aside_newer_checkpoints(run: Run, step: int) -> None:
+    """One history per run folder: checkpoints past the step this run continues from belong to
+    an abandoned branch (or are broken); they move out of the way, said in one line."""
+    aside = checkpoint.store.set_aside_newer(run.cfg.paths.run_dir, step)
+    if aside is not None:
+        log.warning(
+            "continuing from step %d: the run folder's later checkpoints moved to %s", step, aside
+        )
 
 
 def rollback(run: Run, step: int, error: TrainingError) -> tuple[int, int, list[float]]:

@@ -144,3 +144,37 @@ def clean_env(**extra: str) -> dict:
         if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "SUBMITIT_"))
     }
     return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def tiny_cfg(run_dir: Path, data_root: Path, *overrides: str):
+    """The trainer's composed config for the tiny model in `run_dir` (in-process runs)."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt2x import CONF_DIR
+    from gpt2x.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[*TINY, f"paths.data_dir={data_root}", "logger=none", *overrides],
+        )
+    cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """The rows a run folder's jsonl file holds (a cut-off last line ends the read)."""
+    from gpt2x.runfolder import read_jsonl
+
+    return read_jsonl(Path(run_dir) / name)
+
+
+def record(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((Path(run_dir) / "record.json").read_text())
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in rows(run_dir)]

@@ -199,6 +199,11 @@ def test_a_crash_on_one_rank_ends_the_job_with_its_error(tmp_path, data_root):
     assert elapsed < 120, f"the job took {elapsed:.0f}s to end after rank 1 failed"
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["status"] != "completed"
+    # the record names the rank that failed and why, not what rank 0 saw of it
+    if record["status"] == "failed":
+        assert record["error"].startswith(
+            "rank 1 failed: RuntimeError: GPT2X_TEST_FAIL_RANK=1: injected failure on rank 1"
+        ), record["error"]
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) < 20
 
 

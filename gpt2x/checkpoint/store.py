@@ -7,12 +7,14 @@ function here that decides something for a distributed job decides on rank 0 and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from gpt2x.config import ConfigError
-from gpt2x.runfolder import fsync_dir
+from gpt2x.runfolder import fsync_dir, kill_for_test
 
 log = logging.getLogger("gpt2x.checkpoint")
 
@@ -108,11 +110,29 @@ def save_json(obj: Any, path: Path) -> None:
 
 
 def _write_file(path: Path, writer: Callable[[Any, Path], None], obj: Any) -> dict:
-    """Write one file, fsync it, return its size and sha256 (read back from disk)."""
-    writer(obj, path)
-    _fsync_file(path)
+    """Write one file, fsync it, return its size and sha256 (read back from disk). Whatever
+    a writer raises for a failed write (safetensors' own error, torch.save's RuntimeError "...
+    unexpected pos" on a full disk) becomes an OSError with the reason."""
+    try:
+        writer(obj, path)
+        _fsync_file(path)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the libraries' own error types for a failed write
+        text = " ".join(str(e).split())
+        full = "No space left" in text or "StorageFull" in text or _disk_full(path.parent)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise OSError(errno.EIO, f"{type(e).__name__}: {text[:200]}") from None
     size, digest = _hash_file(path)
     return {"bytes": size, "sha256": digest}
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def estimate_bytes(n_params: int) -> int:
@@ -129,7 +149,10 @@ def write_checkpoint(root: Path, final: Path, files: list, meta: dict) -> None:
     tmp = root / f"{final.name}.tmp"
     tmp.mkdir()
     try:
-        meta["files"] = {name: _write_file(tmp / name, writer, obj) for name, writer, obj in files}
+        meta["files"] = {}
+        for name, writer, obj in files:
+            meta["files"][name] = _write_file(tmp / name, writer, obj)
+            kill_for_test("in_checkpoint", meta["step"])  # GPT2X_TEST_KILL (tests only)
         # meta.json last: its presence (after the rename) is what makes the folder a checkpoint
         _write_file(tmp / META_FILE, save_json, meta)
         fsync_dir(tmp)
@@ -220,9 +243,34 @@ def verify(path: str | Path, meta: dict | None = None, full: bool = True) -> dic
     return meta
 
 
+def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
+    """Move the run folder's checkpoints of steps after `step` (and step folders without a
+    meta.json) into `checkpoints/abandoned-<time>/`: a run resumed from `step` continues one
+    history, and neither `latest` nor `keep_last` sees the abandoned branch again. Returns that
+    folder, or None when there was nothing to move."""
+    root = checkpoints_dir(run_dir)
+    newer = [
+        p
+        for p in (root.iterdir() if root.is_dir() else [])
+        if (m := _STEP_DIR.match(p.name)) and p.is_dir() and int(m.group(1)) > step
+    ]
+    if not newer:
+        return None
+    aside = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-after-{step_dir_name(step)}"
+    aside.mkdir()
+    for p in newer:
+        os.replace(p, aside / p.name)
+    fsync_dir(root)
+    return aside
+
+
 def latest(run_dir: str | Path, full: bool = True) -> Path | None:
     """The newest checkpoint of a run folder that verifies; broken ones are skipped (warned)."""
-    for _, path in reversed(list_checkpoints(checkpoints_dir(run_dir))):
+    root = checkpoints_dir(run_dir)
+    for p in sorted(root.glob("step_*")) if root.is_dir() else []:
+        if _STEP_DIR.match(p.name) and p.is_dir() and not (p / META_FILE).is_file():
+            log.warning("skipping checkpoint %s: it has no %s (an interrupted save?)", p, META_FILE)
+    for _, path in reversed(list_checkpoints(root)):
         try:
             verify(path, full=full)
             return path
@@ -321,9 +369,10 @@ def read_config(path: str | Path) -> dict:
 # preflight: an unusable output folder is a one-line error before any compute
 
 
-def preflight(run_dir: str | Path, n_params: int, checkpoints: bool, dist: Any = None) -> None:
+def preflight(run_dir: str | Path, n_params: int, checkpoints: int, dist: Any = None) -> None:
     """Fail early (ConfigError, on every rank) if the run folder is unwritable or has no room
-    for ~2 checkpoints. Rank 0 checks (it is the one that writes)."""
+    for `checkpoints` checkpoints at once (the most the run will hold: keep_last + the one being
+    written). Rank 0 checks (it is the one that writes)."""
     error = None
     if is_main(dist):
         try:
@@ -335,7 +384,7 @@ def preflight(run_dir: str | Path, n_params: int, checkpoints: bool, dist: Any =
         raise ConfigError(error)
 
 
-def _preflight(run_dir: Path, n_params: int, checkpoints: bool) -> None:
+def _preflight(run_dir: Path, n_params: int, checkpoints: int) -> None:
     fix = "set paths.output_dir=... (or hydra.run.dir=...) to a writable folder with free space"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -351,13 +400,15 @@ def _preflight(run_dir: Path, n_params: int, checkpoints: bool) -> None:
         ) from None
     if not checkpoints:
         return
-    need = 2 * estimate_bytes(n_params)
+    # checkpoints the folder already holds (a resumed run) are part of the peak already
+    held = len(list_checkpoints(checkpoints_dir(run_dir)))
+    need = (checkpoints - min(held, checkpoints - 1)) * estimate_bytes(n_params)
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise ConfigError(
-            f"the run folder {run_dir} has {free / 1e9:.2f} GB free, but two checkpoints of this "
-            f"{n_params / 1e6:.1f}M-parameter model need ~{need / 1e9:.2f} GB; {fix} (or "
-            "trainer.checkpoint_every=0 trainer.save_final=false to save none)"
+            f"the run folder {run_dir} has {free / 1e9:.2f} GB free, but {checkpoints} "
+            f"checkpoint{'s' if checkpoints > 1 else ''} of this {n_params / 1e6:.1f}M-parameter "
+            f"model at once (trainer.keep_last + the one being written) need ~{need / 1e9:.2f} "
+            f"GB; {fix} (or lower trainer.keep_last, or trainer.checkpoint_every=0 "
+            "trainer.save_final=false to save none)"
         )
-
-

@@ -11,6 +11,7 @@ import torch
 
 from gpt2x.data.shards import load_manifest
 from gpt2x.data.sources import DataError
+from gpt2x.tokenizer import N_VOCAB
 
 
 class ShardLoader:
@@ -194,7 +195,13 @@ class ShardLoader:
             if perm is not None:
                 windows = perm[windows]
             idx = windows[:, None] * self.seq_len + self._offsets
-            out[rows] = self._map(int(shard))[idx]
+            out[rows] = tokens = self._map(int(shard))[idx]
+            if tokens.max(initial=0) >= N_VOCAB:  # a corrupted file of the right size
+                raise DataError(
+                    f"shard {self._files[int(shard)]} holds token id {int(tokens.max())}, beyond "
+                    f"the tokenizer's {N_VOCAB} tokens: the file is corrupted; delete {self.dir} "
+                    "to prepare it again (data.verify=sha256 checks every shard at start)"
+                )
         t = torch.from_numpy(out)
         x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
         if self.pin_memory:

@@ -26,7 +26,7 @@ from gpt2x.checkpoint import CheckpointError
 from gpt2x.checkpoint import state as checkpoint_state
 from gpt2x.checkpoint import store as checkpoint_store
 from gpt2x.config import ConfigError, register_configs
-from gpt2x.runfolder import read_jsonl, truncate_jsonl
+from gpt2x.runfolder import read_jsonl
 from gpt2x.train import TrainingError, TrainingInterrupted, run_training
 
 register_configs()
@@ -538,13 +538,13 @@ def test_unusable_output_folder_is_one_line_before_training(tmp_path, data_root,
     assert len(errors) == 1 and "cannot write to the run folder" in errors[0]
     assert "paths.output_dir" in errors[0] and "hydra.run.dir" in errors[0]
 
-    # too little free space for two checkpoints
+    # too little free space for the one checkpoint this run saves
     import shutil as shutil_mod
 
     usage = shutil_mod.disk_usage(tmp_path)
     monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage._replace(free=10_000))
     run_dir = tmp_path / "run"
-    with pytest.raises(ConfigError, match="GB free, but two checkpoints"):
+    with pytest.raises(ConfigError, match="GB free, but 1 checkpoint of this"):
         run_training(tiny_cfg(run_dir, data_root, "trainer.max_steps=2"))
     assert not (run_dir / "metrics.jsonl").exists()
     # without checkpoints there is nothing to check
@@ -558,16 +558,6 @@ def test_unusable_output_folder_is_one_line_before_training(tmp_path, data_root,
         )
     )
     assert not (run_dir / "checkpoints").exists()
-
-
-def test_truncate_jsonl_keeps_rows_before_the_step(tmp_path):
-    path = tmp_path / "m.jsonl"
-    path.write_text("".join(json.dumps({"step": i}) + "\n" for i in range(5)) + '{"step": 5, "lo')
-    with open(path, "a") as handle:  # an open append handle (the run record) stays valid
-        assert truncate_jsonl(path, 3) == 3
-        handle.write(json.dumps({"step": 3}) + "\n")
-    assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2, 3]
-    assert truncate_jsonl(tmp_path / "missing.jsonl", 1) == 0
 
 
 def test_bad_settings_are_config_errors(tmp_path, data_root):

@@ -488,6 +488,22 @@ def test_sample_export_evaluate_from_a_checkpoint(small_run, tmp_path):
         theirs = hf(idx).logits
         mine = ours(idx)[0]
     torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-4)
+    # the tokenizer goes along: transformers' own loaders and pipeline work on the folder,
+    # offline, and the pipeline's greedy text is gpt2x's greedy text
+    from transformers import AutoTokenizer, pipeline
+
+    from gpt2x.tokenizer import get_tokenizer
+
+    text = "To be, or not to be:\n\n  ROMEO. <|endoftext|> 1234 caf\u00e9"
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 50257 and tok.model_max_length == 32  # the model's block_size
+    assert tok.encode(text) == get_tokenizer().encode(text, allowed_special="all")
+    generated = pipeline("text-generation", model=str(out), device="cpu")(
+        "To be", max_new_tokens=5, do_sample=False
+    )[0]["generated_text"]
+    prompt = torch.tensor([get_tokenizer().encode("To be")])
+    greedy = ours.generate(prompt, 5, temperature=0.0)[0].tolist()
+    assert len(greedy) == 2 + 5 and generated == get_tokenizer().decode(greedy)
 
     proc = run_cli(
         "gpt2x.evaluate",

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gpt2x import CONF_DIR, checkpoint
 from gpt2x.config import ConfigError, register_configs
@@ -64,6 +64,11 @@ def run_dtype(requested: str, config: dict, device: torch.device) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
 def main(cfg: DictConfig) -> list[str]:
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        fail(
+            'checkpoint= is required: python -m gpt2x.sample checkpoint=<checkpoint or run '
+            'folder> prompt="To be"'
+        )
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0:
         fail("num_samples must be >= 1, max_new_tokens and temperature >= 0")
     try:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, cli_train, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -279,3 +279,33 @@ def test_stop_signals_end_a_wait_at_the_step_boundary_at_once():
     finally:
         os.close(go_read)
         os.close(go_write)
+
+
+# --------------------------------------------------------------------------------------------
+# the checkpoint tools without their required options: one line, not a traceback
+
+
+@pytest.mark.parametrize(
+    "tool, args, missing",
+    [("gpt2x.sample", [], "checkpoint="), ("gpt2x.export", ["checkpoint=x"], "out=")],
+)
+def test_checkpoint_tools_name_a_missing_required_option(tmp_path, tool, args, missing):
+    proc = run_cli(tool, *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {missing} is required: python -m {tool} ")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_expected_error_is_printed_once_per_launch(tmp_path, data_root, rank):
+    """Under torchrun every rank fails the same check: rank 0 prints its one line (before: every
+    rank printed it twice, once logged to stdout and once on stderr), each rank's log file has it."""
+    proc, run_dir = cli_train(
+        tmp_path, data_root, "trainer.total_batch_tokens=1000", "logger=none", check=False,
+        env={"RANK": rank},
+    )
+    assert proc.returncode == 2 and "error" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == (rank == "0")
+    log = run_dir / ("train.log" if rank == "0" else f"train_rank{rank}.log")
+    assert "error: trainer.total_batch_tokens=1000" in log.read_text()

@@ -435,6 +435,9 @@ def test_rollback_skips_the_bad_batch_and_continues(
     trainer = torch.load(run_dir / "checkpoints/step_000008/trainer.pt", weights_only=True)
     assert trainer["skip_batches"] == {5: 1}
     assert trainer["loader"]["batch"] == 9  # 8 steps + the 1 skipped batch: nothing replayed
+    # a resume keeps the history's rollbacks in the record (they are in the checkpoint)
+    run_training(tiny_cfg(run_dir, data_root, *COMMON, "trainer.resume=auto"))
+    assert [(r["step"], r["to_step"]) for r in record(run_dir)["rollbacks"]] == [(5, 4)]
 
 
 def test_rollback_gives_up_after_max_rollbacks(tmp_path, data_root, monkeypatch):

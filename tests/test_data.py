@@ -250,3 +250,18 @@ def test_validation_set_larger_than_the_split_names_the_limit(data_dir):
     assert reader.validation_windows(limit) == reader.total_windows
     with pytest.raises(DataError, match=f"set trainer.eval_tokens<={limit} or raise"):
         reader.validation_windows(limit + T)
+
+
+def test_a_corrupted_shard_of_the_right_size_is_a_data_error(data_dir, tmp_path):
+    """Garbage of the right size passes the size check; a token id beyond the vocabulary
+    is caught on reading, with the shard named, instead of an IndexError in the embedding."""
+    import shutil
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(data_dir, copy)
+    shard = next(p for p in sorted(copy.glob("*.bin")) if "train" in p.name)
+    shard.write_bytes(b"\xff" * shard.stat().st_size)  # token id 65535 everywhere
+    loader = ShardLoader(copy, "train", batch_size=4, seq_len=32, seed=0)
+    with pytest.raises(DataError, match=f"shard .*{shard.name} holds token id 65535, beyond"):
+        for _ in range(loader.batches_per_epoch):
+            loader.next_batch()

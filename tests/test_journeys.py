@@ -4,17 +4,19 @@ train, export, continue from the export; the run folder is never mixed or lost."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, record, rows, run_cli
 
-from gpt2x.checkpoint import load_model
+from gpt2x.checkpoint import list_checkpoints, load_model
 from gpt2x.data import ShardLoader
 
 # TINY without the model's shape: with model.init_from the shape is the checkpoint's
 TINY_RUN = [o for o in TINY if not o.startswith("model.")]
+TINY_SHAPE = [o for o in TINY if o.startswith("model.")]
 # the pretrained model's shape differs from the default model group (nano: 4 x 256, T=256)
 HF_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)
 
@@ -172,3 +174,75 @@ def test_init_from_targets_that_are_no_hf_gpt2_are_one_line(tmp_path, hf_dir):
             read_pretrained_shape(target)
         assert str(e.value).startswith(f"model.init_from={target}") and "\n" not in str(e.value)
     assert read_pretrained_shape(str(hf_dir))["n_layer"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# a run folder is never mixed or lost
+
+
+def folder_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_a_folder_that_holds_a_run_is_continued_only_when_asked(tmp_path, data_root):
+    """A fresh start into a finished run's folder changes nothing (one line, exit 2); with
+    trainer.move_aside=true the old run is renamed first and the new run keeps its checkpoint;
+    resume=auto continues."""
+    ckpt = ["trainer.checkpoint_every=2", "trainer.max_steps=3", *TINY_SHAPE]
+    train(tmp_path, data_root, "run", *ckpt)
+    before = folder_bytes(tmp_path / "run")
+    refused, _ = train(tmp_path, data_root, "run", *ckpt, check=False)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-2000:]
+    assert "already holds a completed run of 3 logged steps with checkpoints" in errors[0]
+    assert "trainer.resume=auto" in errors[0] and "trainer.move_aside=true" in errors[0]
+    assert folder_bytes(tmp_path / "run") == before  # .hydra/ and train.log included
+
+    moved, run_dir = train(tmp_path, data_root, "run", *ckpt, "trainer.max_steps=2", "trainer.move_aside=true")
+    (old,) = tmp_path.glob("run-old-*")
+    assert folder_bytes(old) == before
+    assert [r["step"] for r in rows(run_dir)] == [0, 1]
+    assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")] == [2]
+
+    resumed, _ = train(tmp_path, data_root, "run", *ckpt, "trainer.resume=auto")
+    assert [r["step"] for r in rows(run_dir)] == [0, 1, 2]
+    assert record(run_dir)["resumed_from"]["step"] == 2
+
+
+def test_a_folder_in_use_is_refused_at_once(tmp_path, data_root):
+    """A second run into the folder of a live one stops at once with one line; the first run
+    goes on and logs every step once. The lock is the live process's: none is left behind."""
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY_RUN, *TINY_SHAPE, f"paths.data_dir={data_root}", f"hydra.run.dir={run_dir}",
+        "logger=none", "trainer.resume=auto", "trainer.max_steps=30",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "gpt2x.train", *args], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while first.poll() is None and not rows(run_dir):
+            time.sleep(0.05)  # until the first run has logged a step
+        second = run_cli("gpt2x.train", *args, cwd=tmp_path, check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        (line,) = [x for x in second.stderr.splitlines() if x.startswith("error:")]
+        assert f"the run folder {run_dir} is in use by process {first.pid}" in line
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert [r["step"] for r in rows(run_dir)] == list(range(30))
+    # the lock went with the process: the folder can be continued at once
+    again = run_cli("gpt2x.train", *args, "trainer.max_steps=31", cwd=tmp_path, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["step"] for r in rows(run_dir)] == list(range(31))

@@ -95,13 +95,14 @@ def test_a_kill_between_two_writes_then_resume_auto_loses_nothing(
 def test_resume_auto_with_only_broken_checkpoints_starts_over_cleanly(
     tmp_path, data_root, reference, caplog
 ):
-    """Every checkpoint corrupt, a half-written last row: resume=auto starts at step 0, drops
+    """Every checkpoint broken (a truncated file, a deleted meta.json), a half-written last row:
+    resume=auto starts at step 0, drops
     the old rows (said once), sets the broken checkpoints aside and ends as one history."""
     run_dir = tmp_path / "run"
     run_training(tiny_cfg(run_dir, data_root, *RUN))
-    for _, ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
-        with open(ckpt / checkpoint.MODEL_FILE, "r+b") as f:
-            f.truncate(100)
+    with open(run_dir / "checkpoints" / "step_000006" / checkpoint.MODEL_FILE, "r+b") as f:
+        f.truncate(100)
+    (run_dir / "checkpoints" / "step_000008" / checkpoint.META_FILE).unlink()
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 8, "loss": 1.2')  # a kill in the middle of a row
     run_training(tiny_cfg(run_dir, data_root, *RUN, "trainer.resume=auto"))
@@ -112,6 +113,8 @@ def test_resume_auto_with_only_broken_checkpoints_starts_over_cleanly(
         "step_000008",
     ]
     assert "starting at step 0, without the" in caplog.text
+    assert "step_000008: it has no meta.json" in caplog.text  # skipped, but said
+    assert "step_000006/model.safetensors is truncated or corrupted" in caplog.text
 
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_branch_aside(

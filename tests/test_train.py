@@ -187,6 +187,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_record(tmp_path, data_root, 
         run_training(tiny_cfg(tmp_path, data_root, "trainer.max_steps=10"))
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["status"] == "failed" and "step 3" in record["error"]
+    assert "precision=fp32" not in record["error"]  # the run is fp32 already
+    with pytest.raises(TrainingError, match="or try precision=fp32$"):
+        train_mod.check_loss(float("nan"), [], 0, 0.0, fp32=False)
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[-1]["loss"] == "nan"
 

@@ -93,7 +93,11 @@ def main(cfg: DictConfig) -> dict:
         result.update(val_loss=total / count, val_tokens=int(count), data_dir=str(data_dir))
     if cfg.hellaswag:
         try:
-            path = cfg.hellaswag_path or t.get("hellaswag_path") or hellaswag_path("val")
+            path = (
+                cfg.hellaswag_path
+                or t.get("hellaswag_path")
+                or hellaswag_path("val", option="hellaswag_path")
+            )
             res = evaluate_hellaswag(
                 lambda x: model(x)[0],
                 get_tokenizer().encode_ordinary,

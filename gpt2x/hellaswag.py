@@ -90,14 +90,17 @@ def default_cache_dir() -> Path:
 
 
 def hellaswag_path(
-    split: str = "val", cache_dir: str | os.PathLike | None = None, url: str | None = None
+    split: str = "val",
+    cache_dir: str | os.PathLike | None = None,
+    url: str | None = None,
+    option: str = "path",
 ) -> Path:
     """Local path of ``hellaswag_<split>.jsonl``, downloading it once into the cache if needed.
 
     The download goes to a temporary file in the cache directory which is renamed into place
     only when complete, so an interrupted download never leaves a truncated file behind.
     Offline (or on any download failure) a one-line :class:`HellaSwagError` says where to put
-    the file by hand.
+    the file by hand, or to name it with `option` (the caller's own setting for it).
     """
     if url is None:
         if split not in HELLASWAG_URLS:
@@ -110,7 +113,7 @@ def hellaswag_path(
     if target.is_file() and target.stat().st_size > 0:
         return target
 
-    fix = f"put {target.name} at {target} (or pass path=...)"
+    fix = f"put {target.name} at {target} (or pass {option}=...)"
     tmp_name = None
     try:
         cache.mkdir(parents=True, exist_ok=True)

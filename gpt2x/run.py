@@ -453,7 +453,11 @@ def find_hellaswag(cfg: DictConfig, d: distributed.Dist) -> Path | None:
         return None
 
     def find() -> Path:
-        path = Path(t.hellaswag_path).expanduser() if t.hellaswag_path else hellaswag_path("val")
+        path = (
+            Path(t.hellaswag_path).expanduser()
+            if t.hellaswag_path
+            else hellaswag_path("val", option="trainer.hellaswag_path")
+        )
         load_examples(path, limit=1)
         return path
 

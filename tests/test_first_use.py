@@ -309,3 +309,30 @@ def test_an_expected_error_is_printed_once_per_launch(tmp_path, data_root, rank)
     assert len(errors) == (rank == "0")
     log = run_dir / ("train.log" if rank == "0" else f"train_rank{rank}.log")
     assert "error: trainer.total_batch_tokens=1000" in log.read_text()
+
+
+def test_evaluate_offline_names_its_own_hellaswag_option(tmp_path, monkeypatch, capsys):
+    """Offline and nothing cached: the one line names `hellaswag_path=`, evaluate's option
+    (it said `path=`, which no command takes)."""
+    import urllib.error
+    import urllib.request
+
+    from gpt2x import evaluate
+    from gpt2x.hellaswag import CACHE_ENV_VAR
+    from gpt2x.model import GPT, GPTConfig
+
+    GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8)).export_hf(tmp_path / "hf")
+
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
+    argv = ["gpt2x.evaluate", f"hf_model={tmp_path / 'hf'}", "val=false", "hellaswag=true"]
+    monkeypatch.setattr(sys, "argv", [*argv, "device=cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main()
+    assert exit_info.value.code == 2
+    # (transformers' own loading bars share stderr)
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: could not download") and "(or pass hellaswag_path=...)" in line

@@ -36,7 +36,9 @@ def setup_precision(precision_cfg, device: torch.device) -> None:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.set_float32_matmul_precision("high")
-        else:
+        elif dtype is Dtype.fp32:
+            # said only where TF32 is what was asked for (precision=tf32); bf16/fp16 keep the
+            # flag for the few fp32 matmuls outside autocast, which nobody asked about
             log.warning(
                 "precision.tf32=true is a no-op on %s (TF32 is a CUDA feature)", device.type
             )

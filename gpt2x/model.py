@@ -24,8 +24,14 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from gpt2x.chunked_loss import chunked_cross_entropy
+
 ATTN_IMPLS = ("naive", "sdpa", "flash")
 LOSS_IMPLS = ("plain", "chunked")
+# loss=chunked's kernel: "gpt2x" (gpt2x/chunked_loss.py: compiled chunks, any torch) or "torch"
+# (torch.nn.functional.linear_cross_entropy, torch >= 2.13, whose chunks run as eager ops: about
+# half as fast at the nano shape on CPU, kept to compare against)
+LOSS_KERNELS = ("gpt2x", "torch")
 
 
 @dataclass
@@ -41,9 +47,11 @@ class GPTConfig:
     # "plain": logits (B*T, V), then cross-entropy | "chunked": LM head + cross-entropy fused,
     # loss_chunk_size rows at a time, never holding the whole (B*T, V) logits
     loss: str = "plain"
-    # 1024 rows: one chunk's fp32 logits at V=50304 are 206 MB (the lecture's 16x1024 batch
-    # needs 3.3 GB for all of them), and each chunk's matmul stays large (79 GFLOP at 768 wide)
+    # 1024 rows: one chunk's logits at V=50304 are 103 MB in bf16 (the lecture's 16x1024 batch
+    # needs 1.6 GB for all of them, 3.3 GB more for their fp32 softmax), and each chunk's matmul
+    # stays large (79 GFLOP at 768 wide); smaller chunks were slower (docs/beyond.md)
     loss_chunk_size: int = 1024
+    loss_kernel: str = "gpt2x"  # one of LOSS_KERNELS
     # recompute each block's activations in backward instead of storing them (training only)
     activation_checkpointing: bool = False
 
@@ -56,21 +64,25 @@ class GPTConfig:
             raise ValueError(f"attn={self.attn!r} is unknown; use one of {', '.join(ATTN_IMPLS)}")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
-        check_loss_impl(self.loss)
+        check_loss_impl(self.loss, self.loss_kernel)
 
 
-def check_loss_impl(loss: str) -> None:
-    """Raise ValueError (one line naming the fix) if loss implementation `loss` is unknown or
-    this torch lacks it."""
+def check_loss_impl(loss: str, kernel: str = "gpt2x") -> None:
+    """Raise ValueError (one line naming the fix) if loss implementation `loss` (with
+    loss=chunked: its `kernel`) is unknown or this torch lacks it."""
     loss = str(getattr(loss, "value", loss))
     if loss not in LOSS_IMPLS:
         raise ValueError(f"loss={loss!r} is unknown; use one of {', '.join(LOSS_IMPLS)}")
-    has_chunked = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
-    if loss == "chunked" and not has_chunked:
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(
+            f"loss_kernel={kernel!r} is unknown; use one of {', '.join(LOSS_KERNELS)}"
+        )
+    has_torch_op = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
+    if loss == "chunked" and kernel == "torch" and not has_torch_op:
         version = ".".join(torch.__version__.split(".")[:2])
         raise ValueError(
-            "loss=chunked needs torch.nn.functional.linear_cross_entropy (torch >= 2.13); "
-            f"this is torch {version}; use loss=plain"
+            "loss_kernel='torch' needs torch.nn.functional.linear_cross_entropy (torch >= 2.13); "
+            f"this is torch {version}; use loss_kernel='gpt2x'"
         )
 
 
@@ -223,31 +235,32 @@ class GPT(nn.Module):
     def _chunked_loss(self, x: Tensor, targets: Tensor) -> Tensor:
         weight = self.lm_head.weight
         device_type = x.device.type
-        # The op sits outside autocast (it would run in fp32) and returns its input dtype.
-        # Training under bf16 autocast casts by hand, as autocast's matmul would: the head runs
-        # in bf16 with fp32 logits, softmax and sums; the returned value is rounded to bf16 (a
-        # few 1e-3 relative; gradients are as close as the plain path's). Without grad it stays
-        # fp32: no backward to speed up, and validation losses keep full precision. fp16 stays
-        # fp32 too: the summed loss would overflow fp16's 65504.
+        # The chunked head runs outside autocast; it follows autocast by hand. Training under
+        # bf16 autocast: the head's matmuls in bf16, as autocast's would, the logits' softmax
+        # and the sums in fp32 (the plain path's fp32 cross-entropy over bf16 logits). Without
+        # grad it stays fp32: no backward to speed up, and validation losses keep full
+        # precision. fp16 stays fp32 too: the summed loss would overflow fp16's 65504.
         autocast_bf16 = (
             torch.is_autocast_enabled(device_type)
             and torch.get_autocast_dtype(device_type) == torch.bfloat16
         )
-        if autocast_bf16 and torch.is_grad_enabled():
-            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-        options = nn.LinearCrossEntropyOptions(
-            batch_chunk_size=self.config.loss_chunk_size, acc_dtype=torch.float32
-        )
-        targets = targets.reshape(-1)
-        # sum, then divide in fp32: "mean" would scale loss and gradients by 1/count in bf16
-        total = F.linear_cross_entropy(
-            x.reshape(-1, x.size(-1)),
-            weight,
-            targets,
-            reduction="sum",
-            ignore_index=-1,
-            options=options,
-        )
+        dtype = torch.bfloat16 if autocast_bf16 and torch.is_grad_enabled() else torch.float32
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        chunk = self.config.loss_chunk_size
+        if self.config.loss_kernel == "gpt2x":
+            total = chunked_cross_entropy(x, weight, targets, chunk, dtype, ignore_index=-1)
+        else:
+            # torch's op returns its input dtype (a bf16 sum is rounded once: a few 1e-3)
+            total = F.linear_cross_entropy(
+                x.to(dtype),
+                weight.to(dtype),
+                targets,
+                reduction="sum",  # "mean" would scale loss and gradients by 1/count in bf16
+                ignore_index=-1,
+                options=nn.LinearCrossEntropyOptions(
+                    batch_chunk_size=chunk, acc_dtype=torch.float32
+                ),
+            )
         return total.float() / (targets != -1).sum()
 
     def num_params(self, non_embedding: bool = True) -> int:

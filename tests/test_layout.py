@@ -114,7 +114,9 @@ def test_lower_layers_never_import_the_entry_points_or_the_experiment_layer():
     components = [m for m in graph if m not in top and m != "gpt2x"]
     for mod in components:
         assert not graph[mod] & top, f"{mod} imports {graph[mod] & top}"
-    assert "gpt2x.model" in graph and graph["gpt2x.model"] == set()  # nanoGPT's model.py
+    # nanoGPT's model.py imports nothing of its repo; gpt2x's, only its chunked-loss kernel
+    assert "gpt2x.model" in graph and graph["gpt2x.model"] <= {"gpt2x.chunked_loss"}
+    assert graph["gpt2x.chunked_loss"] == set()
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)

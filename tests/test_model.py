@@ -392,11 +392,27 @@ def _hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# loss=chunked's kernels: gpt2x's own (any torch) and torch's linear_cross_entropy (>= 2.13)
+KERNELS = [
+    "gpt2x",
+    pytest.param(
+        "torch",
+        marks=pytest.mark.skipif(
+            not hasattr(torch.nn.functional, "linear_cross_entropy"),
+            reason="torch < 2.13 has no linear_cross_entropy",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("mask", [False, True])
-def test_chunked_loss_matches_plain_fp32(mask):
+def test_chunked_loss_matches_plain_fp32(mask, kernel):
     ref, ref_grads, ref_logits = _loss_and_grads("plain", mask=mask)
     # chunk of 7 rows: 32 rows in 5 chunks, the last one partial
-    value, grads, logits = _loss_and_grads("chunked", mask=mask, loss_chunk_size=7)
+    value, grads, logits = _loss_and_grads(
+        "chunked", mask=mask, loss_chunk_size=7, loss_kernel=kernel
+    )
     assert ref_logits is not None and logits is None  # chunked never builds the logits
     assert value.dtype == torch.float32
     assert value.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -407,14 +423,17 @@ def test_chunked_loss_matches_plain_fp32(mask):
         assert _rel(grads[n], g) < 1e-5, n
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("mask", [False, True])
-def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_plain(mask):
+def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_plain(mask, kernel):
     # the fp32 run is the reference for both bf16 paths: bf16 matmuls cost ~1% of gradient
-    # accuracy in either; the chunked value is rounded to bf16 once (2**-9 relative, plus
-    # bf16 logits of the target), the plain one is an fp32 mean over bf16 logits
+    # accuracy in either; both are fp32 softmaxes over bf16 logits (torch's kernel rounds its
+    # summed value to bf16 once more: 2**-9 relative)
     ref, ref_grads, _ = _loss_and_grads("plain", mask=mask)
     plain, plain_grads, _ = _loss_and_grads("plain", bf16=True, mask=mask)
-    value, grads, _ = _loss_and_grads("chunked", bf16=True, mask=mask, loss_chunk_size=7)
+    value, grads, _ = _loss_and_grads(
+        "chunked", bf16=True, mask=mask, loss_chunk_size=7, loss_kernel=kernel
+    )
     assert value.dtype == torch.float32
     assert plain.item() == pytest.approx(ref.item(), rel=5e-3)
     assert value.item() == pytest.approx(ref.item(), rel=5e-3)
@@ -425,10 +444,11 @@ def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_plain(mask):
     assert max(_rel(grads[n], g) for n, g in ref_grads.items()) > 1e-4
 
 
-def test_chunked_loss_without_grad_stays_fp32_under_autocast():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_chunked_loss_without_grad_stays_fp32_under_autocast(kernel):
     # evaluation (no backward): the chunked head runs in fp32, so the validation loss is at
     # least as precise as the plain path's fp32 softmax over bf16 logits
-    plain, chunked = tiny(), tiny(loss="chunked", loss_chunk_size=5)
+    plain, chunked = tiny(), tiny(loss="chunked", loss_chunk_size=5, loss_kernel=kernel)
     perturb_(plain)
     chunked.load_state_dict(plain.state_dict())
     idx, targets = tokens(96), tokens(96, seed=2)
@@ -480,22 +500,30 @@ def test_loss_option_errors(monkeypatch):
         GPTConfig(loss="fused")
     with pytest.raises(ValueError, match="loss_chunk_size=0 must be >= 1"):
         GPTConfig(loss="chunked", loss_chunk_size=0)
+    with pytest.raises(ValueError, match="loss_kernel='cuda' is unknown; use one of gpt2x, torch"):
+        GPTConfig(loss="chunked", loss_kernel="cuda")
     m.check_loss_impl("plain")
     m.check_loss_impl("chunked")
-    # an older torch: no linear_cross_entropy
-    monkeypatch.delattr(m.F, "linear_cross_entropy")
+    # an older torch (the GPU machine's 2.11): no linear_cross_entropy
+    monkeypatch.delattr(m.F, "linear_cross_entropy", raising=False)
     monkeypatch.setattr(m.torch, "__version__", "2.9.1+cu128")
     expected = (
-        "loss=chunked needs torch.nn.functional.linear_cross_entropy (torch >= 2.13); "
-        "this is torch 2.9; use loss=plain"
+        "loss_kernel='torch' needs torch.nn.functional.linear_cross_entropy (torch >= 2.13); "
+        "this is torch 2.9; use loss_kernel='gpt2x'"
     )
     with pytest.raises(ValueError) as e:
-        GPT(GPTConfig(**TINY, vocab_size=96, loss="chunked"))
+        GPT(GPTConfig(**TINY, vocab_size=96, loss="chunked", loss_kernel="torch"))
     assert str(e.value) == expected
     with pytest.raises(ValueError) as e:
-        m.check_loss_impl("chunked")
+        m.check_loss_impl("chunked", "torch")
     assert str(e.value) == expected
     tiny()  # loss=plain does not need it
+    # nor does loss=chunked with gpt2x's own kernel (the default): it trains as plain does
+    ref, ref_grads, _ = _loss_and_grads("plain")
+    value, grads, _ = _loss_and_grads("chunked", loss_chunk_size=7)
+    assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+    for n, g in ref_grads.items():
+        assert _rel(grads[n], g) < 1e-5, n
 
 
 # ---- activation checkpointing --------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Cross-entropy of a linear head (the LM head) in chunks of rows, never holding the (N, V) logits.
+
+For each chunk of rows, one compiled kernel computes the logits, the loss and, when training, the
+gradients of the loss with respect to the chunk's inputs and to the head's weight (the backward
+is done in the forward: d loss / d logits = softmax - one_hot(target) needs nothing the forward
+does not have). So the logits of one chunk are alive at a time, the head costs the same three
+matmuls as the unchunked head (forward, input gradient, weight gradient), and the softmax, the
+loss and the gradient of the logits are one fused kernel instead of separate elementwise passes.
+Works on any torch with torch.compile (torch's own `F.linear_cross_entropy`, torch >= 2.13, runs
+its chunks as eager ops).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+def _chunk_loss(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """Summed cross-entropy of one chunk: x (n, C), weight (V, C), targets (n,)."""
+    logits = (x @ weight.t()).float()  # fp32 softmax even when the matmul ran in bf16
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+    return torch.where(valid, logits.logsumexp(-1) - target_logit, 0.0).sum()
+
+
+def _chunk_loss_and_grads(
+    x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's summed loss and its gradients with respect to x and weight."""
+    logits = (x @ weight.t()).float()
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    lse = logits.logsumexp(-1)
+    target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+    loss = torch.where(valid, lse - target_logit, 0.0).sum()
+    # d loss / d logits: softmax minus the one-hot target; ignored rows contribute nothing
+    hit = torch.arange(logits.size(1), device=x.device) == safe[:, None]
+    grad = ((torch.exp(logits - lse[:, None]) - hit.float()) * valid[:, None]).to(x.dtype)
+    return loss, grad @ weight, grad.t() @ x
+
+
+@functools.cache
+def _compiled(fn):
+    # compiled for the first chunk shape, then once more with a dynamic row count (torch.compile's
+    # default); on first use, since importing the compiler takes seconds
+    return torch.compile(fn)
+
+
+def _kernels(compile: bool):
+    """(loss, loss_and_grads) kernels: compiled, or plain functions when compile is False or the
+    caller is itself being compiled (the whole model under torch.compile traces them in)."""
+    if compile and not torch.compiler.is_compiling():
+        return _compiled(_chunk_loss), _compiled(_chunk_loss_and_grads)
+    return _chunk_loss, _chunk_loss_and_grads
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_size, dtype, ignore_index, compile):
+        _, loss_and_grads = _kernels(compile)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        losses, grad_x, grad_w = [], [], None
+        for i in range(0, x.size(0), chunk_size):
+            loss, gx, gw = loss_and_grads(
+                xc[i : i + chunk_size], wc, targets[i : i + chunk_size], ignore_index
+            )
+            losses.append(loss)
+            grad_x.append(gx)
+            # the chunks' weight gradients (bf16 when the matmuls are) summed in fp32, in place
+            grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
+        ctx.save_for_backward(torch.cat(grad_x).to(x.dtype), grad_w.to(weight.dtype))
+        return torch.stack(losses).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_total, grad_w * grad_total, None, None, None, None, None
+
+
+def chunked_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+    dtype: torch.dtype | None = None,
+    ignore_index: int = -100,
+    compile: bool = True,
+) -> Tensor:
+    """sum over rows of cross_entropy(x @ weight.T, targets), rows with target ignore_index left
+    out, in fp32. x (N, C), weight (V, C), targets (N,). The matmuls run in `dtype` (default:
+    x's), the softmax and the sums in fp32. Outside autocast: the caller picks the dtype.
+    compile=False runs the same kernels eagerly (tests)."""
+    dtype = dtype or x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _ChunkedCrossEntropy.apply(
+                x, weight, targets, chunk_size, dtype, ignore_index, compile
+            )
+        loss, _ = _kernels(compile)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        sums = [
+            loss(xc[i : i + chunk_size], wc, targets[i : i + chunk_size], ignore_index)
+            for i in range(0, x.size(0), chunk_size)
+        ]
+        return torch.stack(sums).sum()

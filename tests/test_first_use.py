@@ -336,3 +336,12 @@ def test_evaluate_offline_names_its_own_hellaswag_option(tmp_path, monkeypatch, 
     # (transformers' own loading bars share stderr)
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert line.startswith("error: could not download") and "(or pass hellaswag_path=...)" in line
+
+
+def test_train_help_is_examples_and_groups_not_a_config_dump(tmp_path):
+    out = run_cli("gpt2x.train", "--help", cwd=tmp_path).stdout
+    assert len(out.splitlines()) < 50  # was the whole config, ~140 lines
+    assert "Examples:" in out and "n_layer:" not in out
+    assert "+experiment=ladder/bf16" in out and "-m +sweep=batch_size" in out
+    assert "add them with a `+`" in out and "--cfg job" in out
+    assert "model: gpt2, gpt2-large, gpt2-medium, gpt2-xl, nano" in out  # the groups' options

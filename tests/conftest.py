@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# CPU tests pin the CPU: one intra-op thread, as every subprocess gets (OMP_NUM_THREADS=1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the measured matmul peak (gpt2x.peak) is probed once per test session, not read from ~/.cache
 os.environ.setdefault("GPT2X_CACHE", tempfile.mkdtemp(prefix="gpt2x-test-cache-"))
 
@@ -53,23 +55,76 @@ def run_cli(
     env: dict | None = None,
     timeout: int = 600,
     check: bool = True,
+    new_process: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run `python -m module args...` the way a user would; returns the finished process."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run `python -m module args...` the way a user would; returns the finished process.
+
+    In this process (the module run as __main__ with the same argv, working folder and captured
+    output: ~4 s of interpreter and torch start-up saved per command), unless the test sets
+    `env` (read at import time by some libraries, or a test hook such as a kill) or asks for
+    `new_process`, which runs a real `python -m`."""
+    if env is None and not new_process:
+        proc = _run_in_process(module, list(args), cwd)
+    else:
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{module} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
             f"\n--- stderr\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def _run_in_process(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m module args` inside pytest: exit status from SystemExit (1 and the traceback
+    for an uncaught exception, as the interpreter would); logging handlers, argv, the working
+    folder and gpt2x's per-launch run id are restored afterwards."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import traceback
+
+    import gpt2x.config
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    argv, old_cwd = sys.argv, os.getcwd()
+    gpt2x.config._RUN_ID = None  # one id per launch, as a new process would draw
+    code = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = [module, *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - what an interpreter prints for an uncaught one
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(old_cwd)
+        for handler in root.handlers:
+            if handler not in handlers:
+                with contextlib.suppress(Exception):
+                    handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        gpt2x.config._RUN_ID = None
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def cli_train(tmp_path: Path, data_root: Path, *overrides: str, check=True, env=None):

@@ -19,7 +19,8 @@ How each is measured:
   trainer.warmup_steps_for_timing=W logger=none`; the number is record.json's
   summary.tokens_per_s (the trainer's own step timing: data, forward, loss, backward, clipping,
   optimizer step, and the loss read back to the host).
-- `hf` runs this file with `--worker hf`: an in-script loop with the same work per step (a
+- `hf` runs this file with `--worker hf` (the GPU check runs it on CUDA as the fused rung's
+  peer, `--device cuda`): an in-script loop with the same work per step (a
   batch from the same prepared Shakespeare tokens, torch.compile of forward + fp32
   cross-entropy, bf16 autocast, backward, clip_grad_norm_(1.0), fused AdamW with weight decay
   on 2-D parameters, loss.item()), timed with perf_counter around the whole step as the trainer
@@ -226,7 +227,8 @@ def run_hf(args) -> None:
         attn_pdrop=0.0,
         attn_implementation="sdpa",
     )
-    model = GPT2LMHeadModel(hf_cfg).train()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = GPT2LMHeadModel(hf_cfg).to(device).train()
     o = cfg.optim
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -247,26 +249,36 @@ def run_hf(args) -> None:
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
     compiled = torch.compile(loss_fn)
-    times = []
+    times, first_ms = [], None
     for i, (x, y) in enumerate(hf_batches(cfg, args.warmup + args.steps)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = compiled(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
-        loss.item()  # the trainer reads the loss back every step too
+        loss.item()  # the trainer reads the loss back every step too (and waits for the GPU)
+        ms = (time.perf_counter() - t0) * 1000.0
+        first_ms = ms if first_ms is None else first_ms
         if i >= args.warmup:
-            times.append((time.perf_counter() - t0) * 1000.0)
+            times.append(ms)
     median_ms = stats.median(times)
     tokens = t.micro_batch_size * t.seq_len
+    cuda = device.type == "cuda"
     Path(args.worker_out).write_text(
         json.dumps(
             {
                 "median_ms": median_ms,
                 "tokens_per_s": tokens / (median_ms / 1000.0),
                 "steps_ms": times,
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "batch": [t.micro_batch_size, t.seq_len],
+                "loss": loss.item(),
+                # the first step's time beyond a measured one: torch.compile's, as the trainer's
+                "compile_seconds": max(0.0, (first_ms - median_ms) / 1000.0),
+                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             }
         )
     )
@@ -347,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--worker", choices=["hf"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    # the worker's device (default: cuda where available); benchmarks/gpu/check.sh runs it there
+    p.add_argument("--device", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker == "hf":
         run_hf(args)

@@ -951,7 +951,10 @@ def main(argv: list[str] | None = None) -> int:
                 if settings["repeats"] > 1
                 else ""
             )
-            if len(unit) > 1:
+            if first.status == "n/a":  # settled before it ran (prepare)
+                where, command = f"{first.index}/{n_rungs}{again}", []
+                what = f"{first.name} (not run: n/a here)"
+            elif len(unit) > 1:
                 where = f"{first.index}-{unit[-1].index}/{n_rungs}{again}"
                 what = ", ".join(r.name for r in unit) + " (together, taking turns step by step)"
                 command = []

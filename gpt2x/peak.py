@@ -4,7 +4,9 @@ The spec peak is the datasheet's dense bf16 tensor FLOP/s, looked up by the exac
 `torch.cuda.get_device_name()` string (a substring match confuses L4 with L40 and gives a MIG
 slice the whole GPU). The measured peak is the best square-matmul throughput this machine
 reaches, probed once and cached per (device, dtype, torch version, thread count); it exists on
-every device, the CPU and MIG slices included, and is what the hardware really sustains.
+every device, the CPU and MIG slices included, and is what the hardware really sustains. A
+probe on a busy machine reads low (and MFU against it high), so when it was probed is kept with
+it, said at the start of a run and recorded (`probed_at`); delete the cache to probe again.
 """
 
 from __future__ import annotations
@@ -196,6 +198,7 @@ def default_cache_path() -> Path:
 
 # 2: warmed up for warmup_s seconds before timing (1: one warm-up call); older entries are not reused
 PROBE_VERSION = 2
+PROBED_AT = " | probed_at"  # <cache key> + this: when that peak was probed (seconds since epoch)
 
 
 def cache_key(device: torch.device, dtype: torch.dtype) -> str:
@@ -252,6 +255,7 @@ def measured_peak(
         return entries[key]
     flops = measure_peak_flops(device, dtype)
     entries[key] = flops
+    entries[key + PROBED_AT] = time.time()
     try:
         _write_cache(path, entries)
     except OSError as err:
@@ -259,14 +263,38 @@ def measured_peak(
     return flops
 
 
+def probed_at(
+    device: torch.device, dtype: torch.dtype, cache_path: str | os.PathLike | None = None
+) -> str | None:
+    """When the cached peak of (device, dtype) was probed (local time), None if not recorded."""
+    path = Path(cache_path) if cache_path is not None else default_cache_path()
+    when = _read_cache(path).get(cache_key(torch.device(device), dtype) + PROBED_AT)
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else None
+
+
 def peak_record(device: torch.device, cache_path: str | os.PathLike | None = None) -> dict:
-    """The peaks for the run record: spec bf16 (None if unknown) and measured bf16 / fp32."""
+    """The peaks for the run record: spec bf16 (None if unknown), measured bf16 / fp32 and when
+    each was probed (logged: MFU against a peak probed on a busy machine reads high)."""
     device = torch.device(device)
     name = device_name(device)
-    return {
+    rec = {
         "device_name": name,
         "mig": is_mig(name),
         "spec_bf16": spec_peak_flops(name) if device.type == "cuda" else None,
         "measured_bf16": measured_peak(device, torch.bfloat16, cache_path),
         "measured_fp32": measured_peak(device, torch.float32, cache_path),
+        "probed_at": {
+            "bf16": probed_at(device, torch.bfloat16, cache_path),
+            "fp32": probed_at(device, torch.float32, cache_path),
+        },
     }
+    path = Path(cache_path) if cache_path is not None else default_cache_path()
+    log.info(
+        "measured matmul peak (for mfu(measured)): bf16 %.1f / fp32 %.1f TFLOP/s, probed %s "
+        "(%s: delete it to probe again, on an idle machine)",
+        rec["measured_bf16"] / 1e12,
+        rec["measured_fp32"] / 1e12,
+        " / ".join(sorted({str(t or "at an unknown time") for t in rec["probed_at"].values()})),
+        path,
+    )
+    return rec

@@ -5,6 +5,8 @@ GUI backend, safe in threads."""
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +38,59 @@ BREAKDOWN_COLORS = {
 }
 
 
+def wrap_label(text: str, width: int = 22, max_lines: int = 3) -> str:
+    """A tick label in lines of about `width` characters, broken after `,` or `/` (a sweep
+    job's overrides, a rung's path; a longer part after `.` `_` `=`, else anywhere); past
+    max_lines it ends in "..." (the table has the whole name)."""
+    lines: list[str] = []
+    for part in re.split(r"(?<=[,/])", str(text)):
+        for piece in [part] if len(part) <= width else _pieces(part, width):
+            if lines and len(lines[-1]) + len(piece) <= width:
+                lines[-1] += piece
+            else:
+                lines.append(piece)
+    if len(lines) > max_lines:
+        lines = [*lines[: max_lines - 1], lines[max_lines - 1][: width - 3] + "..."]
+    return "\n".join(lines)
+
+
+def _pieces(part: str, width: int) -> list[str]:
+    """A part longer than a line: split after `.` `_` `=`, packed, anything longer cut."""
+    out: list[str] = []
+    for word in re.split(r"(?<=[._=])", part):
+        for cut in (word[i : i + width] for i in range(0, len(word), width)):
+            if out and len(out[-1]) + len(cut) <= width:
+                out[-1] += cut
+            else:
+                out.append(cut)
+    return out
+
+
+def labelled_axes(fig, labels: Sequence[str], fontsize: float = 8):
+    """x tick labels that never squeeze the plot: wrapped, horizontal, one slot per label."""
+    ax = fig.axes[0]
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([wrap_label(label) for label in labels], fontsize=fontsize)
+    return ax
+
+
+def slots_figure(n: int, labels: Sequence[str], height: float = 4.5):
+    """A figure wide enough for n labelled slots (its width follows the longest wrapped line)
+    and tall enough for their lines."""
+    wrapped = [wrap_label(label) for label in labels]
+    chars = max((len(line) for w in wrapped for line in w.splitlines()), default=8)
+    lines = max((w.count("\n") + 1 for w in wrapped), default=1)
+    slot = max(0.9, 0.075 * chars + 0.25)  # inches per slot at fontsize 8
+    return figure(max(6.0, slot * n + 1.5), height + 0.15 * (lines - 1))
+
+
 def breakdown_figure(rows: Sequence[dict]):
     """The stacked-bar Figure of `plot_breakdown` (returned so tests can read the bars back).
 
     rows: [{"name": rung name, "breakdown": Breakdown.to_dict() or None}, ...]."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(6.0, 1.2 * len(rows) + 3.5), 4.8), dpi=100)
-    FigureCanvasAgg(fig)
+    names = [str(row["name"]) for row in rows]
+    fig = slots_figure(len(rows), names, 4.8)
+    fig.set_figwidth(fig.get_figwidth() + 2.0)  # the legend, right of the bars
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(rows)))
     stacks = [_stack(row.get("breakdown")) for row in rows]
@@ -57,11 +103,11 @@ def breakdown_figure(rows: Sequence[dict]):
     for i, (row, s) in enumerate(zip(rows, stacks)):
         label = f"{row['breakdown']['step_ms']:.1f} ms" if s else "no profile"
         ax.text(i, bottom[i] + 0.01 * top, label, ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [str(row["name"]) for row in rows], rotation=20, ha="right")
+    labelled_axes(fig, names)
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylim(0, 1.1 * top)
     ax.set_ylabel("ms per step")
-    ax.set_title("Where one optimization step's time goes (torch.profiler self time)")
+    ax.set_title("Where one step's time goes\n(torch.profiler self time)", fontsize=11)
     # legend top-to-bottom in the stack's visual order
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
@@ -150,7 +196,12 @@ def loss_figure(curves: Sequence[Curve]):
         ax.plot(c.x, mid, label=c.label, linestyle="--" if c.dashed else "-", lw=1.2, color=color)
         if len(c.repeats) > 1:
             ax.fill_between(c.x, lo, hi, alpha=0.2, color=color, linewidth=0)
-    if curves:
+    if curves and max(len(c.label) for c in curves) > 24:  # long names: a legend beside it
+        handles, labels = ax.get_legend_handles_labels()
+        wrapped = [wrap_label(label, width=30) for label in labels]
+        ax.legend(handles, wrapped, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.set_figwidth(fig.get_figwidth() + 2.5)
+    elif curves:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes)
@@ -166,21 +217,33 @@ def plot_loss(curves: Sequence[Curve], path: str | Path) -> Path:
 
 
 def tokens_per_s_figure(rows: Sequence[dict]):
-    """Bars of tokens/s per row with the repeats' 95% interval as error bars (rows that did not
-    complete: an empty, labelled slot); labels: the speed-up vs the baseline and vs the previous
-    row, marked (noise) where that one's paired interval includes 1.00x."""
-    fig = figure(max(6.0, 1.1 * len(rows) + 2), 4.5)
+    """Bars of tokens/s per row with the repeats' 95% interval as error bars (only a reported
+    interval: gpt2x.stats.MIN_REPEATS repeats; rows that did not complete: an empty, labelled
+    slot); labels: the speed-up vs the baseline and vs the previous row, marked (noise) where
+    that one's paired interval includes 1.00x."""
+    names = [str(r["name"]) for r in rows]
+    fig = slots_figure(len(rows), names)
     ax = fig.add_subplot(1, 1, 1)
     values = [r["tokens_per_s"] or 0.0 for r in rows]
     err_lo, err_hi = [], []
     for r, v in zip(rows, values):
         ci = r.get("tokens_per_s_ci")
-        ok = ci is not None and getattr(ci, "lo", None) is not None and v
+        ok = ci is not None and getattr(ci, "reported", False) and v
         # the interval is around the repeats' geometric mean; drawn around the bar's own value
         err_lo.append(v * (1 - ci.lo / ci.center) if ok else 0.0)
         err_hi.append(v * (ci.hi / ci.center - 1) if ok else 0.0)
     colors = ["C0" if r["median_ms"] else "0.7" for r in rows]
-    bars = ax.bar(range(len(rows)), values, color=colors, yerr=[err_lo, err_hi], capsize=4)
+    bars = ax.bar(range(len(rows)), values, color=colors)
+    with_ci = [i for i, e in enumerate(err_hi) if e > 0]  # no bar for an unreported interval
+    if with_ci:
+        ax.errorbar(
+            with_ci,
+            [values[i] for i in with_ci],
+            yerr=[[err_lo[i] for i in with_ci], [err_hi[i] for i in with_ci]],
+            fmt="none",
+            ecolor="black",
+            capsize=4,
+        )
     for bar, row, above in zip(bars, rows, err_hi):
         label = f"{row['speedup_vs_baseline']:.2f}x" if row["speedup_vs_baseline"] else ""
         prev = row.get("speedup_vs_prev")
@@ -199,12 +262,18 @@ def tokens_per_s_figure(rows: Sequence[dict]):
     tops = [v + e for v, e in zip(values, err_hi)]
     if max(tops, default=0.0) > 0:
         ax.set_ylim(0, 1.15 * max(tops))  # room for the two-line labels above the error bars
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
+    labelled_axes(fig, names)
     ax.set_ylabel("tokens / s (median step)")
-    ax.set_title(
-        "Throughput (error bars: 95% interval over repeats; labels: vs baseline, vs previous)"
+    cis = [r.get("tokens_per_s_ci") for r in rows]
+    few = any(ci is not None and not ci.reported for ci in cis)
+    note = (
+        "error bars: 95% interval over repeats"
+        + (" (none with fewer than 3)" if few else "")
+        + "; labels: vs baseline, vs previous"
     )
+    # ~11 characters per inch at this size: the note wraps instead of running off the figure
+    note = textwrap.fill(note, width=int(11 * fig.get_figwidth()))
+    ax.set_title(f"Throughput\n{note}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return fig
 

@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from gpt2x.figure import FigureError, plot_reproduction
 from gpt2x.summary import (
     COLUMNS,
     CONFIDENCE,
+    TARGET_TOLERANCE,
     ReportError,
     Run,
     _csv_cell,
+    _distinct,
     _fmt,
     _one_line,
     _sweep_key,
@@ -40,6 +43,7 @@ from gpt2x.summary import (
     markdown_table,
     mean_breakdown,
     rerun_command,
+    shown_columns,
     summarize,
 )
 from gpt2x.wandb_report import _wandb_offline_reason, build_wandb_report
@@ -70,9 +74,11 @@ def write_report(
     basename: str = "ablation",
     x: str | None = None,
     title: str | None = None,
+    target_loss: float | None = None,
 ) -> dict[str, Path]:
     """Write `<basename>.md`, `<basename>.csv`, `loss.png`, `tokens_per_s.png` (+ `sweep.png`
-    when `x` is a swept config key) into out_dir; returns {kind: path}."""
+    when `x` is a swept config key) into out_dir; returns {kind: path}. target_loss: what
+    summarize's s_to_target was measured against (default: the baseline row's final loss)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x = x or _sweep_key(rows)
@@ -96,12 +102,17 @@ def write_report(
                 md.extend(f"  - {v}" for v in value)
         else:
             md.append(f"- **{key}**: {value}")
-    md += ["", markdown_table(rows, columns), ""]
+    shown, constant = shown_columns(rows, columns)
+    if constant:
+        md += ["", "All rows: " + ", ".join(f"{c} {v}" for c, v in constant.items()) + "."]
+    md += ["", markdown_table(rows, shown), ""]
     best = next((r for r in rows if r.get("best")), None)
     if x is not None:
         if best is not None:
+            named = f"{x}={best.get(x)}"
+            which = named if best["name"] == named else f"{best['name']} ({named})"
             md.append(
-                f"**Best**: {best['name']} ({x}={best.get(x)}): "
+                f"**Best**: {which}: "
                 f"{_fmt('tokens_per_s', best['tokens_per_s'])} tokens/s, "
                 f"{_fmt('median_ms', best['median_ms'])} ms/step."
             )
@@ -113,14 +124,23 @@ def write_report(
         " `trainer.warmup_steps_for_timing` steps skipped); speed-ups are tokens/s ratios."
         f" Intervals are {int(CONFIDENCE * 100)}% Student-t intervals on logs across repeats;"
         " a speed-up's interval is paired (repeat i against repeat i of the other row) and"
-        " `within noise` marks one that includes 1.00x. Column definitions: docs/report.md.",
+        " `within noise` marks one that includes 1.00x. An interval needs"
+        f" {stats.MIN_REPEATS} repeats: with fewer the cell says `too few repeats` (2 repeats"
+        " give a t quantile of 12.7, an interval that says nothing)."
+        + _target_note(
+            rows,
+            header.get("baseline") or next((r["name"] for r in rows if r["median_ms"]), None),
+            target_loss,
+        )
+        + " Columns left out are empty in every row (the CSV has them all). Column definitions:"
+        " docs/report.md.",
         "",
     ]
     widths = [
         r["speedup_vs_prev_ci"].half_width_pct
         for r in rows
         if isinstance(r.get("speedup_vs_prev_ci"), stats.Interval)
-        and r["speedup_vs_prev_ci"].half_width_pct is not None
+        and r["speedup_vs_prev_ci"].reported
     ]
     if widths:
         md += [
@@ -166,6 +186,21 @@ def write_report(
     return paths
 
 
+def _target_note(rows: Sequence[dict], baseline: str | None, target: float | None) -> str:
+    """What s_to_target was measured against, and with which tolerance."""
+    if target is None:
+        target = next((r["loss"] for r in rows if r["name"] == baseline), None)
+        what = f"the baseline's ({baseline}) final training loss"
+    else:
+        what = "--target-loss"
+    if target is None:
+        return ""
+    return (
+        f" `s_to_target`: step time until the training loss first comes within"
+        f" {TARGET_TOLERANCE:.0%} of {target:.4f} ({what}), i.e. <= {target * (1 + TARGET_TOLERANCE):.4f}."
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Ablations (gpt2x.ablate writes ablation.json; the report is rebuilt from it and the records)
 
@@ -181,12 +216,19 @@ def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -
     interruption) followed by the report's (date, hardware, versions, git, commands)."""
     rungs = manifest.get("rungs") or []
     ladder = manifest.get("ladder")
+    overridden = bool(manifest.get("overrides"))
     if ladder:
         ladder_line = f"{ladder} ({manifest.get('ladder_file')})"
-        if manifest.get("description"):
+        if manifest.get("description") and not overridden:
             ladder_line += f": {manifest['description']}"
     else:
         ladder_line = "rungs given on the command line"
+    # what ran, from the records: the ladder's description names its own shape, which the
+    # overrides for every rung may have changed
+    shape = ", ".join(_distinct(_shape(r) for r in runs)) or None
+    if shape and overridden and ladder and manifest.get("description"):
+        shape += f" (set by the overrides for every rung; the ladder's: {manifest['description']})"
+    repeated = (manifest.get("repeats") or 1) > 1
     seeds = sorted({str(config_value(r.config, "trainer.seed")) for r in runs if r.config})
     header: dict[str, Any] = {
         "ablation": manifest.get("name"),
@@ -205,10 +247,13 @@ def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -
             )
             + "; compile time is compile_s, outside the measured steps"
         ),
+        "shape": shape,
         "seeds": ", ".join(seeds) if seeds else None,
         "overrides for every rung": " ".join(manifest["overrides"]) or "none",
         "config hashes": [
-            f"{r['index']:02d} {r['short']}: {r.get('config_hash') or 'n/a'} ({r['status']})"
+            f"{r['index']:02d} {r['short']}"
+            + (f" repeat {r.get('repeat', 0)}" if repeated else "")
+            + f": {r.get('config_hash') or 'n/a'} ({r['status']})"
             for r in rungs
             if r["status"] != "not run"
         ],
@@ -231,6 +276,17 @@ def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -
     baseline = next((r["name"] for r in rows if r["median_ms"]), None)
     header.update(build_header(runs, baseline))
     return {k: v for k, v in header.items() if v not in (None, "", [])}
+
+
+def _shape(run: Run) -> str | None:
+    """The model and batch a run trained: `2 layers x 64 wide, 2 heads, T=32, B=4`."""
+    model, trainer = run.config.get("model"), run.config.get("trainer")
+    if not isinstance(model, dict) or not isinstance(trainer, dict) or "n_layer" not in model:
+        return None
+    return (
+        f"{model['n_layer']} layers x {model.get('n_embd')} wide, {model.get('n_head')} heads, "
+        f"T={trainer.get('seq_len')}, B={trainer.get('micro_batch_size')}"
+    )
 
 
 def write_ablation(
@@ -279,7 +335,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Comparison table and plots from run records (record.json + metrics.jsonl).",
     )
     p.add_argument("folders", nargs="+", help="run folders, or folders holding run folders")
-    p.add_argument("--out", help="output folder (default: the first folder)")
+    p.add_argument(
+        "--out",
+        help="output folder (default: the folder given, or with several a new "
+        "outputs/reports/<date>_<time> folder: never inside one of the runs)",
+    )
     p.add_argument("--baseline", help="name of the reference run (default: the first row)")
     p.add_argument(
         "--x",
@@ -328,6 +388,14 @@ def draw_figures(folders: Sequence[str], out: str | None) -> int:
     return 0
 
 
+def default_out(folders: Sequence[str]) -> Path:
+    """One folder (an ablation, a sweep, a run): the report goes beside its runs. Several: a
+    new folder of its own, so comparing runs A and B never writes into run A."""
+    if len(folders) == 1:
+        return Path(folders[0])
+    return Path("outputs") / "reports" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def _err(msg: str) -> None:
     print(f"gpt2x.report: error: {msg}", file=sys.stderr)
 
@@ -348,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.figure:
         return draw_figures(args.folders, args.out)
     try:
-        out = Path(args.out) if args.out else Path(args.folders[0])
+        out = Path(args.out) if args.out else default_out(args.folders)
         if _is_plain_ablation_rebuild(args):
             # an ablation folder: its own header, order and title, from ablation.json
             runs, rows, paths = rebuild_ablation(Path(args.folders[0]), out)
@@ -372,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 basename=args.basename,
                 x=args.x,
                 title=args.title,
+                target_loss=args.target_loss,
             )
     except ReportError as e:
         _err(str(e))
@@ -379,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         _err(_one_line(str(e)))
         return 2
-    print(markdown_table(rows, columns_of(rows, args.x)))
+    print(markdown_table(rows, shown_columns(rows, columns_of(rows, args.x))[0]))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if not args.wandb:
         return 0

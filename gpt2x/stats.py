@@ -15,6 +15,9 @@ The statistic:
   median of the step-by-step ratios (`step_paired_ratio`), which cancels drift on the scale of
   seconds, not only minutes. The interval across repeats is then taken on these ratios as above.
 - "within noise": the speed-up interval includes 1.00x.
+- too few repeats: an interval from fewer than MIN_REPEATS values is not reported (see
+  `Interval.reported`). With 2 values the t quantile is 12.7 (df = 1): two repeats 10% apart
+  give an interval of about +-90%, and 40% apart +-2800%, which says nothing but "repeat more".
 
 Missing repeats (None) are skipped everywhere; the `n` of an Interval counts the values used.
 """
@@ -27,6 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 
+# the fewest values whose interval a report shows (t quantile 4.3 at df = 2, 12.7 at df = 1)
+MIN_REPEATS = 3
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -37,6 +43,11 @@ class Interval:
     hi: float | None
     n: int
     conf: float = 0.95
+
+    @property
+    def reported(self) -> bool:
+        """Whether a report shows this interval: it exists and rests on MIN_REPEATS values."""
+        return self.lo is not None and self.hi is not None and self.n >= MIN_REPEATS
 
     @property
     def half_width_pct(self) -> float | None:
@@ -170,8 +181,9 @@ def step_paired_ratio(a: Mapping[int, float], b: Mapping[int, float]) -> float:
 
 
 def within_noise(interval: Interval) -> bool | None:
-    """True when a ratio's interval includes 1.00x; None without an interval (a single pair)."""
-    return interval.contains(1.0)
+    """True when a ratio's interval includes 1.00x; None without a reported interval (fewer
+    than MIN_REPEATS pairs: too few to tell)."""
+    return interval.contains(1.0) if interval.reported else None
 
 
 def median(values: Sequence[float]) -> float:

@@ -55,6 +55,30 @@ COLUMNS = [
 ]
 # speed-up intervals: the confidence level of the paired t-interval (gpt2x.stats)
 CONFIDENCE = 0.95
+# s_to_target: a run reaches the target loss when its training loss comes within this fraction
+# above it (rungs that compute the same thing end a few 1e-5 apart in loss; 1% is far more than
+# that and far less than what a real difference in the optimization moves)
+TARGET_TOLERANCE = 0.01
+# in the markdown table, columns holding one value in every row are said once above it
+CONSTANT_COLUMNS = ("status", "repeats", "steps", "world_size")
+# a sweep's markdown table: what a sweep compares (the CSV keeps every column)
+SWEEP_MD_COLUMNS = (
+    "name",
+    "status",
+    "error",
+    "repeats",
+    "steps",
+    "median_ms",
+    "tokens_per_s",
+    "tokens_per_s_ci",
+    "speedup_vs_baseline",
+    "speedup_vs_baseline_ci",
+    "peak_mem_gb",
+    "loss",
+    "val_loss",
+    "world_size",
+    "best",
+)
 
 
 REPEAT_IN_NAME = re.compile(r"(?<=[_,])repeat=\d+,?")
@@ -77,6 +101,7 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     name: str = ""
+    named_by_folder: bool = False  # no `experiment`: the name is the folder's (a sweep job's)
 
     @property
     def status(self) -> str:
@@ -140,13 +165,14 @@ def load_run(folder: str | Path) -> Run:
         raise ReportError(f"cannot read {record_path}: {_one_line(str(e))}") from None
     if not isinstance(record, dict):
         raise ReportError(f"cannot read {record_path}: not a JSON object")
-    name = str(record.get("experiment") or "") or _config_name(folder.name)
+    experiment = str(record.get("experiment") or "")
     return Run(
         path=folder,
         record=record,
         metrics=_by_step(read_jsonl(folder / "metrics.jsonl")),
         evals=read_jsonl(folder / "eval.jsonl"),
-        name=name,
+        name=experiment or _config_name(folder.name),
+        named_by_folder=not experiment,
     )
 
 
@@ -184,8 +210,30 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
         seen.update(r.path.resolve() for r in here)
         here.sort(key=lambda r: (str(r.record.get("started_at") or ""), _natural_key(str(r.path))))
         runs.extend(here)
+    _what_varies(runs)
     _disambiguate(runs)
     return runs
+
+
+def _what_varies(runs: list[Run]) -> None:
+    """Runs without an experiment name (sweep jobs) are named by their overrides (the record's,
+    else the folder's `key=value,...`), which repeat every override of the command line:
+    overrides that every such run has are left out, so a name shows what varies
+    (`trainer.micro_batch_size=4`). Runs that differ in nothing else keep their folder's name."""
+    named = [r for r in runs if r.named_by_folder]
+    if len(named) < 2:
+        return
+    items = [_name_items(r) for r in named]
+    common = set(items[0]).intersection(*items[1:])
+    for run, parts in zip(named, items):
+        run.name = ",".join(p for p in parts if p not in common) or run.name
+
+
+def _name_items(run: Run) -> list[str]:
+    overrides = run.record.get("overrides")
+    if isinstance(overrides, list) and overrides:  # `repeat` never names a row (one row)
+        return [str(o) for o in overrides if not str(o).lstrip("+").startswith("repeat=")]
+    return run.name.split(",")
 
 
 def _disambiguate(runs: list[Run]) -> None:
@@ -289,13 +337,17 @@ def _measure(run: Run, warmup: int) -> dict:
     return out
 
 
-def seconds_to_loss(run: Run, target: float) -> float | None:
-    """Summed step time (s) until the training loss first reaches `target` (None: never)."""
+def seconds_to_loss(
+    run: Run, target: float, tolerance: float = TARGET_TOLERANCE
+) -> float | None:
+    """Summed step time (s) until the training loss first comes within `tolerance` (a
+    fraction) above `target` (None: never)."""
+    reach = target * (1.0 + tolerance) if target > 0 else target * (1.0 - tolerance)
     total = 0.0
     for r in run.metrics:
         ms, loss = _num(r.get("ms")), _num(r.get("loss"))
         total += (ms or 0.0) / 1000.0
-        if loss is not None and loss <= target:
+        if loss is not None and loss <= reach:
             return total
     return None
 
@@ -335,8 +387,10 @@ def summarize(
     i, gpt2x.stats.paired_ratio); `noise` marks a speed-up whose interval includes 1.00x.
     baseline: the reference row's name (default: the first completed row). warmup: steps
     skipped before timing (default: each run's trainer.warmup_steps_for_timing, else 3).
-    target_loss: `s_to_target` is the step time to reach it (default: the baseline's final
-    loss). x: a dotted config key for sweeps: adds that column and `best` (highest tokens/s).
+    target_loss: `s_to_target` is the step time to come within TARGET_TOLERANCE of it (default:
+    the baseline's final loss). x: a dotted config key for sweeps: adds that column and `best`
+    (highest tokens/s). Intervals from fewer than stats.MIN_REPEATS repeats are kept (their `n`
+    says so) but not reported, and give no noise verdict.
     """
     groups = _order_groups(group_runs(runs), order)
     rows = []
@@ -491,6 +545,17 @@ def rerun_command(run: Run) -> str:
     return " ".join([launch, *(shlex.quote(str(o)) for o in overrides)])
 
 
+def _measured_peak(peaks: Any) -> str:
+    """`mfu_measured`'s denominator and when it was probed: a probe on a busy machine reads low
+    (MFU high), so two runs' MFU compare only against the same probe."""
+    measured = _num(peaks.get("measured")) if isinstance(peaks, dict) else None
+    if not measured:
+        return ""
+    when = peaks.get("probed_at") if isinstance(peaks.get("probed_at"), dict) else {}
+    dates = sorted({str(t) for t in when.values() if t}) or ["at an unknown time"]
+    return f"; measured peak {measured / 1e12:.2f} TFLOP/s (probed {' / '.join(dates)})"
+
+
 def _distinct(values: Iterable[Any]) -> list[str]:
     out: list[str] = []
     for v in values:
@@ -515,7 +580,8 @@ def build_header(runs: Sequence[Run], baseline: str | None = None) -> dict:
         dev = f"{h.get('device_name') or h.get('device')}"
         if (h.get("device_count") or 1) > 1:
             dev += f" x{h['device_count']}"
-        return f"{dev} ({h.get('device')}); CPU {h.get('cpu')} x{h.get('cpu_count')}; host {h.get('hostname')}"
+        line = f"{dev} ({h.get('device')}); CPU {h.get('cpu')} x{h.get('cpu_count')}; host {h.get('hostname')}"
+        return line + _measured_peak(h.get("peak_flops"))
 
     def ver(r: Run) -> str | None:
         v = r.record.get("versions") or {}
@@ -633,6 +699,8 @@ def _fmt(col: str, value: Any) -> str:
     if isinstance(value, stats.Interval):
         if value.lo is None or value.hi is None:
             return ""
+        if not value.reported:
+            return f"too few repeats ({value.n})"
         if col == "tokens_per_s_ci":
             return f"±{value.half_width_pct:.1f}%"
         return f"{value.lo:.2f}-{value.hi:.2f}x"
@@ -663,13 +731,34 @@ def _fmt(col: str, value: Any) -> str:
 def _csv_cell(value: Any) -> Any:
     if value is None:
         return ""
-    if isinstance(value, stats.Interval):  # "lo..hi" (empty without an interval)
-        return "" if value.lo is None else f"{value.lo!r}..{value.hi!r}"
+    if isinstance(value, stats.Interval):  # "lo..hi" (empty without a reported interval)
+        return f"{value.lo!r}..{value.hi!r}" if value.reported else ""
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, (dict, list)):
         return json.dumps(value)
     return value
+
+
+def shown_columns(rows: Sequence[dict], columns: Sequence[str]) -> tuple[list[str], dict]:
+    """What the markdown table shows (the CSV keeps every column): the columns with a value in
+    some row, without the config hash (each row's is under "Runs"), in a sweep only what a
+    sweep compares (SWEEP_MD_COLUMNS and the swept key; no `name` where it only repeats the
+    swept value), and without the CONSTANT_COLUMNS that hold one value in every row, returned
+    apart ({column: cell}) to be said once."""
+    x = _sweep_key(rows)
+    if x is not None:
+        columns = [c for c in columns if c in SWEEP_MD_COLUMNS or c == x]
+        if all(row["name"] == f"{x}={row.get(x)}" for row in rows):
+            columns.remove("name")
+    cells = {c: [_fmt(c, row.get(c)) for row in rows] for c in columns}
+    keep = [c for c in columns if c == "best" or c != "config_hash" and any(cells[c])]
+    constant = {
+        c: cells[c][0]
+        for c in keep
+        if c in CONSTANT_COLUMNS and len(rows) > 1 and len(set(cells[c])) == 1
+    }
+    return [c for c in keep if c not in constant], constant
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

@@ -7,6 +7,7 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -163,10 +164,12 @@ def test_cache_round_trip_probes_once(tmp_path, fake_probe):
     first = peak.measured_peak(CPU, torch.float32, path)
     assert peak.measured_peak(CPU, torch.float32, path) == first
     assert len(fake_probe) == 1  # the second call was a cache hit
-    assert json.loads(path.read_text()) == {peak.cache_key(CPU, torch.float32): first}
+    key = peak.cache_key(CPU, torch.float32)
+    assert json.loads(path.read_text()).keys() == {key, key + peak.PROBED_AT}  # + when
+    assert json.loads(path.read_text())[key] == first
     assert [p.name for p in path.parent.iterdir()] == ["peak_flops.json"]  # no tmp file left
     peak.measured_peak(CPU, torch.bfloat16, path)
-    assert len(fake_probe) == 2 and len(json.loads(path.read_text())) == 2  # dtype is keyed
+    assert len(fake_probe) == 2 and len(json.loads(path.read_text())) == 4  # dtype is keyed
 
 
 def test_cache_key_includes_thread_count(tmp_path, fake_probe, monkeypatch):
@@ -189,7 +192,8 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, fake_probe, content):
     path.write_text(content.replace("KEY", key))
     value = peak.measured_peak(CPU, torch.float32, path)
     assert len(fake_probe) == 1
-    assert json.loads(path.read_text()) == {key: value}
+    assert json.loads(path.read_text()).keys() == {key, key + peak.PROBED_AT}
+    assert json.loads(path.read_text())[key] == value
 
 
 def test_cache_write_error_never_fails_the_run(tmp_path, fake_probe, caplog):
@@ -209,8 +213,14 @@ def test_default_cache_path(monkeypatch, tmp_path):
     assert peak.default_cache_path() == tmp_path / "home" / ".cache" / "gpt2x" / "peak_flops.json"
 
 
-def test_peak_record_on_cpu(tmp_path, fake_probe):
-    rec = peak.peak_record(CPU, tmp_path / "peak_flops.json")
+def test_peak_record_on_cpu(tmp_path, fake_probe, caplog):
+    """The record and the run's log say when the peaks were probed: a probe on a busy machine
+    reads low, and MFU against it high (the same tokens/s read 9.9% or 28.1%)."""
+    path = tmp_path / "peak_flops.json"
+    before = time.strftime("%Y-%m-%d %H:%M")
+    with caplog.at_level(logging.INFO, logger="gpt2x.peak"):
+        rec = peak.peak_record(CPU, path)
+    when = rec.pop("probed_at")
     assert rec == {
         "device_name": peak.cpu_model_name(),
         "mig": False,
@@ -219,6 +229,13 @@ def test_peak_record_on_cpu(tmp_path, fake_probe):
         "measured_fp32": 1e9 * torch.get_num_threads(),
     }
     assert {dtype for dtype, _ in fake_probe} == {torch.bfloat16, torch.float32}
+    assert when.keys() == {"bf16", "fp32"}
+    assert all(before <= t <= time.strftime("%Y-%m-%d %H:%M") for t in when.values())
+    assert f"probed {when['bf16']}" in caplog.text and "delete it to probe again" in caplog.text
+    # a peak cached before the time was kept: said so, not guessed
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in data.items() if not k.endswith(peak.PROBED_AT)}))
+    assert peak.peak_record(CPU, path)["probed_at"] == {"bf16": None, "fp32": None}
 
 
 def test_cpu_model_name_falls_back_without_proc_cpuinfo(monkeypatch):

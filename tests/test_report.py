@@ -277,10 +277,15 @@ def test_write_report_files(ladder, tmp_path):
     ):
         assert needle in md, needle
     table_lines = [line for line in md.splitlines() if line.startswith("|")]
-    assert table_lines[0] == "| " + " | ".join(COLUMNS) + " |"
+    # the markdown shows what has a value (one repeat: no intervals; the CSV has every column),
+    # a column with one value in every row once above the table, the config hashes per run
+    empty = {"tokens_per_s_ci", "wall_tokens_per_s", "mfu_measured", "speedup_vs_prev_ci"}
+    empty |= {"speedup_vs_baseline_ci", "noise", "world_size", "config_hash"}
+    assert table_lines[0] == "| " + " | ".join(c for c in COLUMNS if c not in empty) + " |"
+    assert "\nAll rows: world_size 1.\n" in md
     assert len(table_lines) == 2 + 4
     assert "| compile | completed |  | 1/1 | 10 | 25.0 |" in md
-    assert "| 163,840 |  |  | 40.0% |  | 2.00x |  | 4.00x |" in md  # one repeat: no intervals
+    assert "| 163,840 | 40.0% | 2.00x | 4.00x |" in md
     assert "| -0.0100 |" in md
     assert "| flash | failed | RuntimeError: FlashAttention only supports sm80+ | 0/1 | 2 |" in md
     # per-run section: config hash and the re-run command
@@ -689,3 +694,165 @@ def test_sweep_repeats_share_one_row(tmp_path):
         ("trainer.micro_batch_size=2", "2/2"),
     ]
     assert rows[1]["speedup_vs_prev_ci"].n == 2 and rows[1]["best"]
+
+
+# --------------------------------------------------------------------------------------------
+# readable reports: too few repeats, s_to_target's tolerance, what ran, what varies, plots
+
+
+def two_repeat_ladder(root: Path) -> None:
+    """fp32 and bf16, 2 repeats each; the second repeat 40% slower (a busy machine)."""
+    for rep in range(2):
+        for i, (rung, ms, loss) in enumerate([("fp32", 100.0, 3.5), ("bf16", 50.0, 3.50003)]):
+            run = write_run(
+                root, f"{i:02d}_{rung}/repeat_{rep}", rung, ms * (1 + 0.4 * rep), loss,
+                started=2 * rep + i,
+                config={"model": {"n_layer": 1, "n_embd": 64, "n_head": 2},
+                        "trainer": {"seq_len": 64, "micro_batch_size": 4}},
+            )
+            rec = json.loads((run / "record.json").read_text())
+            rec["config"]["repeat"] = rep
+            (run / "record.json").write_text(json.dumps(rec))
+
+
+def test_two_repeats_say_too_few_instead_of_a_meaningless_interval(tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    from gpt2x import plots
+
+    two_repeat_ladder(tmp_path / "abl")
+    runs = load_runs(tmp_path / "abl")
+    rows = summarize(runs)
+    fp32, bf16 = rows
+    # the interval is computed (n = 2) but not reported: t = 12.7 makes it +-several 100%
+    assert fp32["tokens_per_s_ci"].n == 2 and fp32["tokens_per_s_ci"].half_width_pct > 300
+    assert not fp32["tokens_per_s_ci"].reported and bf16["noise"] is None
+    paths = write_report(rows, runs, tmp_path / "out")
+    md = paths["md"].read_text()
+    assert "%" not in md.split("| fp32 |")[1].split("\n")[0]  # no "+-2839.3%"
+    assert md.count("too few repeats (2)") == 4  # the tokens/s of both, bf16's two speed-ups
+    table = read_csv(paths["csv"])
+    assert [r["tokens_per_s_ci"] for r in table] == ["", ""] and table[1]["noise"] == ""
+    # no error bar reaching to 3x the bar; the title says why
+    ax = plots.tokens_per_s_figure(rows).axes[0]
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert "none with fewer than 3" in ax.get_title()
+
+
+def test_s_to_target_has_a_stated_tolerance(tmp_path):
+    """bf16 ends 3e-5 above fp32's final loss: it reaches the target (within 1%), and the
+    report says what the target and the tolerance were."""
+    two_repeat_ladder(tmp_path / "abl")
+    runs = load_runs(tmp_path / "abl")
+    rows = summarize(runs)
+    assert all(r["s_to_target"] is not None for r in rows)
+    # the first step within 1% of 3.5 (<= 3.535): the losses fall by 0.1 per step to 3.5
+    fp32_steps = [m["ms"] for m in runs[0].metrics]
+    assert rows[0]["s_to_target"] == pytest.approx(statistics.median([
+        sum(m["ms"] for m in r.metrics) / 1000.0 for r in runs if r.name == "fp32"
+    ]))
+    assert len(fp32_steps) == 10
+    md = write_report(rows, runs, tmp_path / "out")["md"].read_text()
+    assert "within 1% of 3.5000 (the baseline's (fp32) final training loss), i.e. <= 3.5350" in md
+    # an explicit target: said as such
+    rows = summarize(runs, target_loss=4.0)
+    md = write_report(rows, runs, tmp_path / "out2", target_loss=4.0)["md"].read_text()
+    assert "within 1% of 4.0000 (--target-loss)" in md
+
+
+def test_ablation_header_names_the_shape_that_ran_and_each_repeat(tmp_path):
+    two_repeat_ladder(tmp_path / "abl")
+    runs = load_runs(tmp_path / "abl")
+    rows = summarize(runs)
+    manifest = {
+        "name": "abl", "ladder": "nano_cpu", "ladder_file": "experiments/ladder/nano_cpu.yml",
+        "description": "nano GPT-2 (4 x 256, T=256), B=8", "command": "python -m gpt2x.ablate",
+        "steps": 7, "warmup": 3, "repeats": 2, "interleave": "steps",
+        "overrides": ["model.n_layer=1", "model.n_embd=64"],
+        "rungs": [
+            {"index": i + 1, "short": rung, "repeat": rep, "config_hash": f"h{i}{rep}",
+             "status": "completed"}
+            for rep in range(2) for i, rung in enumerate(["fp32", "bf16"])
+        ],
+    }
+    header = report.ablation_header(runs, rows, manifest)
+    # the ladder's description (its own shape) is not what ran: the header says what did
+    assert header["ladder"] == "nano_cpu (experiments/ladder/nano_cpu.yml)"
+    assert header["shape"].startswith("1 layers x 64 wide, 2 heads, T=64, B=4 (set by the overrides")
+    assert "the ladder's: nano GPT-2 (4 x 256, T=256), B=8" in header["shape"]
+    assert header["config hashes"] == [
+        "01 fp32 repeat 0: h00 (completed)", "02 bf16 repeat 0: h10 (completed)",
+        "01 fp32 repeat 1: h01 (completed)", "02 bf16 repeat 1: h11 (completed)",
+    ]
+    # no overrides: the ladder's description is what ran, and stays on the ladder line
+    header = report.ablation_header(runs, rows, {**manifest, "overrides": [], "repeats": 1})
+    assert header["ladder"].endswith(": nano GPT-2 (4 x 256, T=256), B=8")
+    assert header["config hashes"][0] == "01 fp32: h00 (completed)"
+
+
+def test_sweep_summary_shows_what_varies(tmp_path):
+    """Job folders repeat every override of the command line (and end in a hash when long):
+    a row is named by the overrides that differ, and the table keeps the sweep's columns."""
+    common = ["trainer.max_steps=10", "model.n_layer=1", "model.n_embd=64", "+sweep=batch_size"]
+    for i, (b, ms) in enumerate([(1, 40.0), (2, 30.0), (4, 25.0)]):
+        for rep in range(3):
+            folder = f"{3 * i + rep}_trainer.micro_batch_size={b},repeat={rep},model.n_-{i}{rep}ab"
+            run = write_run(tmp_path / "sweep", folder, "", ms * (1 + 0.01 * rep))
+            rec = json.loads((run / "record.json").read_text())
+            rec["config"].update(repeat=rep)
+            rec["config"]["trainer"]["micro_batch_size"] = b
+            rec["overrides"] = [f"trainer.micro_batch_size={b}", f"repeat={rep}", *common]
+            (run / "record.json").write_text(json.dumps(rec))
+    runs = load_runs(tmp_path / "sweep")
+    assert {r.name for r in runs} == {f"trainer.micro_batch_size={b}" for b in (1, 2, 4)}
+    rows = summarize(runs, x="trainer.micro_batch_size")
+    md = write_report(rows, runs, tmp_path / "out", x="trainer.micro_batch_size")["md"]
+    text = md.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| "))
+    assert header.split(" | ")[0] == "| trainer.micro_batch_size"  # the name only repeated it
+    assert len(header.split(" | ")) <= 12 and "config_hash" not in header and "p10_ms" not in header
+    assert "All rows: status completed, repeats 3/3, steps 10, world_size 1." in text
+    assert "**Best**: trainer.micro_batch_size=4: " in text
+    assert len(read_csv(tmp_path / "out" / "ablation.csv")[0]) == len(COLUMNS) + 2  # all kept
+
+
+def test_plots_keep_titles_inside_and_long_names_from_squeezing_the_plot(tmp_path):
+    from gpt2x import plots
+
+    root = tmp_path / "runs"
+    names = [
+        "ladder/beyond/reduce_overhead",
+        "trainer.micro_batch_size=16,optim.lr=0.0006,model.n_embd=768,precision=bf16",
+        "an_experiment_name_with_no_separators_at_all_that_goes_on_and_on",
+    ]
+    for i, name in enumerate(names):
+        write_run(root, f"r{i}", name, 100.0 - 10 * i, started=i)
+    runs = load_runs(root)
+    rows = summarize(runs)
+    bars, loss = plots.tokens_per_s_figure(rows), plots.loss_figure(report.loss_curves(runs, rows))
+    for fig, texts in ((bars, "get_xticklabels"), (loss, "legend")):
+        fig.tight_layout()
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        box = fig.bbox
+        named = ax.get_xticklabels() if texts == "get_xticklabels" else ax.get_legend().get_texts()
+        for text in (ax.title, *named):
+            extent = text.get_window_extent()
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1, text.get_text()
+            assert box.y0 <= extent.y0 and extent.y1 <= box.y1, text.get_text()
+        assert ax.get_position().height > 0.5  # the names do not squeeze the plot
+        assert fig.get_figwidth() < 12
+    labels = [t.get_text() for t in plots.tokens_per_s_figure(rows).axes[0].get_xticklabels()]
+    assert labels[0] == "ladder/beyond/\nreduce_overhead"
+    assert all(len(line) <= 22 for label in labels for line in label.splitlines())
+    assert all(label.count("\n") <= 2 for label in labels)
+
+
+def test_report_of_several_folders_never_writes_into_one_of_them(tmp_path, monkeypatch, capsys):
+    a = write_run(tmp_path, "run-a", "a", 100.0)
+    b = write_run(tmp_path, "run-b", "b", 50.0)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(a), str(b)]) == 0
+    assert sorted(p.name for p in a.iterdir()) == ["eval.jsonl", "metrics.jsonl", "record.json"]
+    (out,) = (tmp_path / "outputs" / "reports").iterdir()
+    assert (out / "ablation.md").is_file() and str(out.relative_to(tmp_path)) in capsys.readouterr().out

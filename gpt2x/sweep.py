@@ -197,6 +197,20 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def plain_optuna_logs() -> None:
+    """optuna logs through a handler of its own whose colorlog formatter colours every line
+    whatever the stream (it is given none): tell the formatter its stream, so a terminal keeps
+    the colours and a file or a pipe (a SLURM log, `2> sweep.log`) gets plain lines."""
+    try:
+        import optuna
+    except ImportError:  # no Optuna sweeper installed: nothing logs through optuna
+        return
+    for handler in optuna.logging.get_logger("optuna").handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None and hasattr(handler.formatter, "stream"):
+            handler.formatter.stream = stream
+
+
 class SweepSummary(Callback):
     """Hydra callback (sweeps/*.yaml, `hydra.callbacks`): one sweep id for all processes, and
     the summary in the sweep folder when the multirun ends.
@@ -223,6 +237,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # worker processes (joblib, submitit, torchrun children) must resolve the same sweep id
         os.environ.setdefault(RUN_ID_ENV, run_id())
+        plain_optuna_logs()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

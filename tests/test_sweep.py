@@ -257,6 +257,8 @@ def test_optuna_lr_search_reports_the_best_value_and_groups_wandb_runs(tmp_path,
         env=env,
     )
     assert proc.returncode == 0
+    # optuna's own lines are plain where the output is not a terminal (a file, a SLURM log)
+    assert "A new study created" in proc.stderr and "\x1b[" not in proc.stderr
     found = jobs(sweep_dir)
     assert sorted(found) == [0, 1, 2]
     records = [record(j) for j in found.values()]

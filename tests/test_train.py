@@ -202,6 +202,8 @@ def test_cli_bad_batch_is_one_line_before_compute(tmp_path, data_root):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "trainer.total_batch_tokens" in errors[0]
     assert "Traceback" not in proc.stderr
+    assert "error" not in proc.stdout  # once: not logged to the console a second time
+    assert "error: trainer.total_batch_tokens" in (run_dir / "train.log").read_text()
     assert not (run_dir / "metrics.jsonl").exists()
 
 

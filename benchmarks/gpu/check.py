@@ -74,9 +74,9 @@ ENTRY_POINTS = [
 SECTIONS = ["tests", "ladder", "fused_b64", "hf_peer"]
 TITLES = {
     "tests": "in-process CUDA checks (tests/test_cuda.py)",
-    "ladder": "the lecture's ladder, GPT-2 124M, B=16, T=1024",
-    "fused_b64": "the fused rung at B=64, T=1024 (the lecture's final setting)",
-    "hf_peer": "Hugging Face GPT2LMHeadModel at B=64 (sdpa, bf16, compile, fused AdamW)",
+    "ladder": "the lecture's ladder fp32 -> fused, GPT-2 124M",
+    "fused_b64": "the fused rung at the lecture's final batch",
+    "hf_peer": "Hugging Face GPT2LMHeadModel there too (sdpa, bf16, compile, fused AdamW)",
 }
 # seconds each section is expected to take: on one H200 (estimated before any run there:
 # compiles dominate, ~40 s cold per compiled graph) and rehearsed on a 2-core CPU (measured).
@@ -426,7 +426,9 @@ class Check:
         for name in SECTIONS:
             estimate = ESTIMATES[self.mode][name]
             left = self.left()
-            entry = {"name": name, "title": TITLES[name], "estimate_s": estimate, "seconds": None}
+            shape = self.result["shapes"].get(name)
+            title = TITLES[name] + (f", {shape}" if shape else "")
+            entry = {"name": name, "title": title, "estimate_s": estimate, "seconds": None}
             self.result["sections"].append(entry)
             if skipping is None and estimate > left:
                 entry["status"] = (
@@ -438,7 +440,7 @@ class Check:
             if skipping is not None:
                 log(f"== {name}: {entry['status']}")
                 continue
-            log(f"== {name}: {TITLES[name]} (estimate {estimate} s, {left:.0f} s left)")
+            log(f"== {name}: {title} (estimate {estimate} s, {left:.0f} s left)")
             t0 = time.time()
             entry["status"] = runners[name](left)
             entry["seconds"] = round(time.time() - t0, 1)

@@ -71,9 +71,13 @@ class StopSignals:
             raise StopWaiting  # the run was idle at a step boundary: stop there now
 
     @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        """A wait at a step boundary (the next turn of `ablate interleave=steps`): a stop
-        signal ends it with StopWaiting instead of after the wait."""
+    def waiting(self, active: bool = True) -> Iterator[None]:
+        """A wait at a step boundary (the next turn of `ablate interleave=steps`, a run of one
+        process): a stop signal ends it with StopWaiting instead of after the wait. Not
+        active: nothing (ranks of a distributed run must agree when to stop: `requested`)."""
+        if not active:
+            yield
+            return
         if self.signum is not None:
             raise StopWaiting
         self._waiting = True

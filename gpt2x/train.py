@@ -267,7 +267,7 @@ def train(run: Run) -> dict:
     try:
         while step < t.max_steps:
             try:  # a stop signal while waiting for the turn stops the run here, at once
-                with run.stop.waiting():
+                with run.stop.waiting(run.turns.active):
                     run.turns.next()  # interleave=steps: wait for this step's turn (gpt2x.turns)
             except StopWaiting:
                 stop_at_boundary(run, step, tokens_seen, losses)

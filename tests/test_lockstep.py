@@ -230,7 +230,8 @@ def step_times(rung_log: Path) -> dict[int, datetime]:
     for line in rung_log.read_text().splitlines():
         if "[gpt2x.train][INFO] - step " in line and " | loss " in line:
             when = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
-            out[int(line.split(" - step ")[1].split("/")[0])] = when
+            # the line counts steps done: step index + 1
+            out[int(line.split(" - step ")[1].split("/")[0]) - 1] = when
     return out
 
 

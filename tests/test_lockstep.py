@@ -244,7 +244,7 @@ def turns_ladder(tmp_path_factory, data_root) -> tuple[Path, object]:
         tmp,
         data_root,
         "rungs=[fp32,tf32,ladder/beyond/fp8]",
-        "steps=3",  # + TINY's 1 warm-up step: steps 0..3
+        "steps=3",  # + TINY's 1 warm-up step + 1 profiled step (the breakdown): steps 0..4
         "repeats=2",
         f"out={out}",
     )
@@ -262,9 +262,9 @@ def test_rungs_take_turns_step_by_step(turns_ladder):
             rung: step_times(out / rung / f"repeat_{rep}" / "rung.log")
             for rung in ("01_fp32", "02_tf32")
         }
-        assert all(sorted(t) == list(range(4)) for t in times.values())
+        assert all(sorted(t) == list(range(5)) for t in times.values())
         # every rung ends step j before any rung ends step j + 1: one step each per round
-        for j in range(3):
+        for j in range(4):
             assert max(t[j] for t in times.values()) < min(t[j + 1] for t in times.values())
         for rung in ("01_fp32", "02_tf32", "03_fp8"):
             rec = json.loads((out / rung / f"repeat_{rep}" / "record.json").read_text())
@@ -279,7 +279,7 @@ def test_a_rung_that_took_turns_computes_what_it_computes_alone(turns_ladder, tm
     run_cli("gpt2x.train", *rec["overrides"], f"hydra.run.dir={alone}", cwd=tmp_path)
     losses = [m["loss"] for m in read_jsonl(alone / "metrics.jsonl")]
     assert losses == [m["loss"] for m in read_jsonl(out / "01_fp32" / "repeat_1" / "metrics.jsonl")]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
     assert "lockstep" not in json.loads((alone / "record.json").read_text())
 
 
@@ -295,7 +295,8 @@ def test_the_report_pairs_the_steps_of_rungs_that_took_turns(turns_ladder, tmp_p
                 m["step"]: m["tokens_per_s"]
                 for m in read_jsonl(out / rung / f"repeat_{rep}" / "metrics.jsonl")[
                     1:
-                ]  # after the warm-up step
+                ]  # after the warm-up step, the profiled (breakdown) step left out
+                if not m.get("profiled")
             }
             for rung in ("02_tf32", "01_fp32")
         ]

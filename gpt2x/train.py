@@ -168,9 +168,8 @@ def run_training(cfg: DictConfig) -> float | None:
 def resume_if_asked(run: Run) -> None:
     """trainer.resume: a checkpoint path, `auto` (the run folder's latest) or none. A run that
     starts at step 0 (nothing to resume from) keeps no rows of an earlier attempt."""
-    resume_from = checkpoint.resolve_resume(run.cfg.trainer.resume, run.cfg.paths.run_dir, run.dist)
-    if resume_from is not None:
-        resume(run, resume_from)
+    if run.resume_from is not None:
+        resume(run, run.resume_from)
         return
     if run.dist.is_main and run.cfg.trainer.resume == "auto":
         set_aside_newer_checkpoints(run, -1)  # none of them could be read: keep, but apart

@@ -86,7 +86,7 @@ def run_cli(
 def _run_in_process(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python -m module args` inside pytest: exit status from SystemExit (1 and the traceback
     for an uncaught exception, as the interpreter would); logging handlers, argv, the working
-    folder and gpt2x's per-launch run id are restored afterwards."""
+    folder, the environment and gpt2x's per-launch run id are restored afterwards."""
     import contextlib
     import io
     import logging
@@ -98,7 +98,7 @@ def _run_in_process(module: str, args: list[str], cwd: Path) -> subprocess.Compl
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    argv, old_cwd = sys.argv, os.getcwd()
+    argv, old_cwd, environ = sys.argv, os.getcwd(), dict(os.environ)
     gpt2x.config._RUN_ID = None  # one id per launch, as a new process would draw
     code = 0
     try:
@@ -117,6 +117,8 @@ def _run_in_process(module: str, args: list[str], cwd: Path) -> subprocess.Compl
     finally:
         sys.argv = argv
         os.chdir(old_cwd)
+        os.environ.clear()  # what the run exported (e.g. a sweep's GPT2X_RUN_ID) ends with it
+        os.environ.update(environ)
         for handler in root.handlers:
             if handler not in handlers:
                 with contextlib.suppress(Exception):

@@ -43,6 +43,18 @@ def export(model, out: Path, vocab_size: int) -> bool:
     return True
 
 
+def check_out(out: Path) -> None:
+    """out= is a new folder, an empty one, or an earlier export (replaced); anything else (a
+    file, a run folder, a folder of other things) is one line and nothing is written."""
+    if out.exists() and not out.is_dir():
+        fail(f"out={out} is a file; give a folder to write the Hugging Face model into")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        fail(
+            f"out={out} is not empty and holds no Hugging Face model; give a new or empty "
+            "folder (an earlier export is replaced)"
+        )
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> Path:
     for key in ("checkpoint", "out"):
@@ -51,11 +63,12 @@ def main(cfg: DictConfig) -> Path:
                 f"{key}= is required: python -m gpt2x.export checkpoint=<checkpoint or run "
                 "folder> out=<folder to write>"
             )
+    out = Path(cfg.out).expanduser()
+    check_out(out)
     try:
         model, meta, _ = checkpoint.load_model(cfg.checkpoint, "cpu")
     except checkpoint.CheckpointError as e:
         fail(str(e))
-    out = Path(cfg.out).expanduser()
     try:
         with_tokenizer = export(model, out, cfg.vocab_size)
     except (ValueError, OSError) as e:

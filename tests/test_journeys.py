@@ -246,3 +246,65 @@ def test_a_folder_in_use_is_refused_at_once(tmp_path, data_root):
     again = run_cli("gpt2x.train", *args, "trainer.max_steps=31", cwd=tmp_path, check=False)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [r["step"] for r in rows(run_dir)] == list(range(31))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: every option that names a path or a model
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_root) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    _, run_dir = train(root, data_root, "run", *TINY_SHAPE, "trainer.max_steps=2")
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (tool, option, target, what the one line says)
+        ("train", "model.init_from", "{missing}", "no such folder"),
+        ("train", "model.init_from", "{empty}", "has no config.json"),
+        ("train", "model.init_from", "{run}", "is a gpt2x run or checkpoint"),
+        ("train", "trainer.resume", "{missing}", "no checkpoint at"),
+        ("train", "trainer.resume", "{empty}", "no checkpoint at"),
+        ("train", "trainer.resume", "{file}", "no checkpoint at"),
+        ("train", "data.source", "{missing}/*.txt", "matched no files"),
+        ("train", "data.source", "{file}", "produced 0 tokens"),
+        ("sample", "checkpoint", "{missing}", "no checkpoint at"),
+        ("evaluate", "checkpoint", "{empty}", "no checkpoint at"),
+        ("export", "checkpoint", "{file}", "no checkpoint at"),
+        ("export", "out", "{file}", "is a file"),
+        ("export", "out", "{run}", "is not empty and holds no Hugging Face model"),
+    ],
+    ids=lambda c: f"{c[0]}-{c[1]}-{c[2].strip('{}').split('}')[0]}",
+)
+def test_path_options_name_the_fix_and_change_nothing(case, tmp_path, data_root, finished_run):
+    """A missing, empty or wrong-kind target is one `error:` line (exit 2), and the finished run
+    next door is byte for byte what it was."""
+    tool, option, target, message = case
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("")
+    target = target.format(
+        missing=tmp_path / "missing", empty=tmp_path / "empty", file=tmp_path / "file.txt",
+        run=finished_run,
+    )  # fmt: skip
+    before = folder_bytes(finished_run)
+    args = {
+        "train": [
+            *TINY_RUN, *TINY_SHAPE, f"paths.data_dir={tmp_path}/data", "logger=none",
+            f"hydra.run.dir={tmp_path}/new", *(["data=text"] if option == "data.source" else []),
+        ],
+        "sample": [],
+        "evaluate": [],
+        "export": [f"out={tmp_path}/exported"] if option != "out" else [],
+    }[tool]  # fmt: skip
+    if tool != "train" and option != "checkpoint":
+        args.append(f"checkpoint={finished_run}")
+    if tool == "train" and option != "data.source":
+        args[args.index(f"paths.data_dir={tmp_path}/data")] = f"paths.data_dir={data_root}"
+    proc = run_cli(f"gpt2x.{tool}", *args, f"{option}={target}", cwd=tmp_path, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert message in errors[0] and "Traceback" not in proc.stderr, errors[0]
+    assert folder_bytes(finished_run) == before

@@ -659,6 +659,13 @@ def resume(run: Run, path: Path) -> None:
             state.tokens_seen,
         )
         set_aside_newer_checkpoints(run, state.step)
+        if state.step >= run.cfg.trainer.max_steps:
+            log.warning(
+                "the checkpoint is at step %d of trainer.max_steps=%d: nothing left to train "
+                "(raise trainer.max_steps to continue)",
+                state.step,
+                run.cfg.trainer.max_steps,
+            )
     run.record.update(
         resumed_from={"checkpoint": str(path), "step": state.step, "tokens_seen": state.tokens_seen},
         rollbacks=state.extra.get("rollbacks") or [],  # the history's, up to the checkpoint

@@ -59,7 +59,12 @@ class CompileScope(str, Enum):
 
 class LossImpl(str, Enum):
     plain = "plain"  # LM head -> (B*T, V) logits -> cross-entropy
-    chunked = "chunked"  # torch's linear_cross_entropy: never materializes the full logits
+    chunked = "chunked"  # LM head + cross-entropy in row chunks: never the full logits
+
+
+class LossKernel(str, Enum):  # loss=chunked's kernel
+    gpt2x = "gpt2x"  # gpt2x/chunked_loss.py: compiled chunks, any torch
+    torch = "torch"  # torch.nn.functional.linear_cross_entropy (torch >= 2.13)
 
 
 class OptimName(str, Enum):
@@ -140,7 +145,8 @@ class AttnConfig:
 @dataclass
 class LossConfig:
     impl: LossImpl = LossImpl.plain
-    chunk_size: int = 4096  # rows (tokens) per chunk of loss=chunked
+    chunk_size: int = 512  # rows (tokens) per chunk of loss=chunked
+    kernel: LossKernel = LossKernel.gpt2x
 
 
 @dataclass

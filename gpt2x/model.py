@@ -47,10 +47,10 @@ class GPTConfig:
     # "plain": logits (B*T, V), then cross-entropy | "chunked": LM head + cross-entropy fused,
     # loss_chunk_size rows at a time, never holding the whole (B*T, V) logits
     loss: str = "plain"
-    # 1024 rows: one chunk's logits at V=50304 are 103 MB in bf16 (the lecture's 16x1024 batch
+    # 512 rows: one chunk's logits at V=50304 are 52 MB in bf16 (the lecture's 16x1024 batch
     # needs 1.6 GB for all of them, 3.3 GB more for their fp32 softmax), and each chunk's matmul
-    # stays large (79 GFLOP at 768 wide); smaller chunks were slower (docs/beyond.md)
-    loss_chunk_size: int = 1024
+    # stays large (40 GFLOP at 768 wide); measured on CPU, docs/beyond.md
+    loss_chunk_size: int = 512
     loss_kernel: str = "gpt2x"  # one of LOSS_KERNELS
     # recompute each block's activations in backward instead of storing them (training only)
     activation_checkpointing: bool = False

@@ -397,6 +397,7 @@ def build_model(cfg: DictConfig, device: torch.device) -> GPT:
         attn=AttnImpl(cfg.attn.impl).value,
         loss=cfg.loss.impl.value,
         loss_chunk_size=cfg.loss.chunk_size,
+        loss_kernel=cfg.loss.kernel.value,
         activation_checkpointing=m.activation_checkpointing,
     )
     try:

@@ -1,8 +1,10 @@
 """The CPU speed goal: tokens/s of named single-process configurations of the nano shape, and of
-Hugging Face's GPT2LMHeadModel at the same shape, measured interleaved in fresh processes.
+the lecture's settings on Hugging Face's GPT2LMHeadModel (and on the lecture's own code, given its
+path) at the same shape, measured interleaved in fresh processes.
 
     python benchmarks/cpu_speed.py                          # every configuration, 5 repeats
     python benchmarks/cpu_speed.py --repeats 2 --steps 4 --warmup 2 --configs fused,chunked,hf
+    python benchmarks/cpu_speed.py --lecture ~/build-nanogpt/train_gpt2.py   # + the lecture's code
     python benchmarks/cpu_speed.py --list                   # the configurations and what they set
 
 The shape is the nano_cpu ladder's (4 layers x 4 heads x 256, T=256, B=8, vocab 50304, bf16
@@ -10,8 +12,9 @@ autocast, flash attention, torch.compile, fused AdamW: the lecture's `fused` run
 configuration runs as a fresh process per repeat, and the repeats are interleaved (A B C A B C
 ...), so a drift of a shared machine hits every configuration alike. One repeat's number is the
 median tokens/s over its measured steps; across repeats the table shows the median, a 95%
-interval (gpt2x.stats.log_t_interval: a t-interval on the logs) and the ratio to `fused` paired
-repeat by repeat (gpt2x.stats.paired_ratio), with `within noise` where that interval holds 1.00x.
+interval (gpt2x.stats.log_t_interval: a t-interval on the logs), the share of the machine's
+measured matmul ceiling, and the ratios to `fused` and to `hf` paired repeat by repeat
+(gpt2x.stats.paired_ratio), with `within noise` where that interval holds 1.00x.
 
 How each is measured:
 - gpt2x configurations run through the CLI, exactly as a ladder rung does: `python -m
@@ -25,6 +28,15 @@ How each is measured:
   cross-entropy, bf16 autocast, backward, clip_grad_norm_(1.0), fused AdamW with weight decay
   on 2-D parameters, loss.item()), timed with perf_counter around the whole step as the trainer
   times its steps, first W steps untimed.
+- `lecture` (with --lecture PATH, the lecture's build-nanogpt `train_gpt2.py`, which this
+  project does not ship) runs this file with `--worker lecture`: the file's own GPT and
+  GPTConfig (only its imports, classes and functions are executed: the rest of the file is its
+  training run), its configure_optimizers(weight_decay, learning_rate, device_type) and its loop
+  (bf16 autocast around `logits, loss = model(x, y)`, torch.compile, clip 1.0, the lr set per
+  step), at the same shape with vocab 50304, timed as `hf`.
+- The peers run with PyTorch's default CPU allocator (THP_MEM_ALLOC_ENABLE=0), as the lecture
+  runs; gpt2x turns on huge pages for large CPU buffers (gpt2x/__init__.py), and the `_thp`
+  peers show the lecture's settings with that allocator too.
 Threads: every process gets OMP_NUM_THREADS=<--threads> (default: the machine's CPU count)
 unless its configuration sets its own. Prints a markdown table; --json writes the raw numbers.
 """
@@ -32,6 +44,9 @@ unless its configuration sets its own. Prints a markdown table; --json writes th
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -48,7 +63,11 @@ sys.path.insert(0, str(REPO))  # gpt2x.stats from this checkout when run as a sc
 
 from gpt2x import stats  # noqa: E402
 
-BASE = "fused"  # the lecture's last single-process rung: the 2,050 tokens/s starting point
+# the ratios' references: the lecture's last single-process rung in gpt2x, and the lecture's
+# settings on Hugging Face's model (the peer)
+BASES = ["fused", "hf"]
+# /proc/cpuinfo flags that decide whether bf16 matmuls are fast (AMX) or emulated
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
 
 @dataclass
@@ -58,46 +77,60 @@ class Candidate:
     experiment: str = "ladder/fused"
     overrides: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    hf: bool = False
+    peer: str | None = None  # "hf" | "lecture": run by this file's worker, not gpt2x.train
 
+
+CHUNKED = "ladder/beyond/chunked"
+DEFAULT_ALLOCATOR = {"THP_MEM_ALLOC_ENABLE": "0"}  # PyTorch's own default: how the lecture runs
+HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}  # what gpt2x sets (gpt2x/__init__.py)
+LECTURE = "bf16 autocast, compile, vocab 50304"
 
 # What can be tried without changing the model's math beyond what a rung names. Every entry is
-# the fused rung plus one named change (a ladder/beyond rung, a chunk size of that rung, or a
-# thread setting of the process).
+# the fused rung plus one named change (a ladder/beyond rung, a chunk size or kernel of that
+# rung, a precision, or a thread or allocator setting of the process), or a peer.
 CANDIDATES = [
     Candidate("fused", "the lecture's fused rung (bf16, compile, flash, vocab 50304, fused AdamW)"),
+    Candidate(
+        "fused_no_thp", "fused with PyTorch's default CPU allocator (no huge pages)", env=DEFAULT_ALLOCATOR
+    ),
     Candidate("fused_1thread", "fused, OMP_NUM_THREADS=1", env={"OMP_NUM_THREADS": "1"}),
-    Candidate(
-        "chunked", "loss=chunked (4096-row chunks: one chunk at B*T=2048)", "ladder/beyond/chunked"
-    ),
-    Candidate(
-        "chunked_512",
-        "loss=chunked loss.chunk_size=512 (4 chunks)",
-        "ladder/beyond/chunked",
-        ["loss.chunk_size=512"],
-    ),
-    Candidate(
-        "chunked_256",
-        "loss=chunked loss.chunk_size=256 (8 chunks)",
-        "ladder/beyond/chunked",
-        ["loss.chunk_size=256"],
-    ),
     # fp32 instead of bf16 autocast: on a CPU without bf16 matrix units (no AMX) bf16 matmuls
     # can be slower than fp32 ones; the same model, only the autocast dtype differs
     Candidate("fused_fp32", "fused with precision=fp32", overrides=["precision=fp32"]),
+    Candidate("chunked", "loss=chunked: head + loss in compiled 512-row chunks (4)", CHUNKED),
+    Candidate("chunked_256", "loss=chunked loss.chunk_size=256 (8 chunks)", CHUNKED, ["loss.chunk_size=256"]),
     Candidate(
-        "chunked_256_fp32",
-        "loss=chunked loss.chunk_size=256, precision=fp32",
-        "ladder/beyond/chunked",
-        ["loss.chunk_size=256", "precision=fp32"],
+        "chunked_1024", "loss=chunked loss.chunk_size=1024 (2 chunks)", CHUNKED, ["loss.chunk_size=1024"]
     ),
+    Candidate(
+        "chunked_torch",
+        "loss=chunked with torch's F.linear_cross_entropy (loss.kernel=torch, torch >= 2.13)",
+        CHUNKED,
+        ["loss.kernel=torch"],
+    ),
+    Candidate("chunked_fp32", "loss=chunked, precision=fp32", CHUNKED, ["precision=fp32"]),
     Candidate("max_autotune", "chunked + compile_mode=max-autotune", "ladder/beyond/max_autotune"),
     Candidate(
         "reduce_overhead", "chunked + compile_mode=reduce-overhead", "ladder/beyond/reduce_overhead"
     ),
     Candidate("block", "chunked + compile_scope=block", "ladder/beyond/block"),
+    # the named preset a user picks, at the ladder's shape: the same settings as `chunked`
+    Candidate("cpu_fast", "+experiment=cpu_fast, the named preset", "cpu_fast", ["+ladder_shape=nano_cpu"]),
     Candidate(
-        "hf", "transformers GPT2LMHeadModel (sdpa, bf16 autocast, compile, fused AdamW)", hf=True
+        "hf",
+        f"transformers GPT2LMHeadModel in the lecture's settings ({LECTURE}, sdpa, fused AdamW)",
+        peer="hf",
+        env=DEFAULT_ALLOCATOR,
+    ),
+    Candidate("hf_thp", "hf with huge pages for large CPU buffers, as gpt2x", peer="hf", env=HUGE_PAGES),
+    Candidate(
+        "lecture",
+        f"the lecture's own train_gpt2.py (--lecture): its model, AdamW and loop, {LECTURE}",
+        peer="lecture",
+        env=DEFAULT_ALLOCATOR,
+    ),
+    Candidate(
+        "lecture_thp", "lecture with huge pages for large CPU buffers, as gpt2x", peer="lecture", env=HUGE_PAGES
     ),
 ]
 BY_NAME = {c.name: c for c in CANDIDATES}
@@ -123,29 +156,40 @@ def gpt2x_command(c: Candidate, steps: int, warmup: int, run_dir: Path, extra: l
     ]
 
 
-def hf_command(steps: int, warmup: int, out: Path, extra: list[str]) -> list:
+def peer_command(c: Candidate, args, out: Path) -> list:
     return [
         sys.executable,
         __file__,
         "--worker",
-        "hf",
+        c.peer,
+        *(["--lecture", str(args.lecture)] if c.peer == "lecture" else []),
         "--steps",
-        str(steps),
+        str(args.steps),
         "--warmup",
-        str(warmup),
+        str(args.warmup),
         "--worker-out",
         str(out),
-        *(a for o in extra for a in ("--override", o)),
+        *(a for o in args.override for a in ("--override", o)),
     ]
+
+
+def ceiling(record: dict) -> float | None:
+    """Tokens/s at 100% of the machine's measured matmul peak for this run's precision (the
+    record's peak, probed by gpt2x.training.peak with the run's thread count), or None."""
+    peaks = (record.get("hardware") or {}).get("peak_flops") or {}
+    bf16 = ((record.get("config") or {}).get("precision") or {}).get("dtype") == "bf16"
+    peak = peaks.get("measured_bf16" if bf16 else "measured_fp32")
+    flops = record.get("flops_per_token")
+    return peak / flops if peak and flops else None
 
 
 def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
     """Run one configuration once in a fresh process; its tokens/s, or the reason it failed."""
     run_dir = scratch / f"{c.name}_r{repeat}"
-    out = run_dir / "hf.json"
-    if c.hf:
+    out = run_dir / "peer.json"
+    if c.peer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = hf_command(args.steps, args.warmup, out, args.override)
+        cmd = peer_command(c, args, out)
     else:
         cmd = gpt2x_command(c, args.steps, args.warmup, run_dir, args.override)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **c.env}
@@ -160,10 +204,13 @@ def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
         "command": shlex.join(cmd),
     }
     try:
-        if c.hf:
+        if c.peer:
             summary = json.loads(out.read_text())
         else:
-            summary = json.loads((run_dir / "record.json").read_text())["summary"]
+            record = json.loads((run_dir / "record.json").read_text())
+            summary = record["summary"]
+            result["ceiling_tokens_per_s"] = ceiling(record)
+            result["precision"] = record["config"]["precision"]["dtype"]
         result.update(
             tokens_per_s=float(summary["tokens_per_s"]), median_ms=float(summary["median_ms"])
         )
@@ -174,7 +221,7 @@ def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The Hugging Face worker (runs in its own process)
+# The peers' worker (runs in its own process): Hugging Face's model or the lecture's code
 
 
 def hf_batches(cfg, steps: int):
@@ -196,26 +243,19 @@ def hf_batches(cfg, steps: int):
             yield chunk[:-1].view(b, t), chunk[1:].view(b, t)
     else:
         g = torch.Generator().manual_seed(1337)
-        x = torch.randint(0, 50257, (b, t + 1), generator=g)
+        x = torch.randint(0, min(50257, cfg.model.vocab_size), (b, t + 1), generator=g)
         for _ in range(steps):
             yield x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
-def run_hf(args) -> None:
+def build_hf(cfg, device):
+    """GPT2LMHeadModel at the configuration's shape with the lecture's loss and fused AdamW:
+    (model, loss_fn(x, y) to compile, optimizer)."""
     import torch
     import torch.nn.functional as F
-    from hydra import compose, initialize_config_dir
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2x import CONF_DIR
-    from gpt2x.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        # the fused rung's resolved shape, so HF gets exactly the gpt2x configuration's sizes
-        cfg = compose("config", overrides=["+experiment=ladder/fused", *args.override])
-    m, t = cfg.model, cfg.trainer
-    torch.manual_seed(t.seed)
+    m, o = cfg.model, cfg.optim
     hf_cfg = GPT2Config(
         vocab_size=m.vocab_size,
         n_positions=m.block_size,
@@ -227,9 +267,7 @@ def run_hf(args) -> None:
         attn_pdrop=0.0,
         attn_implementation="sdpa",
     )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = GPT2LMHeadModel(hf_cfg).to(device).train()
-    o = cfg.optim
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -248,16 +286,97 @@ def run_hf(args) -> None:
         logits = model(input_ids=x).logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
-    compiled = torch.compile(loss_fn)
+    return model, loss_fn, opt
+
+
+def load_lecture(path: str | os.PathLike) -> dict:
+    """The namespace of the lecture's train_gpt2.py with its GPT and GPTConfig, without running
+    the script: only its imports, classes and functions are executed (the rest of the file is
+    its training run). An import that fails (e.g. its hellaswag.py, not beside the file) is
+    skipped: the model does not need it. SystemExit (one line) if GPT or GPTConfig is missing."""
+    path = Path(path).expanduser()
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except (OSError, SyntaxError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cpu_speed.py: --lecture {path}: cannot read it ({e})") from None
+    # configure_optimizers prints on the master process, a global of the script's body
+    namespace = {"__name__": "lecture_train_gpt2", "__file__": str(path), "master_process": True}
+    sys.path.insert(0, str(path.parent))  # the lecture's own modules beside it
+    try:
+        for node in tree.body:
+            if not isinstance(node, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)):
+                continue
+            code = compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec")
+            try:
+                exec(code, namespace)
+            except ImportError:
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    raise
+    finally:
+        sys.path.remove(str(path.parent))
+    missing = [n for n in ("GPT", "GPTConfig") if not isinstance(namespace.get(n), type)]
+    if missing:
+        raise SystemExit(
+            f"cpu_speed.py: --lecture {path} defines no {' or '.join(missing)}: pass "
+            "build-nanogpt's train_gpt2.py"
+        )
+    return namespace
+
+
+def build_lecture(cfg, device, path):
+    """The lecture's GPT at the configuration's shape, its own configure_optimizers and loss."""
+    import torch
+
+    lecture = load_lecture(path)
+    m, o = cfg.model, cfg.optim
+    torch.set_float32_matmul_precision("high")  # the lecture's setting (a no-op on a CPU)
+    config = lecture["GPTConfig"](
+        block_size=m.block_size,
+        vocab_size=m.vocab_size,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+    )
+    model = lecture["GPT"](config).to(device).train()
+    # positional: the third parameter was `device` in early versions, `device_type` later
+    opt = model.configure_optimizers(o.weight_decay, o.lr, device.type)
+
+    def loss_fn(x, y):
+        return model(x, y)[1]
+
+    return model, loss_fn, opt
+
+
+def run_peer(args) -> None:
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from gpt2x import CONF_DIR
+    from gpt2x.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        # the fused rung's resolved shape, so a peer gets exactly the gpt2x configuration's sizes
+        cfg = compose("config", overrides=["+experiment=ladder/fused", *args.override])
+    t, o = cfg.trainer, cfg.optim
+    torch.manual_seed(t.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.worker == "lecture":
+        model, loss_fn, opt = build_lecture(cfg, device, args.lecture)
+    else:
+        model, loss_fn, opt = build_hf(cfg, device)
+    step_fn = loss_fn if args.eager else torch.compile(loss_fn)
     times, first_ms = [], None
     for i, (x, y) in enumerate(hf_batches(cfg, args.warmup + args.steps)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = compiled(x, y)
+            loss = step_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        for group in opt.param_groups:  # the lecture's loop sets the lr every step
+            group["lr"] = o.lr
         opt.step()
         loss.item()  # the trainer reads the loss back every step too (and waits for the GPU)
         ms = (time.perf_counter() - t0) * 1000.0
@@ -288,6 +407,18 @@ def run_hf(args) -> None:
 # The table
 
 
+def ratio_cell(vals: dict, base: dict) -> str:
+    """Median of the paired ratios vals/base and its 95% interval, or '' without pairs."""
+    keys = sorted(set(vals) & set(base))
+    if not keys:
+        return ""
+    r = stats.paired_ratio([vals[k] for k in keys], [base[k] for k in keys])
+    cell = f"{stats.median([vals[k] / base[k] for k in keys]):.3f}x"
+    if r.lo is not None:
+        cell += f" ({r.lo:.3f} - {r.hi:.3f}){', within noise' if stats.within_noise(r) else ''}"
+    return cell
+
+
 def table(results: list[dict], names: list[str], args) -> str:
     per = {
         n: {
@@ -298,47 +429,66 @@ def table(results: list[dict], names: list[str], args) -> str:
         for n in names
     }
     errors = {r["name"]: r["error"] for r in results if "error" in r}
-    base = per.get(BASE) or {}
+    ceilings = machine_ceilings(results)
+    bases = [b for b in BASES if per.get(b)]
     lines = [
-        "| configuration | what | repeats | median tokens/s | 95% interval | vs fused | "
-        "95% interval | |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| configuration | what | repeats | median tokens/s | 95% interval | % of ceiling | "
+        + " | ".join(f"vs {b} (paired 95%)" for b in bases)
+        + " |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(bases),
     ]
     for n in names:
         vals = per[n]
         what = BY_NAME[n].what
         if not vals:
             lines.append(
-                f"| {n} | {what} | 0/{args.repeats} | | | | | failed: {errors.get(n, '?')} |"
+                f"| {n} | {what} | 0/{args.repeats} | failed: {errors.get(n, '?')} | | |"
+                + " |" * len(bases)
             )
             continue
         med = stats.median(list(vals.values()))
         ci = stats.log_t_interval(list(vals.values()))
         cell = f"{ci.lo:,.0f} - {ci.hi:,.0f}" if ci.lo is not None else ""
-        ratio = rcell = note = ""
-        if base and n != BASE:
-            keys = sorted(set(vals) & set(base))
-            if keys:
-                r = stats.paired_ratio([vals[k] for k in keys], [base[k] for k in keys])
-                ratio = f"{stats.median([vals[k] / base[k] for k in keys]):.3f}x"
-                if r.lo is not None:
-                    rcell = f"{r.lo:.3f} - {r.hi:.3f}"
-                    note = "within noise" if stats.within_noise(r) else ""
-        elif n == BASE:
-            ratio = "1.000x"
+        precision = next((r.get("precision") for r in results if r["name"] == n), None) or "bf16"
+        top = ceilings.get("bf16" if precision == "bf16" else "fp32")
+        share = f"{100 * med / top:.0f}%" if top else ""
+        ratios = [("1.000x" if n == b else ratio_cell(vals, per[b])) for b in bases]
         lines.append(
-            f"| {n} | {what} | {len(vals)}/{args.repeats} | {med:,.0f} | {cell} | {ratio} | "
-            f"{rcell} | {note} |"
+            f"| {n} | {what} | {len(vals)}/{args.repeats} | {med:,.0f} | {cell} | {share} | "
+            + " | ".join(ratios)
+            + " |"
         )
     return "\n".join(lines)
+
+
+def machine_ceilings(results: list[dict]) -> dict[str, float]:
+    """{"bf16"|"fp32": tokens/s at 100% of the measured matmul peak} from the gpt2x runs (every
+    configuration has the same FLOPs per token; one thread's runs are left out)."""
+    out: dict[str, float] = {}
+    for r in results:
+        if r.get("ceiling_tokens_per_s") and BY_NAME[r["name"]].env.get("OMP_NUM_THREADS") is None:
+            out.setdefault("bf16" if r.get("precision") == "bf16" else "fp32", r["ceiling_tokens_per_s"])
+    return out
+
+
+def cpu_description() -> str:
+    """The CPU's name, family/model and the flags that decide bf16 speed (AMX, avx512_bf16)."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or platform.processor() or platform.machine()
+    flags = [f for f in info.get("flags", "").split() if f in CPU_FLAGS]
+    family = f" (family {info['cpu family']}, model {info['model']})" if "model" in info else ""
+    return f"{name}{family}, flags: {' '.join(flags) or 'none of ' + ' '.join(CPU_FLAGS)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--configs",
-        default=",".join(c.name for c in CANDIDATES),
-        help="comma-separated names (--list shows them)",
+        help="comma-separated names (--list shows them; default: all, the lecture's with --lecture)",
     )
     p.add_argument("--repeats", type=int, default=5, help="fresh processes per configuration")
     p.add_argument("--steps", type=int, default=10, help="measured steps per process")
@@ -355,25 +505,44 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a Hydra override for every configuration (repeatable), e.g. paths.data_dir=/data",
     )
+    p.add_argument(
+        "--lecture",
+        help="the lecture's build-nanogpt train_gpt2.py: adds its model and loop as a peer",
+    )
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--list", action="store_true")
-    p.add_argument("--worker", choices=["hf"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["hf", "lecture"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     # the worker's device (default: cuda where available); benchmarks/gpu/check.sh runs it there
     p.add_argument("--device", default="", help=argparse.SUPPRESS)
+    p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)  # tests: no compile
     args = p.parse_args(argv)
-    if args.worker == "hf":
-        run_hf(args)
+    if args.worker:
+        if args.worker == "lecture" and not args.lecture:
+            p.error("--worker lecture needs --lecture PATH")
+        run_peer(args)
         return 0
     if args.list:
         for c in CANDIDATES:
             print(f"{c.name:16s} {c.what}")
         return 0
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    if args.lecture and not Path(args.lecture).expanduser().is_file():
+        print(f"cpu_speed.py: --lecture {args.lecture}: no such file", file=sys.stderr)
+        return 2
+    default = [c.name for c in CANDIDATES if c.peer != "lecture" or args.lecture]
+    names = [n.strip() for n in (args.configs or ",".join(default)).split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         print(
             f"cpu_speed.py: unknown configuration {unknown[0]!r}; --list shows them",
+            file=sys.stderr,
+        )
+        return 2
+    needs_lecture = [n for n in names if BY_NAME[n].peer == "lecture"]
+    if needs_lecture and not args.lecture:
+        print(
+            f"cpu_speed.py: configuration {needs_lecture[0]!r} needs --lecture PATH (the "
+            "lecture's build-nanogpt train_gpt2.py)",
             file=sys.stderr,
         )
         return 2
@@ -384,9 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python "
-        f"{platform.python_version()}; {len(names)} configurations x {args.repeats} repeats, "
-        f"{args.warmup} warm-up + {args.steps} measured steps each, interleaved",
+        f"# {cpu_description()}; {os.cpu_count()} CPUs, torch {importlib.metadata.version('torch')}, "
+        f"python {platform.python_version()}; {len(names)} configurations x {args.repeats} "
+        f"repeats, {args.warmup} warm-up + {args.steps} measured steps each, interleaved",
         flush=True,
     )
     results = []
@@ -399,6 +568,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  repeat {repeat} {n}: {shown} ({r['wall_s']} s)", flush=True)
     print()
     print(table(results, names, args))
+    ceilings = machine_ceilings(results)
+    if ceilings:
+        print(
+            "\nCeiling (tokens/s at 100% of this machine's measured matmul peak, gpt2x.peak, "
+            f"{args.threads} threads): "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(ceilings.items()))
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from gpt2x.config import DataConfig
 from gpt2x.data import ShardLoader, load_manifest, prepare
-from gpt2x.tokenizer import get_tokenizer
+from gpt2x.data.tokenizer import get_tokenizer
 
 
 def corpus_documents(target_mb: float) -> list[str]:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from gpt2x.hellaswag import evaluate_hellaswag, load_examples, render_example, score_batch
+from gpt2x.data.tokenizer import get_tokenizer
 from gpt2x.model import GPT, GPTConfig
-from gpt2x.tokenizer import get_tokenizer
+from gpt2x.training.hellaswag import evaluate_hellaswag, load_examples, render_example, score_batch
 
 
 def play_texts() -> dict[str, str]:

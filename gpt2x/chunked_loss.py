@@ -63,27 +63,52 @@ def _kernels(compile: bool):
     return _chunk_loss, _chunk_loss_and_grads
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size, dtype, ignore_index, compile):
-        _, loss_and_grads = _kernels(compile)
-        xc, wc = x.to(dtype), weight.to(dtype)
-        losses, grad_x, grad_w = [], [], None
-        for i in range(0, x.size(0), chunk_size):
-            loss, gx, gw = loss_and_grads(
-                xc[i : i + chunk_size], wc, targets[i : i + chunk_size], ignore_index
-            )
-            losses.append(loss)
-            grad_x.append(gx)
-            # the chunks' weight gradients (bf16 when the matmuls are) summed in fp32, in place
-            grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
-        ctx.save_for_backward(torch.cat(grad_x).to(x.dtype), grad_w.to(weight.dtype))
-        return torch.stack(losses).sum()
+# An operator of its own (like torch's linear_cross_entropy): a compiled model calls it as one
+# node and runs it as written, one chunk at a time. Traced into the model's graph instead, the
+# chunks' weight gradients were kept apart for the backward (summed there), one per chunk.
+@torch.library.custom_op("gpt2x::chunked_cross_entropy", mutates_args=())
+def _loss_and_grads(
+    x: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+    dtype: torch.dtype,
+    ignore_index: int,
+    compile: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(summed loss, its gradient with respect to x, to weight): the chunks' results."""
+    kernel = _compiled(_chunk_loss_and_grads) if compile else _chunk_loss_and_grads
+    xc, wc = x.to(dtype), weight.to(dtype)
+    losses, grad_x, grad_w = [], [], None
+    for i in range(0, x.size(0), chunk_size):
+        loss, gx, gw = kernel(xc[i : i + chunk_size], wc, targets[i : i + chunk_size], ignore_index)
+        losses.append(loss)
+        grad_x.append(gx)
+        # the chunks' weight gradients (bf16 when the matmuls are) summed in fp32, in place
+        grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
+    return torch.stack(losses).sum(), torch.cat(grad_x).to(x.dtype), grad_w.to(weight.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_total, grad_w * grad_total, None, None, None, None, None
+
+@_loss_and_grads.register_fake
+def _(x, weight, targets, chunk_size, dtype, ignore_index, compile):
+    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1], output[2])
+    # the gradients are outputs only to be saved: no gradient flows into them (and none is
+    # materialised as zeros for them in the backward)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_total, _grad_x, _grad_w):
+    # the gradients were computed in the forward; only the upstream gradient scales them
+    grad_x, grad_w = ctx.saved_tensors
+    return grad_x * grad_total, grad_w * grad_total, None, None, None, None, None
+
+
+_loss_and_grads.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunked_cross_entropy(
@@ -102,9 +127,7 @@ def chunked_cross_entropy(
     dtype = dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _ChunkedCrossEntropy.apply(
-                x, weight, targets, chunk_size, dtype, ignore_index, compile
-            )
+            return _loss_and_grads(x, weight, targets, chunk_size, dtype, ignore_index, compile)[0]
         loss, _ = _kernels(compile)
         xc, wc = x.to(dtype), weight.to(dtype)
         sums = [

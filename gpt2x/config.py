@@ -215,7 +215,7 @@ class TrainerConfig:
     # skip the offending step's batches (at most max_rollbacks times per run)
     on_bad_loss: str = "stop"  # stop | rollback
     max_rollbacks: int = 3
-    # HellaSwag during training (gpt2x/hellaswag.py): every N steps and at the end; 0 disables
+    # HellaSwag during training (gpt2x/training/hellaswag.py): every N steps and at the end; 0 disables
     hellaswag_every: int = 0
     hellaswag_path: str = ""  # a hellaswag jsonl; "" = the cached (downloaded once) val split
     hellaswag_limit: int = 0  # score only the first N examples; 0 = all
@@ -226,7 +226,7 @@ class TrainerConfig:
     overfit_one_batch: bool = False  # train on the first batch over and over (must reach ~0 loss)
     profile_steps: int = 0  # > 0: torch.profiler trace of that many steps -> run_dir/profile/
     # time breakdown (matmul, attention, loss, ...) of the run's last this-many steps, in the
-    # record's "breakdown" (gpt2x.profiling), left out of the step-time stats; 0 disables
+    # record's "breakdown" (gpt2x.training.profiling), left out of the step-time stats; 0 disables
     breakdown_steps: int = 0
     progress: str = "auto"  # auto (a live bar on a terminal) | bar | log
 
@@ -385,7 +385,7 @@ class AblateConfig:
     # default: the ladder's, else 1
     repeats: int | None = None
     # runs: each rung a fresh process; steps: a repeat's single-process rungs take turns step
-    # by step, each its own process (gpt2x.turns), paired step by step; default: the ladder's,
+    # by step, each its own process (gpt2x.training.turns), paired step by step; default: the ladder's,
     # else runs
     interleave: Interleave | None = None
     nproc: int | None = None  # processes of a ddp/fsdp rung (default: CUDA devices, else 2)

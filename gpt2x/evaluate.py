@@ -1,10 +1,10 @@
 """`python -m gpt2x.evaluate checkpoint=<path> [hellaswag=true]`: evaluate a checkpoint, or a
 Hugging Face GPT-2 (`hf_model=gpt2`, a Hub name or a local folder) for the published baselines.
 
-Validation loss is computed exactly as the trainer does (gpt2x.validation: the first
+Validation loss is computed exactly as the trainer does (gpt2x.training.validation: the first
 `eval_tokens // seq_len` windows of the prepared val split, the same set for any batch or world
 size), so it reproduces a run's `val_loss` for the same checkpoint; `hellaswag=true` adds
-HellaSwag acc / acc_norm (gpt2x.hellaswag, batched). Prints one JSON line.
+HellaSwag acc / acc_norm (gpt2x.training.hellaswag, batched). Prints one JSON line.
 
     python -m gpt2x.evaluate checkpoint=outputs/runs/<id> hellaswag=true hellaswag_limit=500
     python -m gpt2x.evaluate hf_model=gpt2 hellaswag=true \
@@ -24,14 +24,14 @@ from omegaconf import DictConfig
 from gpt2x import CONF_DIR, checkpoint
 from gpt2x.config import ConfigError, TrainerConfig, register_configs
 from gpt2x.data import DataError
-from gpt2x.distributed import pick_device
-from gpt2x.hellaswag import HellaSwagError, evaluate_hellaswag, hellaswag_path
+from gpt2x.data.tokenizer import get_tokenizer
 from gpt2x.model import GPT
-from gpt2x.precision import autocast
 from gpt2x.sample import run_dtype
-from gpt2x.tokenizer import get_tokenizer
 from gpt2x.tools import fail
-from gpt2x.validation import val_reader, validation_loss_sum
+from gpt2x.training.distributed import pick_device
+from gpt2x.training.hellaswag import HellaSwagError, evaluate_hellaswag, hellaswag_path
+from gpt2x.training.precision import autocast
+from gpt2x.training.validation import val_reader, validation_loss_sum
 
 # a Hugging Face model has no run config: the reproduce recipe's validation set (20 batches of
 # 64 x 1024 tokens on each of 8 ranks, as in the lecture) and batch

@@ -4,7 +4,7 @@ Writes `config.json` + `model.safetensors` that `transformers.GPT2LMHeadModel.fr
 loads with the same logits (GPT.export_hf); the padding rows of a padded vocabulary
 (model.vocab_size=50304) are dropped, keeping the tokenizer's 50257 tokens. The tokenizer the run
 trained with goes along (`vocab.json`, `merges.txt`, `tokenizer.json`, `tokenizer_config.json`:
-GPT-2's BPE, gpt2x.tokenizer), so `AutoTokenizer.from_pretrained(out)` and
+GPT-2's BPE, gpt2x.data.tokenizer), so `AutoTokenizer.from_pretrained(out)` and
 `pipeline("text-generation", out)` work offline, out of the box.
 """
 
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt2x import CONF_DIR, checkpoint
 from gpt2x.config import register_configs
-from gpt2x.tokenizer import N_VOCAB, bpe_files
+from gpt2x.data.tokenizer import N_VOCAB, bpe_files
 from gpt2x.tools import fail
 
 

@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt2x import CONF_DIR, checkpoint
 from gpt2x.config import ConfigError, register_configs
-from gpt2x.distributed import pick_device
-from gpt2x.precision import autocast
-from gpt2x.tokenizer import get_tokenizer
+from gpt2x.data.tokenizer import get_tokenizer
 from gpt2x.tools import fail
+from gpt2x.training.distributed import pick_device
+from gpt2x.training.precision import autocast
 
 
 def generate(

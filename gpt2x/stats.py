@@ -10,7 +10,7 @@ The statistic:
 - a speed-up is PAIRED: repeat i of rung k against repeat i of rung k-1 (run back to back, so
   they share the machine's state). The log ratios cancel drift common to both rungs, which
   unpaired intervals count as noise twice. With a single pair there is no interval.
-- with `interleave=steps` (gpt2x.turns) the rungs of a repeat took turns step by step, each its
+- with `interleave=steps` (gpt2x.training.turns) the rungs of a repeat took turns step by step, each its
   own process, so step j of rung k ran seconds after step j of rung k-1: that repeat's ratio is the
   median of the step-by-step ratios (`step_paired_ratio`), which cancels drift on the scale of
   seconds, not only minutes. The interval across repeats is then taken on these ratios as above.
@@ -171,7 +171,7 @@ def paired_ratio(
 
 def step_paired_ratio(a: Mapping[int, float], b: Mapping[int, float]) -> float:
     """The median of a[j] / b[j] over the steps j both have (one repeat's paired speed-up when
-    the two rungs took turns step by step, gpt2x.turns)."""
+    the two rungs took turns step by step, gpt2x.training.turns)."""
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError("step_paired_ratio needs at least one step both rungs measured")

@@ -22,7 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gpt2x import CONF_DIR, checkpoint, distributed, multirun
+from gpt2x import CONF_DIR, checkpoint
 from gpt2x.checkpoint import CheckpointError
 from gpt2x.checkpoint.store import step_dir_name
 from gpt2x.config import (
@@ -33,22 +33,8 @@ from gpt2x.config import (
     to_container,
 )
 from gpt2x.data import DataError
-from gpt2x.hellaswag import evaluate_hellaswag
-from gpt2x.metrics import (
-    format_step,
-    mfu,
-    peak_memory,
-    reset_peak_memory,
-    summarize_steps,
-    synchronize,
-)
-from gpt2x.optim import lr_at, set_lr
-from gpt2x.precision import autocast
-from gpt2x.preemption import StopWaiting, continue_command, exit_code
-from gpt2x.profiling import ProfilingUnavailable, mean_breakdown, profile_steps
-from gpt2x.progress import RunProgress, use_bar
-from gpt2x.run import Run, setup
-from gpt2x.runfolder import (
+from gpt2x.data.tokenizer import get_tokenizer
+from gpt2x.record.folder import (
     RunFolderError,
     kill_for_test,
     note_rank_failure,
@@ -56,9 +42,24 @@ from gpt2x.runfolder import (
     release_reserve,
     release_run_folder,
 )
-from gpt2x.tokenizer import get_tokenizer
-from gpt2x.turns import Turns
-from gpt2x.validation import validation_loss_sum
+from gpt2x.training import distributed, multirun
+from gpt2x.training.hellaswag import evaluate_hellaswag
+from gpt2x.training.metrics import (
+    format_step,
+    mfu,
+    peak_memory,
+    reset_peak_memory,
+    summarize_steps,
+    synchronize,
+)
+from gpt2x.training.optim import lr_at, set_lr
+from gpt2x.training.precision import autocast
+from gpt2x.training.preemption import StopWaiting, continue_command, exit_code
+from gpt2x.training.profiling import ProfilingUnavailable, mean_breakdown, profile_steps
+from gpt2x.training.progress import RunProgress, use_bar
+from gpt2x.training.run import Run, setup
+from gpt2x.training.turns import Turns
+from gpt2x.training.validation import validation_loss_sum
 
 log = logging.getLogger("gpt2x.train")
 
@@ -132,7 +133,7 @@ def run_training(cfg: DictConfig) -> float | None:
     """Set up, train, sample; keep the record truthful on every exit path."""
     run = None
     completed = False
-    turns = Turns.from_env()  # interleave=steps: runs take turns, step by step (gpt2x.turns)
+    turns = Turns.from_env()  # interleave=steps: runs take turns, step by step (gpt2x.training.turns)
     try:
         turns.next()  # the first turn is the setup
         run = setup(cfg)
@@ -210,7 +211,7 @@ def conclude(run: Run, summary: dict) -> float | None:
 
 
 def continue_with(run: Run) -> str:
-    """The command that continues this run from its newest checkpoint (gpt2x.preemption)."""
+    """The command that continues this run from its newest checkpoint (gpt2x.training.preemption)."""
     return continue_command(
         run.record.data.get("overrides") or [],
         run.cfg.paths.run_dir,
@@ -254,7 +255,7 @@ def train(run: Run) -> dict:
     profiler = start_profiler(run) if t.profile_steps > 0 else None
     progress = RunProgress(use_bar(t.progress, d.is_main), t.max_steps, run.start_step)
     # the step-time breakdown: the run's last trainer.breakdown_steps steps, one profile each
-    # (gpt2x.profiling), after every timed step and left out of the step-time statistics
+    # (gpt2x.training.profiling), after every timed step and left out of the step-time statistics
     breakdown_at = breakdown_steps_at(run.start_step, t.max_steps, warmup, t.breakdown_steps)
     breakdowns: list = []
     steps_run = 0
@@ -267,7 +268,7 @@ def train(run: Run) -> dict:
         while step < t.max_steps:
             try:  # a stop signal while waiting for the turn stops the run here, at once
                 with run.stop.waiting(run.turns.active):
-                    run.turns.next()  # interleave=steps: wait for this step's turn (gpt2x.turns)
+                    run.turns.next()  # interleave=steps: wait for this step's turn (gpt2x.training.turns)
             except StopWaiting:
                 stop_at_boundary(run, step, tokens_seen, losses)
                 break
@@ -541,7 +542,7 @@ def evaluate(run: Run) -> float:
 
 def hellaswag(run: Run) -> dict:
     """HellaSwag, batched (eagerly, see `inference`), examples split over ranks and the counts
-    all-reduced once (gpt2x.hellaswag)."""
+    all-reduced once (gpt2x.training.hellaswag)."""
     cfg, d = run.cfg, run.dist
     with inference(run.model):
         res = evaluate_hellaswag(

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import torch
 
-from gpt2x import distributed
 from gpt2x.config import ParallelKind
 from gpt2x.model import GPT, GPTConfig
+from gpt2x.training import distributed
 
 SHAPE = dict(block_size=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32, attn="sdpa")
 STEPS = 2

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 # CPU tests pin the CPU: one intra-op thread, as every subprocess gets (OMP_NUM_THREADS=1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# the measured matmul peak (gpt2x.peak) is probed once per test session, not read from ~/.cache
+# the measured matmul peak (gpt2x.training.peak) is probed once per test session, not read from ~/.cache
 os.environ.setdefault("GPT2X_CACHE", tempfile.mkdtemp(prefix="gpt2x-test-cache-"))
 
 # A tiny model and batch: every CLI run in the tests uses these unless it says otherwise.
@@ -193,7 +193,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def clean_env(**extra: str) -> dict:
     """This process' environment without launcher variables (the test may run under one)."""
-    from gpt2x.ablate import LAUNCH_ENV
+    from gpt2x.lab.ablate import LAUNCH_ENV
 
     env = {
         k: v
@@ -222,7 +222,7 @@ def tiny_cfg(run_dir: Path, data_root: Path, *overrides: str):
 
 def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     """The rows a run folder's jsonl file holds (a cut-off last line ends the read)."""
-    from gpt2x.runfolder import read_jsonl
+    from gpt2x.record.folder import read_jsonl
 
     return read_jsonl(Path(run_dir) / name)
 

@@ -158,7 +158,7 @@ def run_job(overrides: list[str], run_dir: str) -> dict:
 
     from gpt2x.train import run_training
 
-    torch._dynamo.reset()  # as a multirun job does (gpt2x.multirun.begin_job)
+    torch._dynamo.reset()  # as a multirun job does (gpt2x.training.multirun.begin_job)
     t0 = time.perf_counter()
     try:
         run_training(compose_job(overrides, run_dir))
@@ -182,7 +182,7 @@ def worker(jobs_file: str, out_file: str) -> None:
     for i, job in enumerate(jobs):
         if attempt is not None:
             # a process group per job: each init gets its own keys in torchrun's store, as an
-            # in-place restart does (gpt2x.distributed._restart_safe_store), never a dead one's
+            # in-place restart does (gpt2x.training.distributed._restart_safe_store), never a dead one's
             os.environ["TORCHELASTIC_RESTART_COUNT"] = f"{attempt}_job{i}"
         print(f"=== rank {rank} job {job['id']}", file=sys.stderr, flush=True)
         results[job["id"]] = run_job(job["overrides"], job["run_dir"])

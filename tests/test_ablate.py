@@ -16,9 +16,10 @@ import pytest
 import yaml
 from conftest import TINY, compose_rung, flatten, run_cli, sigint_when
 
-from gpt2x import REPO_ROOT, ablate, report
+from gpt2x import REPO_ROOT
 from gpt2x.config import register_configs
-from gpt2x.runfolder import read_jsonl
+from gpt2x.lab import ablate, report
+from gpt2x.record.folder import read_jsonl
 
 register_configs()
 

@@ -133,7 +133,7 @@ def test_each_ladder_rung_changes_exactly_one_thing_over_its_predecessor(ladder)
 
 
 def test_dry_run_launches_the_distributed_rungs_with_torchrun(capsys):
-    from gpt2x import ablate
+    from gpt2x.lab import ablate
 
     assert ablate.main(["ladder=beyond_cpu", "dry_run=true", "out=/tmp/beyond-dry", "nproc=2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "gpt2x.train" in line]

@@ -26,7 +26,7 @@ from gpt2x.checkpoint import CheckpointError
 from gpt2x.checkpoint import state as checkpoint_state
 from gpt2x.checkpoint import store as checkpoint_store
 from gpt2x.config import ConfigError, register_configs
-from gpt2x.runfolder import read_jsonl
+from gpt2x.record.folder import read_jsonl
 from gpt2x.train import TrainingError, TrainingInterrupted, run_training
 
 register_configs()
@@ -496,7 +496,7 @@ def test_sample_export_evaluate_from_a_checkpoint(small_run, tmp_path):
     # offline, and the pipeline's greedy text is gpt2x's greedy text
     from transformers import AutoTokenizer, pipeline
 
-    from gpt2x.tokenizer import get_tokenizer
+    from gpt2x.data.tokenizer import get_tokenizer
 
     text = "To be, or not to be:\n\n  ROMEO. <|endoftext|> 1234 caf\u00e9"
     tok = AutoTokenizer.from_pretrained(str(out))
@@ -740,7 +740,7 @@ def test_save_restore_round_trip_with_an_active_grad_scaler(tmp_path):
     from types import SimpleNamespace
 
     from gpt2x.model import GPT, GPTConfig
-    from gpt2x.optim import build_optimizer
+    from gpt2x.training.optim import build_optimizer
 
     def build():
         torch.manual_seed(0)
@@ -778,7 +778,7 @@ def test_save_restore_round_trip_with_an_active_grad_scaler(tmp_path):
 
 
 def test_hellaswag_eval_row_goes_to_wandb_as_val_hellaswag_acc_norm():
-    from gpt2x.wandb_logger import WandbLogger
+    from gpt2x.record.wandb_logger import WandbLogger
 
     logged = []
     logger = object.__new__(WandbLogger)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpt2x import chunked_loss
 from gpt2x.chunked_loss import chunked_cross_entropy
 from gpt2x.model import GPT, GPTConfig
 
@@ -113,15 +114,26 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_never_holds_more_than_one_chunk_of_logits():
+def test_never_holds_more_than_one_chunk_of_logits(monkeypatch):
     x, w, t = case()
     with LargestTensor() as plain:
         unchunked(x, w, t)
-    with LargestTensor() as rows_of_8:
-        chunked(x, w, t, 8)  # the same kernels as compiled, run op by op
+    # the operator runs the chunk kernel (compiled otherwise; the same code op by op here) on
+    # each chunk: record what every kernel call creates
+    inside, kernel, rows = LargestTensor(), chunked_loss._chunk_loss_and_grads, []
+
+    def recorded(x, *args):
+        rows.append(x.size(0))
+        with inside:
+            return kernel(x, *args)
+
+    monkeypatch.setattr(chunked_loss, "_chunk_loss_and_grads", recorded)
+    value, _, _ = chunked(x, w, t, 8)
+    assert value == pytest.approx(unchunked(x, w, t)[0].item(), rel=1e-6)
+    assert rows == [8, 8, 8, 8, 5]
     assert plain.numel == N * V  # the plain path's logits
     # the largest is the weight's gradient (V x C), then a chunk's logits (8 x V)
-    assert rows_of_8.numel == max(V * C, 8 * V) < N * V
+    assert inside.numel == max(V * C, 8 * V) < N * V
 
 
 @pytest.mark.slow
@@ -140,8 +152,8 @@ def test_never_holds_more_than_one_chunk_of_logits():
     ],
 )
 def test_compiled_model_with_chunked_loss_matches_the_eager_plain_model(kernel, bf16):
-    # the whole model under torch.compile: dynamo traces gpt2x's autograd.Function (and its
-    # kernels) into the model's graph; torch's op stays a custom op in it
+    # the whole model under torch.compile: both chunked kernels are operators of their own in
+    # its graph (gpt2x's runs its compiled chunk kernel inside)
     def run(loss: str, compiled: bool, autocast: bool):
         torch.manual_seed(0)
         model = GPT(

@@ -63,7 +63,7 @@ def restore_matmul_precision():
 
 @cuda_only
 def test_tf32_is_really_on_after_setup_precision(restore_matmul_precision):
-    from gpt2x.precision import setup_precision
+    from gpt2x.training.precision import setup_precision
 
     a, b = torch.randn(2048, 2048, device=DEVICE), torch.randn(2048, 2048, device=DEVICE)
     exact = a.double() @ b.double()
@@ -104,7 +104,7 @@ def test_flash_kernel_is_selected_for_attn_flash_in_bf16():
 def test_fused_adamw_equals_the_reference_update():
     """optim.fused=true (one fused kernel per group) and the fused=None default (foreach on
     CUDA) against torch's for-loop AdamW: the same parameters after 3 steps."""
-    from gpt2x.optim import build_optimizer
+    from gpt2x.training.optim import build_optimizer
 
     def run(fused: bool | None) -> list[torch.Tensor]:
         model = small_gpt(vocab_size=256)
@@ -137,8 +137,8 @@ def test_fused_adamw_equals_the_reference_update():
 
 @cuda_only
 def test_fp16_with_grad_scaler_trains_and_skips_an_inf_step():
-    from gpt2x.optim import build_optimizer
-    from gpt2x.precision import autocast, grad_scaler
+    from gpt2x.training.optim import build_optimizer
+    from gpt2x.training.precision import autocast, grad_scaler
 
     precision = SimpleNamespace(dtype="fp16", tf32=False)
     model = small_gpt(vocab_size=256)
@@ -204,11 +204,11 @@ def test_a_flash_checkpoint_evaluates_in_fp32_and_samples(tmp_path, data_root):
     from gpt2x import checkpoint
     from gpt2x.config import to_container
     from gpt2x.data import ShardLoader, ensure_prepared
-    from gpt2x.optim import build_optimizer
-    from gpt2x.precision import autocast
-    from gpt2x.run import build_model
     from gpt2x.sample import generate
-    from gpt2x.validation import val_reader, validation_loss_sum
+    from gpt2x.training.optim import build_optimizer
+    from gpt2x.training.precision import autocast
+    from gpt2x.training.run import build_model
+    from gpt2x.training.validation import val_reader, validation_loss_sum
 
     cfg = flash_config(data_root, tmp_path / "run")
     data_dir = ensure_prepared(cfg.data)

@@ -195,14 +195,14 @@ def test_opens_few_maps(data_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# the fixed validation set (gpt2x.validation.validation_loss_sum)
+# the fixed validation set (gpt2x.training.validation.validation_loss_sum)
 
 
 def test_validation_set_is_the_same_for_any_batch_and_world_size(data_dir):
     import contextlib
 
     from gpt2x.model import GPT, GPTConfig
-    from gpt2x.validation import validation_loss_sum
+    from gpt2x.training.validation import validation_loss_sum
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=T, n_layer=1, n_head=2, n_embd=16)).eval()

@@ -23,9 +23,10 @@ import torch
 from conftest import TINY, TORCHRUN_2, clean_env, run_cli
 from hydra import compose, initialize_config_dir
 
-from gpt2x import CONF_DIR, distributed
-from gpt2x.ablate import LAUNCH_ENV  # the launcher variables a child must not inherit
+from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, ParallelKind, register_configs
+from gpt2x.lab.ablate import LAUNCH_ENV  # the launcher variables a child must not inherit
+from gpt2x.training import distributed
 
 register_configs()
 pytestmark = pytest.mark.distributed

@@ -309,8 +309,9 @@ def test_gpu_network_and_cluster_commands_compose_and_validate(command):
     world size: the config composes (every name exists) and validate accepts it."""
     from hydra import compose, initialize_config_dir
 
-    from gpt2x import CONF_DIR, ablate
+    from gpt2x import CONF_DIR
     from gpt2x.config import register_configs, validate
+    from gpt2x.lab import ablate
 
     how = HOW[command]
     argv = doc(command)
@@ -543,7 +544,7 @@ def test_journey_ablate(tmp_path, data_root, monkeypatch):
         "gpt2x.report: error: W&B report not saved: WANDB_MODE=offline; the local report is complete"
     ]
     assert (out / "ablation.csv").read_text() == csv
-    from gpt2x.report import build_wandb_report, rebuild_ablation
+    from gpt2x.lab.report import build_wandb_report, rebuild_ablation
 
     runs, table_rows, _ = rebuild_ablation(out, tmp_path / "again")
     wandb_report = build_wandb_report(runs, entity="me", rows=table_rows)

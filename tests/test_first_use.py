@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 import gpt2x.config
 from gpt2x import CONF_DIR
 from gpt2x.config import register_configs
-from gpt2x.preemption import StopSignals, StopWaiting, continue_command
-from gpt2x.runfolder import read_jsonl
+from gpt2x.record.folder import read_jsonl
+from gpt2x.training.preemption import StopSignals, StopWaiting, continue_command
 
 register_configs()
 
@@ -336,8 +336,8 @@ def test_evaluate_offline_names_its_own_hellaswag_option(tmp_path, monkeypatch, 
     import urllib.request
 
     from gpt2x import evaluate
-    from gpt2x.hellaswag import CACHE_ENV_VAR
     from gpt2x.model import GPT, GPTConfig
+    from gpt2x.training.hellaswag import CACHE_ENV_VAR
 
     GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8)).export_hf(tmp_path / "hf")
 

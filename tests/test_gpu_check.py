@@ -212,7 +212,7 @@ def test_summary_shows_every_rung_the_checks_and_the_peer():
     }
     md = summary.render(result)
     assert md.startswith("# GPU check: PASSED")
-    assert "| peak FLOP/s (gpt2x.peak) | spec dense bf16 989.0 TFLOP/s; measured bf16 790.0" in md
+    assert "| peak FLOP/s (gpt2x.training.peak) | spec dense bf16 989.0 TFLOP/s; measured bf16 790.0" in md
     assert "| fused | completed | 45.2 | 362,000 | 1.04x | 41.2% | 50.0% | 12.3 | 31.0 |  |" in md
     assert "| ddp | n/a |  |  |  |  |  |  |  | parallel=ddp is not available on one process |" in md
     assert "MFU against the spec peak: 48.1% (reference: about 50% at this setting)." in md

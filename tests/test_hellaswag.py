@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2x import hellaswag as hs
-from gpt2x.hellaswag import (
+from gpt2x.training import hellaswag as hs
+from gpt2x.training.hellaswag import (
     HellaSwagError,
     evaluate_hellaswag,
     hellaswag_path,
@@ -46,11 +46,11 @@ def byte_encode(text: str) -> list[int]:
 
 def gpt2_encoding():
     try:
-        from gpt2x.tokenizer import get_tokenizer
+        from gpt2x.data.tokenizer import get_tokenizer
 
         return get_tokenizer()
     except Exception as e:  # the tokenizer module is optional for these tests
-        pytest.skip(f"gpt2x.tokenizer unavailable: {e}")
+        pytest.skip(f"gpt2x.data.tokenizer unavailable: {e}")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

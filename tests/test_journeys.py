@@ -134,8 +134,8 @@ class OneProcess:
 def test_explicit_shape_values_must_agree_with_the_checkpoint(hf_dir, monkeypatch, override, error):
     from omegaconf import OmegaConf
 
-    from gpt2x import run as run_module
     from gpt2x.config import ConfigError, ModelConfig
+    from gpt2x.training import run as run_module
 
     cfg = OmegaConf.create({"model": OmegaConf.structured(ModelConfig(init_from=str(hf_dir)))})
     key, value = override.split("=")
@@ -155,7 +155,7 @@ def test_init_from_targets_that_are_no_hf_gpt2_are_one_line(tmp_path, hf_dir):
     from transformers import LlamaConfig
 
     from gpt2x.config import ConfigError
-    from gpt2x.run import read_pretrained_shape
+    from gpt2x.training.run import read_pretrained_shape
 
     (tmp_path / "empty").mkdir()
     run = tmp_path / "run" / "checkpoints" / "step_000002"

@@ -15,19 +15,15 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "gpt2x"
-# modules that must import without torch (the report runs on any machine)
-TORCH_FREE = [
-    "gpt2x.runfolder",
-    "gpt2x.report",
-    "gpt2x.stats",
-    "gpt2x.plots",
-    "gpt2x.wandb_logger",
-    "gpt2x.figure",
-    "gpt2x.baselines",
-    "gpt2x.summary",
-    "gpt2x.wandb_report",
-    "gpt2x.turns",
-]
+# the commands (`python -m gpt2x.<command>`): nothing below them imports them
+TRAINER_COMMANDS = {"gpt2x.train", "gpt2x.prepare", "gpt2x.sample", "gpt2x.export", "gpt2x.evaluate"}
+LAB_COMMANDS = {"gpt2x.ablate", "gpt2x.report", "gpt2x.sweep"}
+
+
+def torch_free() -> list[str]:
+    """The run record and the lab (and the lab's commands) run on any machine: no torch."""
+    mods = [module_name(f) for d in ("record", "lab") for f in sorted((PACKAGE / d).glob("*.py"))]
+    return [*mods, "gpt2x.training.turns", "gpt2x.report", "gpt2x.sweep"]
 
 
 def module_name(path: Path) -> str:
@@ -105,22 +101,44 @@ def test_a_cycle_is_found_when_there_is_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_lower_layers_never_import_the_entry_points_or_the_experiment_layer():
+def layer(mod: str) -> str:
+    """config/model (the ground), record, data/checkpoint/training (components), commands, lab."""
+    if mod in TRAINER_COMMANDS or mod == "gpt2x.tools":
+        return "commands"
+    if mod in LAB_COMMANDS or mod.startswith("gpt2x.lab"):
+        return "lab"
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ("record", "data", "checkpoint", "training") else "ground"
+
+
+# which layer may import which (besides itself): the folders are the layers, bottom to top
+MAY_IMPORT = {
+    "ground": {"ground"},
+    "record": {"ground"},
+    "data": {"ground", "record"},
+    "checkpoint": {"ground", "record", "data"},
+    "training": {"ground", "record", "data", "checkpoint"},
+    "commands": {"ground", "record", "data", "checkpoint", "training", "commands"},
+    "lab": {"ground", "record", "training", "lab"},  # training: torch-free parts only (below)
+}
+
+
+def test_every_import_goes_down_the_layers():
     graph = import_graph()
-    top = {"gpt2x.train", "gpt2x.run", "gpt2x.multirun", "gpt2x.tools", "gpt2x.prepare"}
-    top |= {"gpt2x.evaluate", "gpt2x.sample", "gpt2x.export"}
-    top |= {"gpt2x.ablate", "gpt2x.sweep", "gpt2x.launch", "gpt2x.report", "gpt2x.summary"}
-    top |= {"gpt2x.wandb_report"}
-    components = [m for m in graph if m not in top and m != "gpt2x"]
-    for mod in components:
-        assert not graph[mod] & top, f"{mod} imports {graph[mod] & top}"
+    assert {layer(m) for m in graph} == set(MAY_IMPORT)  # every folder has its modules
+    for mod, deps in graph.items():
+        for dep in deps:
+            assert layer(dep) in MAY_IMPORT[layer(mod)] | {layer(mod)}, f"{mod} imports {dep}"
     # nanoGPT's model.py imports nothing of its repo; gpt2x's, only its chunked-loss kernel
     assert "gpt2x.model" in graph and graph["gpt2x.model"] <= {"gpt2x.chunked_loss"}
     assert graph["gpt2x.chunked_loss"] == set()
+    # the lab reaches into training only for what needs no torch
+    lab_uses = {d for m, deps in graph.items() if layer(m) == "lab" for d in deps}
+    assert {d for d in lab_uses if layer(d) == "training"} <= set(torch_free())
 
 
-@pytest.mark.parametrize("module", TORCH_FREE)
-def test_the_run_folder_and_report_layers_never_load_torch(module):
+@pytest.mark.parametrize("module", torch_free())
+def test_the_run_record_and_the_lab_never_load_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr

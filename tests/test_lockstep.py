@@ -1,5 +1,5 @@
 """interleave=steps: the single-process rungs of a repeat run together and take turns step by
-step (gpt2x.turns, handed out by gpt2x.ablate), and the report pairs their steps. Each rung must
+step (gpt2x.training.turns, handed out by gpt2x.ablate), and the report pairs their steps. Each rung must
 compute exactly what it computes alone; a rung that fails must fail alone."""
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import pytest
 from conftest import TINY, run_cli, sigint_when
 from test_report import TOKENS_PER_STEP, write_run
 
-from gpt2x import ablate, report, stats
-from gpt2x.report import load_runs, summarize
-from gpt2x.runfolder import read_jsonl
-from gpt2x.turns import Turns, TurnsClosed
+from gpt2x import stats
+from gpt2x.lab import ablate, report
+from gpt2x.lab.report import load_runs, summarize
+from gpt2x.record.folder import read_jsonl
+from gpt2x.training.turns import Turns, TurnsClosed
 
 # --------------------------------------------------------------------------------------------
-# gpt2x.turns: the run's side of the turns
+# gpt2x.training.turns: the run's side of the turns
 
 
 def test_turns_wait_for_go_and_answer_done():

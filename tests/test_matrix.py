@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, register_configs, validate
 from gpt2x.data import DataError
-from gpt2x.runfolder import read_jsonl
+from gpt2x.record.folder import read_jsonl
 from gpt2x.train import run_training
 
 register_configs()
@@ -694,7 +694,7 @@ def conf_groups() -> dict[str, set[str]]:
 def test_help_lists_every_group_with_exactly_its_options(tmp_path):
     proc = run_cli("gpt2x.train", "--help", cwd=tmp_path)
     assert "_schema" not in proc.stdout
-    section = proc.stdout.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    section = proc.stdout.split("== Config groups (group=option) ==", 1)[1].split("\n\n", 1)[0]
     listed = {}
     for line in section.splitlines():
         m = re.fullmatch(r"(\S+): (.+)", line.strip())

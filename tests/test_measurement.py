@@ -14,11 +14,12 @@ from omegaconf import OmegaConf
 from test_distributed import restore_env, world_of_one  # noqa: F401 - a fixture and a helper
 from torch._dynamo.testing import CompileCounter
 
-from gpt2x import ablate, distributed
 from gpt2x.config import ParallelKind
+from gpt2x.lab import ablate
 from gpt2x.model import GPT, GPTConfig
-from gpt2x.optim import build_optimizer
 from gpt2x.train import breakdown_steps_at, evaluate, inference
+from gpt2x.training import distributed
+from gpt2x.training.optim import build_optimizer
 
 LADDER = ["fp32", "tf32", "bf16", "compile", "flash", "vocab", "fused", "ddp"]
 
@@ -71,7 +72,7 @@ def test_profiled_steps_are_the_last_ones_after_every_timed_step(
 
 
 class WindowReader:
-    """The validation reader's interface (gpt2x.validation) over random tokens."""
+    """The validation reader's interface (gpt2x.training.validation) over random tokens."""
 
     seq_len = 16
 

@@ -569,7 +569,7 @@ def test_activation_checkpointing_only_in_training(monkeypatch):
     assert calls == []
 
 
-# ---- float8 (gpt2x.float8) -----------------------------------------------------------------
+# ---- float8 (gpt2x.training.float8) -----------------------------------------------------------------
 
 FP8_HINT = (
     "(float8 training needs an NVIDIA GPU with compute capability 8.9+, e.g. H100/H200); "
@@ -578,7 +578,7 @@ FP8_HINT = (
 
 
 def test_float8_module_filter_picks_the_block_linears():
-    from gpt2x.float8 import float8_module_filter
+    from gpt2x.training.float8 import float8_module_filter
 
     model = tiny()
     picked = [n for n, m in model.named_modules() if float8_module_filter(m, n)]
@@ -599,7 +599,7 @@ def test_float8_module_filter_picks_the_block_linears():
 def test_float8_filter_with_torchao_conversion():
     # torchao's swap itself runs anywhere (only the float8 matmuls need the GPU)
     float8 = pytest.importorskip("torchao.float8")
-    from gpt2x.float8 import float8_module_filter
+    from gpt2x.training.float8 import float8_module_filter
 
     model = tiny()
     weight = model.transformer.h[0].mlp.c_fc.weight
@@ -614,7 +614,7 @@ def test_float8_filter_with_torchao_conversion():
 def test_float8_unavailable_messages(monkeypatch):
     import sys
 
-    from gpt2x import float8
+    from gpt2x.training import float8
 
     for device in ("cpu", torch.device("cpu")):
         with pytest.raises(float8.Float8Unavailable) as e:

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gpt2x.model import GPT, GPTConfig
-from gpt2x.optim import MuonAdamW, build_optimizer, lr_at, muon_split, set_lr
+from gpt2x.training.optim import MuonAdamW, build_optimizer, lr_at, muon_split, set_lr
 
 
 def optim_cfg(**kw) -> SimpleNamespace:

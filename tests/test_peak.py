@@ -1,4 +1,4 @@
-"""gpt2x.peak: exact spec-sheet lookup, the matmul probe, and its cache (CPU only)."""
+"""gpt2x.training.peak: exact spec-sheet lookup, the matmul probe, and its cache (CPU only)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt2x import peak
+from gpt2x.training import peak
 
 CPU = torch.device("cpu")
 
@@ -199,7 +199,7 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, fake_probe, content):
 def test_cache_write_error_never_fails_the_run(tmp_path, fake_probe, caplog):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with caplog.at_level(logging.WARNING, logger="gpt2x.peak"):
+    with caplog.at_level(logging.WARNING, logger="gpt2x.training.peak"):
         value = peak.measured_peak(CPU, torch.float32, blocker / "peak_flops.json")
     assert value == 1e9 * torch.get_num_threads()
     assert "GPT2X_CACHE" in caplog.text
@@ -218,7 +218,7 @@ def test_peak_record_on_cpu(tmp_path, fake_probe, caplog):
     reads low, and MFU against it high (the same tokens/s read 9.9% or 28.1%)."""
     path = tmp_path / "peak_flops.json"
     before = time.strftime("%Y-%m-%d %H:%M")
-    with caplog.at_level(logging.INFO, logger="gpt2x.peak"):
+    with caplog.at_level(logging.INFO, logger="gpt2x.training.peak"):
         rec = peak.peak_record(CPU, path)
     when = rec.pop("probed_at")
     assert rec == {

@@ -28,7 +28,7 @@ from gpt2x.data import (
     load_manifest,
     prepare,
 )
-from gpt2x.tokenizer import EOT, get_tokenizer
+from gpt2x.data.tokenizer import EOT, get_tokenizer
 
 WORDS = [
     "the",

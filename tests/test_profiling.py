@@ -1,4 +1,4 @@
-"""The per-step time breakdown (gpt2x.profiling) and its plot (gpt2x.plots), on CPU."""
+"""The per-step time breakdown (gpt2x.training.profiling) and its plot (gpt2x.lab.plots), on CPU."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt2x import plots
+from gpt2x.lab import plots
 from gpt2x.model import GPT, GPTConfig
-from gpt2x.profiling import (
+from gpt2x.training.profiling import (
     CATEGORIES,
     PATTERNS,
     STEP_MARK,

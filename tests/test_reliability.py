@@ -17,11 +17,12 @@ import pytest
 import torch
 from conftest import TINY, record, rows, run_cli, tiny_cfg
 
-from gpt2x import checkpoint, runfolder
+from gpt2x import checkpoint
 from gpt2x.checkpoint import CheckpointError
 from gpt2x.checkpoint import state as checkpoint_state
 from gpt2x.checkpoint import store as checkpoint_store
-from gpt2x.runfolder import RESERVE, TEST_KILL_ENV, RunFolderError, RunRecord, truncate_jsonl
+from gpt2x.record import folder as runfolder
+from gpt2x.record.folder import RESERVE, TEST_KILL_ENV, RunFolderError, RunRecord, truncate_jsonl
 from gpt2x.train import run_training
 
 # eval rows every 2 steps, a sample row every 3, a checkpoint every 2 (two kept)
@@ -234,14 +235,14 @@ def test_a_full_disk_while_logging_takes_back_the_half_row_and_records_the_failu
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_json(path, obj)
 
-    monkeypatch.setattr("gpt2x.runfolder.write_json", write_json_once_full)
+    monkeypatch.setattr("gpt2x.record.folder.write_json", write_json_once_full)
     run.finish("failed", error="disk full")
     assert record(tmp_path)["status"] == "failed" and not (tmp_path / RESERVE).exists()
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_keep_last_reserves_every_checkpoint_it_holds_at_once(tmp_path, monkeypatch):
-    from gpt2x.run import checkpoints_at_once
+    from gpt2x.training.run import checkpoints_at_once
 
     trainer = tiny_cfg(tmp_path, tmp_path, *RUN).trainer
     assert checkpoints_at_once(trainer) == 3  # keep_last=2 + the one being written

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from gpt2x import report
-from gpt2x.report import (
+from gpt2x.lab import report
+from gpt2x.lab.report import (
     COLUMNS,
     ReportError,
     build_wandb_report,
@@ -22,7 +22,7 @@ from gpt2x.report import (
     summarize,
     write_report,
 )
-from gpt2x.runfolder import read_jsonl
+from gpt2x.record.folder import read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOKENS_PER_STEP = 4096
@@ -615,8 +615,8 @@ def test_one_failed_repeat_is_said_and_the_others_count(tmp_path):
 
 
 def test_plots_carry_the_spread_and_the_breakdown(tmp_path):
-    from gpt2x import plots
-    from gpt2x.report import loss_curves, mean_breakdown
+    from gpt2x.lab import plots
+    from gpt2x.lab.report import loss_curves, mean_breakdown
 
     medians = repeated_ladder(tmp_path / "abl")
     runs = load_runs(tmp_path / "abl")
@@ -662,7 +662,7 @@ def test_report_cli_rebuilds_the_same_table_from_a_repeated_ablation(tmp_path, c
 
 
 def test_cli_figure_draws_the_reproduction_figure_from_the_record(tmp_path, capsys):
-    from gpt2x.figure import reproduction_figure
+    from gpt2x.lab.figure import reproduction_figure
 
     run = write_run(tmp_path, "run", "reproduce/rehearsal", 100.0)
     with open(run / "eval.jsonl", "a") as f:
@@ -718,7 +718,7 @@ def two_repeat_ladder(root: Path) -> None:
 def test_two_repeats_say_too_few_instead_of_a_meaningless_interval(tmp_path):
     from matplotlib.container import ErrorbarContainer
 
-    from gpt2x import plots
+    from gpt2x.lab import plots
 
     two_repeat_ladder(tmp_path / "abl")
     runs = load_runs(tmp_path / "abl")
@@ -817,7 +817,7 @@ def test_sweep_summary_shows_what_varies(tmp_path):
 
 
 def test_plots_keep_titles_inside_and_long_names_from_squeezing_the_plot(tmp_path):
-    from gpt2x import plots
+    from gpt2x.lab import plots
 
     root = tmp_path / "runs"
     names = [

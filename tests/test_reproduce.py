@@ -14,10 +14,11 @@ from conftest import REPO, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gpt2x import CONF_DIR, baselines
+from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, grad_accum_steps, register_configs, validate
-from gpt2x.figure import FigureError, load_series, plot_reproduction, reproduction_figure
-from gpt2x.runfolder import read_jsonl, read_record
+from gpt2x.lab import baselines
+from gpt2x.lab.figure import FigureError, load_series, plot_reproduction, reproduction_figure
+from gpt2x.record.folder import read_jsonl, read_record
 
 register_configs()
 ASSET = REPO / "gpt2x" / "assets" / "hellaswag_sample.jsonl"
@@ -325,7 +326,7 @@ def test_plot_reproduction_writes_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("module", ["gpt2x.figure", "gpt2x.baselines"])
+@pytest.mark.parametrize("module", ["gpt2x.lab.figure", "gpt2x.lab.baselines"])
 def test_figure_and_baselines_never_load_torch_or_matplotlib_on_import(module):
     code = f"import sys, {module}; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

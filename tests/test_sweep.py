@@ -1,5 +1,5 @@
 """Hydra multirun sweeps on CPU, offline: batch-size sweep + summary, failed jobs, Optuna, the
-joblib and torchrun launchers, W&B groups; plus the helpers in gpt2x.sweep / gpt2x.launch."""
+joblib and torchrun launchers, W&B groups; plus the helpers in gpt2x.sweep / gpt2x.lab.launch."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from omegaconf import OmegaConf, open_dict
 
 from gpt2x import CONF_DIR
 from gpt2x.config import job_dirname, register_configs, resolved_config
-from gpt2x.launch import (
+from gpt2x.lab.launch import (
     failure_from_log,
     quote_override_value,
     stop_process_group,
     torchrun_command,
 )
-from gpt2x.multirun import FAILED, failure_reason, record_failure
-from gpt2x.runfolder import read_jsonl, write_failed_record
-from gpt2x.sweep import swept_key
+from gpt2x.lab.sweep import swept_key
+from gpt2x.record.folder import read_jsonl, write_failed_record
+from gpt2x.training.multirun import FAILED, failure_reason, record_failure
 
 register_configs()
 
@@ -520,7 +520,7 @@ def test_each_job_of_an_in_process_sweep_compiles_afresh():
     """multirun.begin_job resets dynamo: without it, job 2 of a sequential sweep reuses job 1's
     compiled code (and, at a new batch size, recompiles with a dynamic batch dimension), so its
     tokens/s and compile_seconds would not be its own."""
-    from gpt2x import multirun
+    from gpt2x.training import multirun
 
     compiles = []
 

@@ -9,7 +9,7 @@ import pytest
 import tiktoken
 import tiktoken.registry
 
-from gpt2x.tokenizer import (
+from gpt2x.data.tokenizer import (
     ENCODER_JSON_URL,
     EOT,
     VOCAB_BPE_URL,

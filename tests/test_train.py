@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, register_configs
 from gpt2x.data import DataError
-from gpt2x.runfolder import read_jsonl
+from gpt2x.record.folder import read_jsonl
 from gpt2x.train import TrainingError, run_training
 
 register_configs()
@@ -350,7 +350,7 @@ def test_progress_bar_and_the_projected_wall_time(tmp_path, data_root):
 def test_peak_memory_is_per_step_on_cpu():
     import torch
 
-    from gpt2x.metrics import peak_memory, reset_peak_memory
+    from gpt2x.training.metrics import peak_memory, reset_peak_memory
 
     cpu = torch.device("cpu")
     reset_peak_memory(cpu)

@@ -167,7 +167,7 @@ def environment(rehearse: bool) -> dict:
             nvidia_smi=nvidia_smi(),
         )
     else:
-        from gpt2x.peak import cpu_model_name
+        from gpt2x.training.peak import cpu_model_name
 
         env["gpu"] = f"none (rehearsal on the CPU: {cpu_model_name()})"
     return env

@@ -107,7 +107,7 @@ def render(result: dict) -> str:
         f"{env.get('cudnn', '')} |",
         f"| Python / host / CPUs | {env.get('python', '')} / {env.get('host', '')} / "
         f"{env.get('cpu_count', '')} |",
-        f"| peak FLOP/s (gpt2x.peak) | spec dense bf16 {_flops(peaks.get('spec_bf16'))}; "
+        f"| peak FLOP/s (gpt2x.training.peak) | spec dense bf16 {_flops(peaks.get('spec_bf16'))}; "
         f"measured bf16 {_flops(peaks.get('measured_bf16'))}, fp32 "
         f"{_flops(peaks.get('measured_fp32'))} |",
         f"| budget / wall time | {_fmt(result.get('budget_s'))} s / "

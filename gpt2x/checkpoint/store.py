@@ -23,7 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from gpt2x.config import ConfigError
-from gpt2x.runfolder import fsync_dir, kill_for_test
+from gpt2x.record.folder import fsync_dir, kill_for_test
 
 log = logging.getLogger("gpt2x.checkpoint")
 

@@ -11,7 +11,7 @@ import torch
 
 from gpt2x.data.shards import load_manifest
 from gpt2x.data.sources import DataError
-from gpt2x.tokenizer import N_VOCAB
+from gpt2x.data.tokenizer import N_VOCAB
 
 
 class ShardLoader:

@@ -39,9 +39,9 @@ from gpt2x.data.sources import (
     preparation_version,
     sha256_file,
 )
-from gpt2x.runfolder import atomic_write_bytes, fsync_dir
-from gpt2x.tokenizer import EOT, N_VOCAB, encode_documents, get_tokenizer
-from gpt2x.tokenizer import NAME as TOKENIZER_NAME
+from gpt2x.data.tokenizer import EOT, N_VOCAB, encode_documents, get_tokenizer
+from gpt2x.data.tokenizer import NAME as TOKENIZER_NAME
+from gpt2x.record.folder import atomic_write_bytes, fsync_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

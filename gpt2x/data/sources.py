@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2x import package_dir
-from gpt2x.runfolder import atomic_write_bytes
+from gpt2x.record.folder import atomic_write_bytes
 
 SMALL_CORPORA = ("shakespeare", "text", "tinyshakespeare")  # prepared on first use, in-process
 BIG_CORPORA = ("fineweb_edu", "hf")  # prepared by `python -m gpt2x.prepare`

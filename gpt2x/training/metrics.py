@@ -1,7 +1,7 @@
 """Per-step measurements: throughput, MFU, memory, and what the run ran on.
 
 MFU follows the nanoGPT/PaLM convention: FLOPs per token = 6N + 12*L*H*Q*T (the model's
-`flops_per_token`), divided by a peak FLOP/s. Two peaks, each its own column (gpt2x.peak):
+`flops_per_token`), divided by a peak FLOP/s. Two peaks, each its own column (gpt2x.training.peak):
 `mfu` against the spec-sheet dense bf16 peak of the GPU (empty where none is known: CPUs,
 unlisted GPUs, MIG slices; `trainer.peak_flops` sets it by hand), and `mfu_measured` against the
 better of the bf16 and fp32 matmul peaks measured on this machine by a short probe (every
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2x import stats
-from gpt2x.peak import cpu_model_name, device_name
+from gpt2x.training.peak import cpu_model_name, device_name
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None, world_size: int = 1):

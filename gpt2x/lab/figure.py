@@ -4,10 +4,10 @@ Karpathy's "Let's reproduce GPT-2 (124M)" ends with a two-panel figure (build-na
 play.ipynb, the log-plotting cell): train and val loss with the OpenAI GPT-2 checkpoint's val
 loss as a dashed line, and HellaSwag accuracy with the GPT-2 and GPT-3 checkpoints' numbers. This
 module draws the same figure from a gpt2x run folder (record.json, metrics.jsonl, eval.jsonl;
-see gpt2x.runfolder), against tokens seen instead of steps so runs with different batch sizes
+see gpt2x.record.folder), against tokens seen instead of steps so runs with different batch sizes
 share an axis.
 
-Baselines (gpt2x.baselines) are drawn only where they apply:
+Baselines (gpt2x.lab.baselines) are drawn only where they apply:
 
 * val loss: the OpenAI GPT-2 124M checkpoint's 3.2924 was measured on the FineWeb-Edu val
   shard, so the line is drawn for a 124M model trained on data=fineweb_edu only; otherwise the
@@ -19,7 +19,7 @@ Baselines (gpt2x.baselines) are drawn only where they apply:
 matplotlib is imported inside the functions (slow to import); the object API on an Agg canvas:
 no pyplot, no GUI backend.
 
-    from gpt2x.figure import plot_reproduction
+    from gpt2x.lab.figure import plot_reproduction
     plot_reproduction("outputs/runs/<run>", "outputs/runs/<run>/reproduction.png")
 """
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2x import baselines
-from gpt2x.runfolder import EVAL, METRICS, read_jsonl, read_record
+from gpt2x.lab import baselines
+from gpt2x.record.folder import EVAL, METRICS, read_jsonl, read_record
 
 
 class FigureError(ValueError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# == gpt2x.profiling.CATEGORIES (a test keeps them equal): bottom-to-top order of the stacks
+# == gpt2x.training.profiling.CATEGORIES (a test keeps them equal): bottom-to-top order of the stacks
 BREAKDOWN_CATEGORIES = (
     "matmul",
     "attention",

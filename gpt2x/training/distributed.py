@@ -321,7 +321,7 @@ def mixed_precision_policy(precision_cfg, reduce_dtype: str = "auto"):
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from gpt2x.precision import torch_dtype
+    from gpt2x.training.precision import torch_dtype
 
     if precision_cfg is None:
         return None

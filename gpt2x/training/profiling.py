@@ -24,7 +24,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
-# the order of the stacked bars in plots (gpt2x/plots.py keeps a torch-free copy)
+# the order of the stacked bars in plots (gpt2x/lab/plots.py keeps a torch-free copy)
 CATEGORIES = (
     "matmul",
     "attention",

@@ -155,7 +155,7 @@ def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[dic
     if not path.is_file():
         raise HellaSwagError(
             f"HellaSwag file {path} does not exist; download it with "
-            f"gpt2x.hellaswag.hellaswag_path('val') or from {HELLASWAG_URLS['val']}"
+            f"gpt2x.training.hellaswag.hellaswag_path('val') or from {HELLASWAG_URLS['val']}"
         )
     if limit is not None and limit < 0:
         raise HellaSwagError(f"limit must be >= 0 or None, got {limit}")

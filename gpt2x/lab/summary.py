@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2x import plots, stats
-from gpt2x.runfolder import config_hash, read_jsonl
+from gpt2x import stats
+from gpt2x.lab import plots
+from gpt2x.record.folder import config_hash, read_jsonl
 
 DEFAULT_WARMUP = 3
 TRAIN_MODULE = "gpt2x.train"
@@ -307,7 +308,7 @@ def _measure(run: Run, warmup: int) -> dict:
     measured = _measured_rows(run, warmup)
     ms = _values(measured, "ms")
     out["ms"] = ms
-    # step -> tokens/s: pairs the steps of rungs that took turns (gpt2x.turns)
+    # step -> tokens/s: pairs the steps of rungs that took turns (gpt2x.training.turns)
     out["by_step"] = {
         int(r["step"]): float(r["tokens_per_s"])
         for r in measured
@@ -498,7 +499,7 @@ def _paired(
     per_step: list[dict[int, tuple[str | None, dict[int, float]]]],
 ) -> stats.Interval | None:
     """Row i against row j over the repeats both have (None with fewer than 2): per repeat the
-    ratio of the repeats' tokens/s, or, where both took turns in one group (gpt2x.turns), the median
+    ratio of the repeats' tokens/s, or, where both took turns in one group (gpt2x.training.turns), the median
     of their step-by-step ratios (gpt2x.stats)."""
     common = sorted(set(per_repeat[i]) & set(per_repeat[j]))
     if len(common) < 2:
@@ -611,7 +612,7 @@ def build_header(runs: Sequence[Run], baseline: str | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# What the plots get from the runs (the drawing itself is gpt2x.plots: torch-free, data in)
+# What the plots get from the runs (the drawing itself is gpt2x.lab.plots: torch-free, data in)
 
 
 def loss_curves(runs: Sequence[Run], rows: Sequence[dict]) -> list[plots.Curve]:
@@ -648,7 +649,7 @@ def breakdown_table(breakdowns: Sequence[dict]) -> list[str]:
         return []
     cats = list(plots.BREAKDOWN_CATEGORIES)
     lines = [
-        "## Where the step time goes (ms per profiled step, gpt2x.profiling)",
+        "## Where the step time goes (ms per profiled step, gpt2x.training.profiling)",
         "",
         "| name | step ms | " + " | ".join(cats) + " |",
         "|" + "---|" * (len(cats) + 2),

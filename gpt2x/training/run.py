@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from gpt2x import checkpoint, distributed, runfolder
+from gpt2x import checkpoint
 from gpt2x.config import (
     AttnImpl,
     ConfigError,
@@ -29,18 +29,20 @@ from gpt2x.config import (
     validate,
 )
 from gpt2x.data import ShardLoader, ensure_prepared
-from gpt2x.float8 import check_float8, convert_to_float8
-from gpt2x.hellaswag import HellaSwagError, hellaswag_path, load_examples
-from gpt2x.metrics import hardware
 from gpt2x.model import GPT, GPTConfig, check_attention, pretrained_shape
-from gpt2x.optim import build_optimizer
-from gpt2x.peak import peak_record
-from gpt2x.precision import grad_scaler, setup_precision, torch_dtype
-from gpt2x.preemption import StopSignals
-from gpt2x.runfolder import RunRecord, git_info, versions
-from gpt2x.turns import Turns
-from gpt2x.validation import val_reader
-from gpt2x.wandb_logger import WandbLogger
+from gpt2x.record import folder as runfolder
+from gpt2x.record.folder import RunRecord, git_info, versions
+from gpt2x.record.wandb_logger import WandbLogger
+from gpt2x.training import distributed
+from gpt2x.training.float8 import check_float8, convert_to_float8
+from gpt2x.training.hellaswag import HellaSwagError, hellaswag_path, load_examples
+from gpt2x.training.metrics import hardware
+from gpt2x.training.optim import build_optimizer
+from gpt2x.training.peak import peak_record
+from gpt2x.training.precision import grad_scaler, setup_precision, torch_dtype
+from gpt2x.training.preemption import StopSignals
+from gpt2x.training.turns import Turns
+from gpt2x.training.validation import val_reader
 
 log = logging.getLogger("gpt2x.train")
 
@@ -110,7 +112,7 @@ def setup(cfg: DictConfig) -> Run:
     )
     if t.overfit_one_batch:
         train_loader = RepeatFirstBatch(train_loader)
-    # validation reads fixed windows by position (see gpt2x.validation)
+    # validation reads fixed windows by position (see gpt2x.training.validation)
     val_loader = val_reader(data_dir, t.seq_len)
     val_loader.validation_windows(t.eval_tokens)  # a too-small val split fails before training
 
@@ -206,7 +208,7 @@ def setup(cfg: DictConfig) -> Run:
 
 
 def claim_run_folder(cfg: DictConfig, d: distributed.Dist) -> None:
-    """One run per folder, one process at a time (gpt2x.runfolder.claim_run_folder): rank 0
+    """One run per folder, one process at a time (gpt2x.record.folder.claim_run_folder): rank 0
     claims it before anything is written there; every rank raises its RunFolderError. On the
     command line RunFolderCheck has claimed it already, before Hydra wrote anything."""
     error = moved = None

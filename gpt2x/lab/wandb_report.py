@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Sequence
 
-from gpt2x.summary import (
+from gpt2x.lab.summary import (
     ReportError,
     Run,
     _distinct,
@@ -17,9 +17,9 @@ from gpt2x.summary import (
     config_value,
     markdown_table,
 )
-from gpt2x.wandb_logger import wandb_api_key_configured
+from gpt2x.record.wandb_logger import wandb_api_key_configured
 
-# W&B metric keys logged by the trainer (gpt2x.wandb_logger.WandbLogger)
+# W&B metric keys logged by the trainer (gpt2x.record.wandb_logger.WandbLogger)
 WANDB_LOSS = "train/loss"
 WANDB_TOKENS_PER_S = "perf/tokens_per_s"
 WANDB_MFU = "perf/mfu"

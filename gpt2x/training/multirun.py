@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from gpt2x.config import resolved_config
-from gpt2x.runfolder import read_record, write_failed_record
+from gpt2x.record.folder import read_record, write_failed_record
 
 log = logging.getLogger("gpt2x.sweep")
 

@@ -13,7 +13,7 @@ multi-process DDP job. This launcher runs, for every job and one after the other
 waits for it, tees its output to `<job folder>/torchrun.log`, and reads the job's result from
 the run record the trainer wrote (record.json: status, summary.val_loss). A job that fails or
 dies (non-zero exit, a signal, a timeout) gets a failed record with the reason (gpt2x.sweep)
-and returns gpt2x.sweep.FAILED, so the sweep goes on; with nproc_per_node=1 this is also a
+and returns gpt2x.lab.sweep.FAILED, so the sweep goes on; with nproc_per_node=1 this is also a
 sequential launcher that isolates each job in a fresh process (a crash or a CPU out-of-memory
 kill ends that job only).
 
@@ -49,11 +49,11 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from gpt2x.config import resolved_config, run_id
-from gpt2x.runfolder import read_record, write_failed_record
+from gpt2x.record.folder import read_record, write_failed_record
 
-log = logging.getLogger("gpt2x.launch")
+log = logging.getLogger("gpt2x.lab.launch")
 
-FAILED = float("inf")  # == gpt2x.multirun.FAILED (not imported here: it would import torch)
+FAILED = float("inf")  # == gpt2x.training.multirun.FAILED (not imported here: it would import torch)
 
 
 def quote_override_value(value: str) -> str:

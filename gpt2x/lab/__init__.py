@@ -1,0 +1,1 @@
+"""Experiments over many runs: ablation ladders, sweeps, reports, statistics. Imports no torch."""

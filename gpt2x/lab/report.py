@@ -1,0 +1,480 @@
+"""Comparison tables and plots rebuilt from run records, fully offline (see docs/report.md).
+
+    python -m gpt2x.report outputs/runs/ladder --out reports/ladder
+    python -m gpt2x.report outputs/multirun/<sweep> --x trainer.micro_batch_size --basename summary
+
+Reads every `record.json` (+ `metrics.jsonl`, `eval.jsonl`) under the given folders, as
+described in docs/run-record.md, and writes `<basename>.md`, `<basename>.csv`, `loss.png`,
+`tokens_per_s.png` (and `sweep.png` with `--x`). With `--wandb` it also saves a W&B report that
+compares the same runs online. Nothing here imports torch: the report runs on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpt2x import stats
+from gpt2x.lab import plots
+from gpt2x.lab.figure import FigureError, plot_reproduction
+from gpt2x.lab.summary import (
+    COLUMNS,
+    CONFIDENCE,
+    TARGET_TOLERANCE,
+    ReportError,
+    Run,
+    _csv_cell,
+    _distinct,
+    _fmt,
+    _one_line,
+    _sweep_key,
+    breakdown_table,
+    build_header,
+    columns_of,
+    config_value,
+    group_runs,
+    load_runs,
+    loss_curves,
+    markdown_table,
+    mean_breakdown,
+    rerun_command,
+    shown_columns,
+    summarize,
+)
+from gpt2x.lab.wandb_report import _wandb_offline_reason, build_wandb_report
+
+__all__ = [
+    "COLUMNS",
+    "ReportError",
+    "build_wandb_report",
+    "load_runs",
+    "loss_curves",
+    "main",
+    "markdown_table",
+    "mean_breakdown",
+    "summarize",
+    "write_report",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(
+    rows: Sequence[dict],
+    runs: Sequence[Run],
+    out_dir: str | Path,
+    header: dict | None = None,
+    basename: str = "ablation",
+    x: str | None = None,
+    title: str | None = None,
+    target_loss: float | None = None,
+) -> dict[str, Path]:
+    """Write `<basename>.md`, `<basename>.csv`, `loss.png`, `tokens_per_s.png` (+ `sweep.png`
+    when `x` is a swept config key) into out_dir; returns {kind: path}. target_loss: what
+    summarize's s_to_target was measured against (default: the baseline row's final loss)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x = x or _sweep_key(rows)
+    columns = columns_of(rows, x)
+    header = build_header(runs) if header is None else header
+    groups = {g[0].name: g for g in group_runs(runs)}
+    by_name = {name: g[0] for name, g in groups.items()}
+    breakdowns = [
+        {"name": r["name"], "breakdown": mean_breakdown(groups.get(r["name"], []))} for r in rows
+    ]
+    paths: dict[str, Path] = {}
+
+    # ---- markdown
+    md = [f"# {title or ('Sweep over ' + x if x else 'Ablation')}", ""]
+    for key, value in header.items():
+        if isinstance(value, (list, tuple)):
+            if len(value) == 1:
+                md.append(f"- **{key}**: {value[0]}")
+            else:
+                md.append(f"- **{key}**:")
+                md.extend(f"  - {v}" for v in value)
+        else:
+            md.append(f"- **{key}**: {value}")
+    shown, constant = shown_columns(rows, columns)
+    if constant:
+        md += ["", "All rows: " + ", ".join(f"{c} {v}" for c, v in constant.items()) + "."]
+    md += ["", markdown_table(rows, shown), ""]
+    best = next((r for r in rows if r.get("best")), None)
+    if x is not None:
+        if best is not None:
+            named = f"{x}={best.get(x)}"
+            which = named if best["name"] == named else f"{best['name']} ({named})"
+            md.append(
+                f"**Best**: {which}: "
+                f"{_fmt('tokens_per_s', best['tokens_per_s'])} tokens/s, "
+                f"{_fmt('median_ms', best['median_ms'])} ms/step."
+            )
+        else:
+            md.append("**Best**: none (no run completed).")
+        md.append("")
+    md += [
+        "Times are medians over the measured steps of every completed repeat (the first"
+        " `trainer.warmup_steps_for_timing` steps skipped); speed-ups are tokens/s ratios."
+        f" Intervals are {int(CONFIDENCE * 100)}% Student-t intervals on logs across repeats;"
+        " a speed-up's interval is paired (repeat i against repeat i of the other row) and"
+        " `within noise` marks one that includes 1.00x. An interval needs"
+        f" {stats.MIN_REPEATS} repeats: with fewer the cell says `too few repeats` (2 repeats"
+        " give a t quantile of 12.7, an interval that says nothing)."
+        + _target_note(
+            rows,
+            header.get("baseline") or next((r["name"] for r in rows if r["median_ms"]), None),
+            target_loss,
+        )
+        + " Columns left out are empty in every row (the CSV has them all). Column definitions:"
+        " docs/report.md.",
+        "",
+    ]
+    widths = [
+        r["speedup_vs_prev_ci"].half_width_pct
+        for r in rows
+        if isinstance(r.get("speedup_vs_prev_ci"), stats.Interval)
+        and r["speedup_vs_prev_ci"].reported
+    ]
+    if widths:
+        md += [
+            f"Precision reached: speed-up vs the previous row known to ±{stats.median(widths):.1f}%"
+            f" (median half-width; widest ±{max(widths):.1f}%).",
+            "",
+        ]
+    md += breakdown_table(breakdowns)
+    md += ["## Runs", ""]
+    for row in rows:
+        run = by_name.get(row["name"])
+        md.append(f"### {row['name']}")
+        md.append("")
+        md.append(f"- status: {row['status']}" + (f" ({row['error']})" if row["error"] else ""))
+        if run is not None:
+            folders = [r.path for r in groups[row["name"]]]
+            md.append("- folder: " + ", ".join(f"`{f}`" for f in folders))
+        md.append(f"- config hash: `{row.get('config_hash') or 'n/a'}`")
+        if run is not None:
+            md.append(f"- re-run: `{rerun_command(run)}`")
+            wb = run.record.get("wandb") or {}
+            if isinstance(wb, dict) and wb.get("url"):
+                md.append(f"- W&B: {wb['url']}")
+        md.append("")
+    paths["md"] = out / f"{basename}.md"
+    paths["md"].write_text("\n".join(md), encoding="utf-8")
+
+    # ---- csv
+    paths["csv"] = out / f"{basename}.csv"
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_cell(row.get(c)) for c in columns])
+
+    # ---- plots
+    paths["loss"] = plots.plot_loss(loss_curves(runs, rows), out / "loss.png")
+    paths["tokens_per_s"] = plots.plot_tokens_per_s(rows, out / "tokens_per_s.png")
+    if x is not None:
+        paths["sweep"] = plots.plot_sweep(rows, x, out / "sweep.png")
+    if any(b["breakdown"] for b in breakdowns):
+        paths["breakdown"] = plots.plot_breakdown(breakdowns, out / "breakdown.png")
+    return paths
+
+
+def _target_note(rows: Sequence[dict], baseline: str | None, target: float | None) -> str:
+    """What s_to_target was measured against, and with which tolerance."""
+    if target is None:
+        target = next((r["loss"] for r in rows if r["name"] == baseline), None)
+        what = f"the baseline's ({baseline}) final training loss"
+    else:
+        what = "--target-loss"
+    if target is None:
+        return ""
+    return (
+        f" `s_to_target`: step time until the training loss first comes within"
+        f" {TARGET_TOLERANCE:.0%} of {target:.4f} ({what}), i.e. <= {target * (1 + TARGET_TOLERANCE):.4f}."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Ablations (gpt2x.ablate writes ablation.json; the report is rebuilt from it and the records)
+
+ABLATION = "ablation"  # ablation.json (the manifest), ablation.md, ablation.csv
+
+
+def is_ablation_folder(folder: Path) -> bool:
+    return (Path(folder) / f"{ABLATION}.json").is_file()
+
+
+def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -> dict:
+    """The ablation's own lines (ladder, exact command, measurement, seeds, config hashes,
+    interruption) followed by the report's (date, hardware, versions, git, commands)."""
+    rungs = manifest.get("rungs") or []
+    ladder = manifest.get("ladder")
+    overridden = bool(manifest.get("overrides"))
+    if ladder:
+        ladder_line = f"{ladder} ({manifest.get('ladder_file')})"
+        if manifest.get("description") and not overridden:
+            ladder_line += f": {manifest['description']}"
+    else:
+        ladder_line = "rungs given on the command line"
+    # what ran, from the records: the ladder's description names its own shape, which the
+    # overrides for every rung may have changed
+    shape = ", ".join(_distinct(_shape(r) for r in runs)) or None
+    if shape and overridden and ladder and manifest.get("description"):
+        shape += f" (set by the overrides for every rung; the ladder's: {manifest['description']})"
+    repeated = (manifest.get("repeats") or 1) > 1
+    seeds = sorted({str(config_value(r.config, "trainer.seed")) for r in runs if r.config})
+    header: dict[str, Any] = {
+        "ablation": manifest.get("name"),
+        "ladder": ladder_line,
+        "ablate command": f"`{manifest['command']}`",
+        "measured": (
+            f"{manifest['steps']} optimizer steps per rung after {manifest['warmup']} warm-up "
+            "steps (trainer.warmup_steps_for_timing), "
+            f"{manifest.get('repeats', 1)} interleaved repeat(s) per rung "
+            + (
+                "(interleave=steps: per repeat, the single-process rungs ran together, each its own "
+                "process, taking turns step by step, and a speed-up pairs their steps; ddp/fsdp "
+                "rungs ran alone)"
+                if manifest.get("interleave") == "steps"
+                else "as fresh processes"
+            )
+            + "; compile time is compile_s, outside the measured steps"
+        ),
+        "shape": shape,
+        "seeds": ", ".join(seeds) if seeds else None,
+        "overrides for every rung": " ".join(manifest["overrides"]) or "none",
+        "config hashes": [
+            f"{r['index']:02d} {r['short']}"
+            + (f" repeat {r.get('repeat', 0)}" if repeated else "")
+            + f": {r.get('config_hash') or 'n/a'} ({r['status']})"
+            for r in rungs
+            if r["status"] != "not run"
+        ],
+    }
+    not_run = [r["short"] for r in rungs if r["status"] == "not run"]
+    stopped = [r["short"] for r in rungs if r["status"] == "interrupted"]
+    if manifest.get("interrupted"):
+        header["interrupted"] = (
+            f"by {manifest['interrupted']}"
+            + (f" during {', '.join(stopped)}" if stopped else "")
+            + (f"; not run: {', '.join(not_run)}" if not_run else "")
+        )
+    multi = [r for r in rows if (r.get("world_size") or 1) > 1 and r.get("median_ms")]
+    if multi:
+        header["note"] = (
+            f"{', '.join(r['name'] for r in multi)}: every rank runs the base rung's B x T, so "
+            "a step holds world_size times the tokens of a 1-process step (the speed-up columns "
+            "are tokens/s ratios, so they count that)"
+        )
+    baseline = next((r["name"] for r in rows if r["median_ms"]), None)
+    header.update(build_header(runs, baseline))
+    return {k: v for k, v in header.items() if v not in (None, "", [])}
+
+
+def _shape(run: Run) -> str | None:
+    """The model and batch a run trained: `2 layers x 64 wide, 2 heads, T=32, B=4`."""
+    model, trainer = run.config.get("model"), run.config.get("trainer")
+    if not isinstance(model, dict) or not isinstance(trainer, dict) or "n_layer" not in model:
+        return None
+    return (
+        f"{model['n_layer']} layers x {model.get('n_embd')} wide, {model.get('n_head')} heads, "
+        f"T={trainer.get('seq_len')}, B={trainer.get('micro_batch_size')}"
+    )
+
+
+def write_ablation(
+    out: Path, manifest: dict, dest: Path | None = None
+) -> tuple[list[Run], list[dict], dict[str, Path]]:
+    """ablation.md/.csv + plots from the rung folders in `out` and the ablation's manifest
+    (written to `dest`, default `out`), in the ladder's order."""
+    runs = load_runs([out])
+    expected = [
+        r["name"] for r in manifest.get("rungs") or [] if r["status"] not in ("pending", "not run")
+    ]
+    names = [r.name for r in runs]
+    order = None if names == expected else [n for n in expected if n in names] or None
+    rows = summarize(runs, order=order)
+    paths = write_report(
+        rows,
+        runs,
+        dest or out,
+        header=ablation_header(runs, rows, manifest),
+        basename=ABLATION,
+        title=f"Ablation: {Path(out).name}",
+    )
+    return runs, rows, paths
+
+
+def rebuild_ablation(out: Path, dest: Path | None = None) -> tuple[list, list, dict]:
+    """The ablation's report again, from its manifest and the rung folders: the same table,
+    header and plots the runner wrote (`python -m gpt2x.report <ablation folder>`)."""
+    path = Path(out) / f"{ABLATION}.json"
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest.get("rungs"), list):
+            raise KeyError("rungs")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ReportError(f"{path} is unreadable: {e}") from None
+    return write_ablation(Path(out), manifest, dest)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m gpt2x.report",
+        description="Comparison table and plots from run records (record.json + metrics.jsonl).",
+    )
+    p.add_argument("folders", nargs="+", help="run folders, or folders holding run folders")
+    p.add_argument(
+        "--out",
+        help="output folder (default: the folder given, or with several a new "
+        "outputs/reports/<date>_<time> folder: never inside one of the runs)",
+    )
+    p.add_argument("--baseline", help="name of the reference run (default: the first row)")
+    p.add_argument(
+        "--x",
+        dest="x",
+        metavar="KEY",
+        help="sweep mode: dotted config key to plot against (writes sweep.png)",
+    )
+    p.add_argument(
+        "--basename", default="ablation", help="name of the .md/.csv files (default: ablation)"
+    )
+    p.add_argument("--order", help="comma-separated run names: the table order")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="steps skipped before timing (default: trainer.warmup_steps_for_timing)",
+    )
+    p.add_argument("--title", help="title of the markdown / W&B report")
+    p.add_argument(
+        "--figure",
+        action="store_true",
+        help="the lecture's results figure of each run folder (loss and HellaSwag vs tokens, "
+        "with the GPT-2/GPT-3 baselines) into <folder>/reproduction.png",
+    )
+    p.add_argument(
+        "--target-loss",
+        type=float,
+        help="s_to_target: step time to reach this training loss (default: the baseline's last)",
+    )
+    p.add_argument("--wandb", action="store_true", help="also save a W&B report (needs network)")
+    p.add_argument("--project", help="W&B project (default: from the records)")
+    p.add_argument("--entity", help="W&B entity (default: from the records, else your default)")
+    p.add_argument("--group", help="W&B group to compare (default: the runs' group)")
+    return p.parse_args(argv)
+
+
+def draw_figures(folders: Sequence[str], out: str | None) -> int:
+    """`--figure`: gpt2x.lab.figure.plot_reproduction for every run folder given."""
+    for folder in folders:
+        dest = Path(out) / f"{Path(folder).name}.png" if out else Path(folder) / "reproduction.png"
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            print(f"wrote {plot_reproduction(folder, dest)}")
+        except (FigureError, OSError) as e:
+            _err(_one_line(str(e)))
+            return 2
+    return 0
+
+
+def default_out(folders: Sequence[str]) -> Path:
+    """One folder (an ablation, a sweep, a run): the report goes beside its runs. Several: a
+    new folder of its own, so comparing runs A and B never writes into run A."""
+    if len(folders) == 1:
+        return Path(folders[0])
+    return Path("outputs") / "reports" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _err(msg: str) -> None:
+    print(f"gpt2x.report: error: {msg}", file=sys.stderr)
+
+
+def _is_plain_ablation_rebuild(args: argparse.Namespace) -> bool:
+    """One ablation folder (gpt2x.ablate's ablation.json) and no option that changes the table."""
+    changed = (args.x, args.order, args.baseline, args.warmup, args.title)
+    return (
+        len(args.folders) == 1
+        and is_ablation_folder(Path(args.folders[0]))
+        and args.basename == ABLATION
+        and not any(v is not None for v in changed)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.figure:
+        return draw_figures(args.folders, args.out)
+    try:
+        out = Path(args.out) if args.out else default_out(args.folders)
+        if _is_plain_ablation_rebuild(args):
+            # an ablation folder: its own header, order and title, from ablation.json
+            runs, rows, paths = rebuild_ablation(Path(args.folders[0]), out)
+        else:
+            runs = load_runs(args.folders)
+            order = [s.strip() for s in args.order.split(",") if s.strip()] if args.order else None
+            rows = summarize(
+                runs,
+                baseline=args.baseline,
+                warmup=args.warmup,
+                order=order,
+                x=args.x,
+                target_loss=args.target_loss,
+            )
+            baseline = args.baseline or next((r["name"] for r in rows if r["median_ms"]), None)
+            paths = write_report(
+                rows,
+                runs,
+                out,
+                header=build_header(runs, baseline),
+                basename=args.basename,
+                x=args.x,
+                title=args.title,
+                target_loss=args.target_loss,
+            )
+    except ReportError as e:
+        _err(str(e))
+        return 2
+    except OSError as e:
+        _err(_one_line(str(e)))
+        return 2
+    print(markdown_table(rows, shown_columns(rows, columns_of(rows, args.x))[0]))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if not args.wandb:
+        return 0
+
+    reason = _wandb_offline_reason()
+    if reason:
+        _err(f"W&B report not saved: {reason}; the local report is complete")
+        return 1
+    try:
+        report = build_wandb_report(
+            runs,
+            project=args.project,
+            entity=args.entity,
+            group=args.group,
+            title=args.title,
+            rows=rows,
+        )
+        report.save()
+        url = report.url
+    except Exception as e:  # noqa: BLE001 - network/auth problems: one line, no traceback
+        _err(f"W&B report not saved: {type(e).__name__}: {_one_line(str(e))}")
+        return 1
+    print(f"W&B report: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""A training run's parts: setup, optimizer, precision, parallelism, measurement, evaluation."""

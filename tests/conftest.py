@@ -165,18 +165,31 @@ def sigint_when(
     return proc.returncode, stdout
 
 
-def compose_rung(name: str, *overrides: str) -> dict:
-    """An experiment's resolved config as the trainer sees it (tests of the ladder rungs)."""
+def compose_config(overrides: list[str], run_dir: str | Path = "/tmp/run"):
+    """The trainer's config for `overrides`, composed as `python -m gpt2x.train` would (Hydra's
+    compose API), its run folder set; the choice of every config group is noted for the
+    suite's coverage check (`pytest_sessionfinish`)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     from gpt2x import CONF_DIR
     from gpt2x.config import register_configs
 
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={name}", *overrides])
-    cfg.paths.run_dir = "/tmp/run"
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    note_choices(OmegaConf.to_container(cfg.hydra.runtime.choices))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+def compose_rung(name: str, *overrides: str) -> dict:
+    """An experiment's resolved config as the trainer sees it (tests of the ladder rungs)."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config([f"+experiment={name}", *overrides])
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
@@ -205,19 +218,7 @@ def clean_env(**extra: str) -> dict:
 
 def tiny_cfg(run_dir: Path, data_root: Path, *overrides: str):
     """The trainer's composed config for the tiny model in `run_dir` (in-process runs)."""
-    from hydra import compose, initialize_config_dir
-
-    from gpt2x import CONF_DIR
-    from gpt2x.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[*TINY, f"paths.data_dir={data_root}", "logger=none", *overrides],
-        )
-    cfg.paths.run_dir = str(run_dir)
-    return cfg
+    return compose_config([*TINY, f"paths.data_dir={data_root}", "logger=none", *overrides], run_dir)
 
 
 def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
@@ -235,3 +236,114 @@ def record(run_dir: Path) -> dict:
 
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows(run_dir)]
+
+
+# ---------------------------------------------------------------------------------------------
+# coverage: every option of every config group ran somewhere in the suite. Derived from what
+# the tests ran, not from a list: the choices of every config composed in a test process
+# (compose_config), of every command-line run (its .hydra/hydra.yaml) and of every run record
+# (the model/data/precision/... it names, for runs in torchrun workers), all found under the
+# session's temporary folder at the end of a whole-suite run.
+
+_BASETEMP: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _coverage_folder(tmp_path_factory):
+    _BASETEMP.append(tmp_path_factory.getbasetemp())
+
+
+def note_choices(choices: dict) -> None:
+    if _BASETEMP:
+        import json
+        import uuid
+
+        folder = _BASETEMP[0] / "ran"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{uuid.uuid4().hex}.json").write_text(json.dumps(choices))
+
+
+RECORD_KEYS = {  # group -> where a run record names its option
+    "model": ("model", "name"),
+    "data": ("data", "name"),
+    "precision": ("precision", "name"),
+    "attn": ("attn", "impl"),
+    "loss": ("loss", "impl"),
+    "optim": ("optim", "name"),
+    "parallel": ("parallel", "kind"),
+    "logger": ("logger", "kind"),
+}
+
+
+def ran_choices(root: Path) -> set[tuple[str, str]]:
+    """(group, option) of every config the suite composed or ran under `root`."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    seen: set[tuple[str, str]] = set()
+
+    def add(choices: dict) -> None:
+        for group, option in choices.items():
+            if option is None or group.startswith("hydra"):
+                continue
+            # +experiment=ladder/bf16 is option bf16 of the group experiment/ladder
+            sub, _, name = f"{group}/{option}".rpartition("/")
+            seen.add((sub, name))
+
+    for f in root.rglob("ran/*.json"):
+        add(json.loads(f.read_text()))
+    for f in root.rglob(".hydra/hydra.yaml"):
+        add(dict(OmegaConf.load(f).hydra.runtime.choices))
+    for f in root.rglob("record.json"):
+        try:
+            rec = json.loads(f.read_text())
+        except ValueError:
+            continue
+        config = rec.get("config") or {}
+        for group, (section, key) in RECORD_KEYS.items():
+            value = (config.get(section) or {}).get(key)
+            if value:
+                seen.add((group, str(value)))
+        if rec.get("experiment"):
+            add({"experiment": rec["experiment"]})
+    return seen
+
+
+def conf_groups() -> dict[str, set[str]]:
+    """Every folder of YAML options under conf/ (experiment/ and sweep/ links followed; Hydra's
+    own hydra/ group excluded): group path -> option names."""
+    from gpt2x import CONF_DIR
+
+    groups: dict[str, set[str]] = {}
+    for dirpath, _, files in os.walk(CONF_DIR, followlinks=True):
+        rel = Path(dirpath).relative_to(CONF_DIR).as_posix()
+        if rel == "." or rel.split("/")[0] == "hydra":
+            continue
+        yamls = {Path(f).stem for f in files if f.endswith(".yaml")}
+        if yamls:
+            groups[rel] = yamls
+    return groups
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After a whole-suite run that passed: every option of every group must have run."""
+    config = session.config
+    if hasattr(config, "workerinput") or exitstatus != 0:
+        return  # an xdist worker, or a failed run (its own failures say enough)
+    if config.option.keyword or config.option.markexpr or config.args != config.getini("testpaths"):
+        return  # a part of the suite: the coverage of a part means nothing
+    root = config._tmp_path_factory.getbasetemp()
+    seen = ran_choices(root)
+    missing = sorted(
+        f"{group}={option}"
+        for group, options in conf_groups().items()
+        for option in options
+        if (group, option) not in seen
+    )
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if missing:
+        reporter.write_line(f"coverage: options that no test ran: {', '.join(missing)}", red=True)
+        session.exitstatus = 1
+    else:
+        reporter.write_line(f"coverage: every option of every config group ran ({len(seen)} seen)")

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from conftest import TINY
+from conftest import TINY, compose_config
 
 # ------------------------------------------------------------------------------------------
 # pairwise covering arrays
@@ -141,14 +141,7 @@ def expected_steps(row: dict) -> int:
 
 
 def compose_job(overrides: list[str], run_dir: str):
-    from hydra import compose, initialize_config_dir
-
-    from gpt2x import CONF_DIR
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    cfg.paths.run_dir = run_dir
-    return cfg
+    return compose_config(overrides, run_dir)
 
 
 def run_job(overrides: list[str], run_dir: str) -> dict:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli_train, run_cli
+from conftest import TINY, cli_train, run_cli, tiny_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -26,16 +26,6 @@ from gpt2x.record.folder import read_jsonl
 from gpt2x.training.preemption import StopSignals, StopWaiting, continue_command
 
 register_configs()
-
-
-def tiny_cfg(tmp_path: Path, data_root: Path, *overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[*TINY, f"paths.data_dir={data_root}", "logger=none", *overrides],
-        )
-    cfg.paths.run_dir = str(tmp_path / "run")
-    return cfg
 
 
 def record(run_dir: Path) -> dict:
@@ -192,7 +182,7 @@ def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path, data_root, monk
         return row
 
     monkeypatch.setattr(train_mod, "train_step", train_step)
-    cfg = tiny_cfg(tmp_path, data_root, "trainer.max_steps=8", "trainer.checkpoint_every=2")
+    cfg = tiny_cfg(tmp_path / "run", data_root, "trainer.max_steps=8", "trainer.checkpoint_every=2")
     with pytest.raises(KeyboardInterrupt):
         train_mod.run_training(cfg)
     run_dir = tmp_path / "run"

@@ -8,30 +8,14 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, cli_train, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import REPO, cli_train, losses, run_cli, tiny_cfg
 
-from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, register_configs
 from gpt2x.data import DataError
 from gpt2x.record.folder import read_jsonl
 from gpt2x.train import TrainingError, run_training
 
 register_configs()
-
-
-def tiny_cfg(tmp_path: Path, data_root: Path, *overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[*TINY, f"paths.data_dir={data_root}", "logger=none", *overrides],
-        )
-    cfg.paths.run_dir = str(tmp_path / "run")
-    return cfg
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def test_cli_run_writes_the_record_and_loss_falls(tmp_path, data_root):
@@ -75,12 +59,12 @@ def test_cli_run_writes_the_record_and_loss_falls(tmp_path, data_root):
 def test_same_seed_same_losses_in_fp32(tmp_path, data_root):
     runs = []
     for name in ("a", "b"):
-        cfg = tiny_cfg(tmp_path / name, data_root, "trainer.max_steps=6", "trainer.sample_tokens=0")
+        cfg = tiny_cfg(tmp_path / name / "run", data_root, "trainer.max_steps=6", "trainer.sample_tokens=0")
         run_training(cfg)
         runs.append(losses(tmp_path / name / "run"))
     assert runs[0] == runs[1]  # bit-identical on CPU in fp32
     cfg = tiny_cfg(
-        tmp_path / "c",
+        tmp_path / "c" / "run",
         data_root,
         "trainer.max_steps=6",
         "trainer.seed=7",
@@ -93,10 +77,10 @@ def test_same_seed_same_losses_in_fp32(tmp_path, data_root):
 def test_grad_accumulation_matches_one_big_batch(tmp_path, data_root):
     """B=4 with 2 micro-steps gives the same update as B=8 in one (fp32, same tokens)."""
     common = ["trainer.max_steps=3", "trainer.sample_tokens=0", "data.shuffle=false"]
-    run_training(tiny_cfg(tmp_path / "big", data_root, *common, "trainer.micro_batch_size=8"))
+    run_training(tiny_cfg(tmp_path / "big" / "run", data_root, *common, "trainer.micro_batch_size=8"))
     run_training(
         tiny_cfg(
-            tmp_path / "acc",
+            tmp_path / "acc" / "run",
             data_root,
             *common,
             "trainer.micro_batch_size=4",
@@ -112,7 +96,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, data_root):
 
 def test_overfit_one_batch(tmp_path, data_root):
     cfg = tiny_cfg(
-        tmp_path,
+        tmp_path / "run",
         data_root,
         "debug=overfit_batch",
         "trainer.max_steps=60",
@@ -126,15 +110,15 @@ def test_overfit_one_batch(tmp_path, data_root):
 
 def test_bf16_runs_close_to_fp32(tmp_path, data_root):
     common = ["trainer.max_steps=4", "trainer.sample_tokens=0"]
-    run_training(tiny_cfg(tmp_path / "fp32", data_root, *common))
-    run_training(tiny_cfg(tmp_path / "bf16", data_root, *common, "precision=bf16"))
+    run_training(tiny_cfg(tmp_path / "fp32" / "run", data_root, *common))
+    run_training(tiny_cfg(tmp_path / "bf16" / "run", data_root, *common, "precision=bf16"))
     fp32, bf16 = losses(tmp_path / "fp32" / "run"), losses(tmp_path / "bf16" / "run")
     assert fp32 != bf16
     assert bf16 == pytest.approx(fp32, abs=0.05)
 
 
 def test_compile_trains_evaluates_and_samples(tmp_path, data_root):
-    cfg = tiny_cfg(tmp_path, data_root, "compile=true", "trainer.max_steps=3", "attn=sdpa")
+    cfg = tiny_cfg(tmp_path / "run", data_root, "compile=true", "trainer.max_steps=3", "attn=sdpa")
     run_training(cfg)
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["status"] == "completed"
@@ -145,7 +129,7 @@ def test_compile_trains_evaluates_and_samples(tmp_path, data_root):
 
 def test_mfu_uses_the_given_peak(tmp_path, data_root):
     cfg = tiny_cfg(
-        tmp_path,
+        tmp_path / "run",
         data_root,
         "trainer.max_steps=2",
         "trainer.peak_flops=1e12",
@@ -160,7 +144,7 @@ def test_mfu_uses_the_given_peak(tmp_path, data_root):
 
 def test_tf32_on_cpu_says_it_is_a_no_op(tmp_path, data_root, caplog):
     cfg = tiny_cfg(
-        tmp_path, data_root, "precision=tf32", "trainer.max_steps=1", "trainer.sample_tokens=0"
+        tmp_path / "run", data_root, "precision=tf32", "trainer.max_steps=1", "trainer.sample_tokens=0"
     )
     with caplog.at_level(logging.WARNING):
         run_training(cfg)
@@ -170,7 +154,7 @@ def test_tf32_on_cpu_says_it_is_a_no_op(tmp_path, data_root, caplog):
 
 def test_fp16_on_cpu_is_a_clear_error(tmp_path, data_root):
     with pytest.raises(ConfigError, match="precision=bf16"):
-        run_training(tiny_cfg(tmp_path, data_root, "precision=fp16"))
+        run_training(tiny_cfg(tmp_path / "run", data_root, "precision=fp16"))
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_record(tmp_path, data_root, monkeypatch):
@@ -184,7 +168,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_record(tmp_path, data_root, 
 
     monkeypatch.setattr(train_mod, "train_step", poisoned)
     with pytest.raises(TrainingError, match="at step 3"):
-        run_training(tiny_cfg(tmp_path, data_root, "trainer.max_steps=10"))
+        run_training(tiny_cfg(tmp_path / "run", data_root, "trainer.max_steps=10"))
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["status"] == "failed" and "step 3" in record["error"]
     assert "precision=fp32" not in record["error"]  # the run is fp32 already
@@ -209,10 +193,10 @@ def test_cli_bad_batch_is_one_line_before_compute(tmp_path, data_root):
 
 def test_validation_set_sizes_are_checked_before_training(tmp_path, data_root):
     with pytest.raises(ConfigError, match=r"trainer.eval_tokens=16 .* set trainer.eval_tokens>=32"):
-        run_training(tiny_cfg(tmp_path, data_root, "trainer.eval_tokens=16"))
+        run_training(tiny_cfg(tmp_path / "run", data_root, "trainer.eval_tokens=16"))
     # far more than Shakespeare's val split holds
     with pytest.raises(DataError, match=r"set trainer.eval_tokens<=\d+ or raise data.val_"):
-        run_training(tiny_cfg(tmp_path, data_root, "trainer.eval_tokens=100000000"))
+        run_training(tiny_cfg(tmp_path / "run", data_root, "trainer.eval_tokens=100000000"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

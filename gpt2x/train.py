@@ -1,18 +1,18 @@
 """`python -m gpt2x.train [group=option ...]`: one GPT-2 training run, composed by Hydra.
 
 Read it top to bottom: `main` runs `run_training`, which sets up (`setup`: every check first,
-then data, model, optimizer, record), runs the loop (`train`: for each optimization step the
-micro-steps of gradient accumulation, clip, step, log; evaluation, HellaSwag, samples and
-checkpoints between steps, never inside the timed step) and finishes the record on every exit
-path. The helpers follow in the order the loop calls them.
+then data, model, optimizer, record, and the checkpointer that holds every stateful part),
+resumes if asked, runs the loop (`train`: for each optimization step the micro-steps of
+gradient accumulation, clip, step, log; evaluation, HellaSwag, samples and checkpoints between
+steps, never inside the timed step) and finishes the record on every exit path. The loop reads
+and advances `run.state` (step, tokens seen, recent losses); saving, resuming and rolling back
+are gpt2x.training.checkpointing, evaluation and samples gpt2x.training.evaluation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-import math
 import os
 import sys
 import time
@@ -22,18 +22,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gpt2x import CONF_DIR, checkpoint
+from gpt2x import CONF_DIR
 from gpt2x.checkpoint import CheckpointError
-from gpt2x.checkpoint.store import step_dir_name
-from gpt2x.config import (
-    ConfigError,
-    Dtype,
-    is_rank_zero,
-    register_configs,
-    to_container,
-)
+from gpt2x.config import ConfigError, Dtype, is_rank_zero, register_configs
 from gpt2x.data import DataError
-from gpt2x.data.tokenizer import get_tokenizer
 from gpt2x.record.folder import (
     RunFolderError,
     kill_for_test,
@@ -43,7 +35,16 @@ from gpt2x.record.folder import (
     release_run_folder,
 )
 from gpt2x.training import distributed, multirun
-from gpt2x.training.hellaswag import evaluate_hellaswag
+from gpt2x.training.checkpointing import (
+    TrainingError,
+    check_loss,
+    resume_if_asked,
+    rollback,
+    save_checkpoint,
+    skip_bad_batches,
+    stop_at_boundary,
+)
+from gpt2x.training.evaluation import evaluate_and_log, write_sample
 from gpt2x.training.metrics import (
     format_step,
     mfu,
@@ -59,13 +60,8 @@ from gpt2x.training.profiling import ProfilingUnavailable, mean_breakdown, profi
 from gpt2x.training.progress import RunProgress, use_bar
 from gpt2x.training.run import Run, setup
 from gpt2x.training.turns import Turns
-from gpt2x.training.validation import validation_loss_sum
 
 log = logging.getLogger("gpt2x.train")
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (NaN loss, ...); the message says at which step and what to change."""
 
 
 class TrainingInterrupted(Exception):
@@ -136,10 +132,7 @@ def run_training(cfg: DictConfig) -> float | None:
     turns = Turns.from_env()  # interleave=steps: runs take turns, step by step (gpt2x.training.turns)
     try:
         turns.next()  # the first turn is the setup
-        run = setup(cfg)
-        run.turns = turns
-        if turns.active:
-            run.record.update(lockstep=turns.info())
+        run = setup(cfg, turns)
         resume_if_asked(run)
         with run.stop:  # SIGTERM/SIGUSR1 handlers (main thread only) while training
             summary = train(run)
@@ -166,31 +159,13 @@ def run_training(cfg: DictConfig) -> float | None:
         distributed.teardown(wait_for_peers=completed)
 
 
-def resume_if_asked(run: Run) -> None:
-    """trainer.resume: a checkpoint path, `auto` (the run folder's latest) or none. A run that
-    starts at step 0 (nothing to resume from) keeps no rows of an earlier attempt."""
-    if run.resume_from is not None:
-        resume(run, run.resume_from)
-        return
-    if run.dist.is_main and run.cfg.trainer.resume == "auto":
-        set_aside_newer_checkpoints(run, -1)  # none of them could be read: keep, but apart
-    dropped = run.record.truncate(0)
-    if dropped and run.dist.is_main:
-        log.warning(
-            "no checkpoint to resume from in %s: starting at step 0, without the %d rows an "
-            "earlier attempt logged",
-            run.cfg.paths.run_dir,
-            dropped,
-        )
-
-
 def conclude(run: Run, summary: dict) -> float | None:
     """The end of a loop that ran: stopped by a signal -> the record says interrupted and
     TrainingInterrupted is raised; else the final sample, the record completed, W&B finished.
     Returns the final validation loss."""
     if run.stopped_by:
         message = (
-            f"stopped by {run.stop.name}; checkpoint {run.last_checkpoint} saved; continue "
+            f"stopped by {run.stop.name}; checkpoint {run.checkpointer.last} saved; continue "
             f"with: {continue_with(run)}"
         )
         run.record.finish(
@@ -225,12 +200,13 @@ def record_end(run: Run, e: BaseException) -> None:
     """The record (and W&B) of a run that an exception ended: Ctrl-C is "interrupted", anything
     else "failed" with the exception as one line."""
     if isinstance(e, KeyboardInterrupt):
-        saved = f"; {run.last_checkpoint} is the newest checkpoint" if run.last_checkpoint else ""
+        last = run.checkpointer.last
+        saved = f"; {last} is the newest checkpoint" if last else ""
         run.record.finish("interrupted", error=f"aborted by the user (Ctrl-C){saved}")
         code = 130
     else:
         error = _one_line(e)
-        peers = rank_failures(run.cfg.paths.run_dir) if run.dist.world_size > 1 else {}
+        peers = rank_failures(run.cfg.paths.run_dir) if run.dist.is_distributed else {}
         if peers:  # the rank that failed first, not what rank 0 saw of it
             rank, reason = next(iter(peers.items()))
             error = f"rank {rank} failed: {reason} (rank 0: {error})"
@@ -245,33 +221,33 @@ def record_end(run: Run, e: BaseException) -> None:
 
 
 def train(run: Run) -> dict:
-    cfg, d, t = run.cfg, run.dist, run.cfg.trainer
+    """The loop: from the run's state (step 0, or where a checkpoint left off) to
+    trainer.max_steps, unless a signal stops it at a step boundary. Returns the summary."""
+    cfg, d, t, state = run.cfg, run.dist, run.cfg.trainer, run.state
     step_ms: list[float] = []
-    losses: list[float] = list(run.loss_history)
     val_loss = None
-    tokens_seen = run.tokens_seen
     warmup = t.warmup_steps_for_timing
     run.model.train()
     profiler = start_profiler(run) if t.profile_steps > 0 else None
-    progress = RunProgress(use_bar(t.progress, d.is_main), t.max_steps, run.start_step)
+    progress = RunProgress(use_bar(t.progress, d.is_main), t.max_steps, state.step)
     # the step-time breakdown: the run's last trainer.breakdown_steps steps, one profile each
     # (gpt2x.training.profiling), after every timed step and left out of the step-time statistics
-    breakdown_at = breakdown_steps_at(run.start_step, t.max_steps, warmup, t.breakdown_steps)
+    breakdown_at = breakdown_steps_at(state.step, t.max_steps, warmup, t.breakdown_steps)
     breakdowns: list = []
     steps_run = 0
     peak_mem: dict[str, float] = {}  # the run's peak of each per-step memory figure
-    if t.on_bad_loss == "rollback" and run.last_checkpoint is None:
-        save_checkpoint(run, run.start_step, tokens_seen, losses)  # something to roll back to
-    step = run.start_step
+    if t.on_bad_loss == "rollback" and run.checkpointer.last is None:
+        save_checkpoint(run)  # something to roll back to
     carried_ms = 0.0  # a checkpoint's save time, counted in the next step's wall-clock time
     try:
-        while step < t.max_steps:
+        while state.step < t.max_steps:
             try:  # a stop signal while waiting for the turn stops the run here, at once
                 with run.stop.waiting(run.turns.active):
                     run.turns.next()  # interleave=steps: wait for this step's turn (gpt2x.training.turns)
             except StopWaiting:
-                stop_at_boundary(run, step, tokens_seen, losses)
+                stop_at_boundary(run)
                 break
+            step = state.step  # this step's index
             skip_bad_batches(run, step)
             distributed.fail_for_test(d, step)  # GPT2X_TEST_FAIL_RANK (tests only)
             reset_peak_memory(d.device)
@@ -281,7 +257,7 @@ def train(run: Run) -> dict:
             row = profiled_step(run, step, breakdowns) if profiled else train_step(run, step)
             synchronize(d.device)
             ms = (time.perf_counter() - t0) * 1000.0
-            tokens_seen += run.tokens_per_step
+            state.tokens_seen += run.tokens_per_step
             tps = run.tokens_per_step / (ms / 1000.0)
             row = {
                 "step": step,
@@ -291,7 +267,7 @@ def train(run: Run) -> dict:
                 "mfu": mfu(tps, run.flops_per_token, run.peaks["spec"], d.world_size),
                 "mfu_measured": mfu(tps, run.flops_per_token, run.peaks["measured"], d.world_size),
                 **peak_memory(d.device),
-                "tokens_seen": tokens_seen,
+                "tokens_seen": state.tokens_seen,
                 **({"profiled": True} if profiled else {}),
             }
             steps_run += 1
@@ -303,14 +279,14 @@ def train(run: Run) -> dict:
             if profiler is not None:
                 profiler.step()
             try:
-                check_loss(row["loss"], losses, step, t.spike_factor, fp32=is_fp32(cfg))
+                check_loss(row["loss"], state.loss_history, step, t.spike_factor, is_fp32(cfg))
             except TrainingError as e:
                 if t.on_bad_loss != "rollback":
                     log_row(run, row, progress, t0)
                     raise
-                step, tokens_seen, losses = rollback(run, step, e)
+                rollback(run, step, e)  # the state is the checkpoint's again
                 continue
-            losses.append(row["loss"])
+            state.record_loss(row["loss"])
             if len(step_ms) == warmup + 1 and d.is_main:
                 progress.project(step_ms[warmup:], step + 1)
             if breakdowns and step == breakdown_at[-1]:
@@ -319,25 +295,26 @@ def train(run: Run) -> dict:
             last = step == t.max_steps - 1
             hs_due = t.hellaswag_every > 0 and (last or every(t.hellaswag_every, step))
             if last or every(t.eval_every, step) or hs_due:
-                val_loss = evaluate_and_log(run, step, tokens_seen, hs_due)
+                val_loss = evaluate_and_log(run, step, hs_due)
             if every(t.sample_every, step) and not last and t.sample_tokens > 0:
                 write_sample(run, step, final=False)
 
-            step += 1  # steps done
-            saved = (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or (
-                step == t.max_steps and t.save_final
+            state.step += 1  # steps done
+            done = state.step
+            saved = (t.checkpoint_every > 0 and done % t.checkpoint_every == 0) or (
+                done == t.max_steps and t.save_final
             )
             # the row before the checkpoint: a checkpoint never runs ahead of the rows it covers
             log_row(run, row, progress, t0, carried_ms)
             carried_ms = 0.0
-            kill_for_test("before_checkpoint", step)  # GPT2X_TEST_KILL (tests only)
+            kill_for_test("before_checkpoint", done)  # GPT2X_TEST_KILL (tests only)
             if saved:
                 t_save = time.perf_counter()
-                save_checkpoint(run, step, tokens_seen, losses)
+                save_checkpoint(run)
                 carried_ms = (time.perf_counter() - t_save) * 1000.0  # in the next row's wall_ms
             # Ctrl-C, SIGTERM/SIGUSR1 (preemption): checkpoint at this step boundary, then stop
-            if run.stop.requested(d) and step < t.max_steps:
-                stop_at_boundary(run, step, tokens_seen, losses)
+            if run.stop.requested(d) and done < t.max_steps:
+                stop_at_boundary(run)
                 break
     finally:
         progress.close()
@@ -354,7 +331,7 @@ def train(run: Run) -> dict:
     )
     return {
         "steps": steps_run,
-        "final_loss": losses[-1] if losses else None,
+        "final_loss": state.loss_history[-1] if state.loss_history else None,
         "val_loss": val_loss,
         "median_ms": s.median_ms,
         "p10_ms": s.p10_ms,
@@ -365,22 +342,6 @@ def train(run: Run) -> dict:
         **{f"peak_{k}": v for k, v in peak_mem.items()},
         "compile_seconds": s.compile_seconds,
     }
-
-
-def stop_at_boundary(run: Run, done: int, tokens_seen: int, losses: list[float]) -> None:
-    """A stop signal came: checkpoint the `done` steps (unless that checkpoint was just saved);
-    `conclude` then ends the run as interrupted."""
-    if run.last_checkpoint is None or run.last_checkpoint.name != step_dir_name(done):
-        save_checkpoint(run, done, tokens_seen, losses)
-    run.stopped_by = run.stop.signum
-    if run.dist.is_main:
-        log.warning(
-            "%s received: stopped after step %d/%d, checkpoint %s",
-            run.stop.name,
-            done,
-            run.cfg.trainer.max_steps,
-            run.last_checkpoint,
-        )
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -469,254 +430,8 @@ def every(n: int, step: int) -> bool:
     return n > 0 and step > 0 and step % n == 0
 
 
-def check_loss(
-    loss: float, history: list[float], step: int, spike_factor: float, fp32: bool = False
-) -> None:
-    if not math.isfinite(loss):
-        fix = "lower optim.lr or check the data" + ("" if fp32 else ", or try precision=fp32")
-        raise TrainingError(f"loss is {loss} at step {step}; {fix}")
-    if spike_factor > 0 and len(history) >= 10:
-        recent = sorted(history[-50:])
-        median = recent[len(recent) // 2]
-        if loss > spike_factor * median:
-            raise TrainingError(
-                f"loss spiked to {loss:.4f} at step {step} (> {spike_factor} x recent median "
-                f"{median:.4f}); lower optim.lr or raise trainer.spike_factor"
-            )
-
-
 def is_fp32(cfg: DictConfig) -> bool:
     return cfg.precision.dtype == Dtype.fp32 and not cfg.precision.float8
-
-
-def evaluate_and_log(run: Run, step: int, tokens_seen: int, with_hellaswag: bool) -> float:
-    val_loss = evaluate(run)
-    row = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen}
-    if with_hellaswag:
-        row.update(hellaswag(run))
-    run.record.log_eval(row)
-    if run.wandb:
-        run.wandb.log_eval(row)
-    if run.dist.is_main:
-        hs = row.get("hellaswag_acc_norm")
-        log.info(
-            "step %d | val loss %.4f%s",
-            step + 1,  # steps done, as the step lines count
-            val_loss,
-            "" if hs is None else f" | hellaswag acc_norm {hs:.4f}",
-        )
-    return val_loss
-
-
-@contextlib.contextmanager
-def inference(model: torch.nn.Module):
-    """Evaluation and sampling: eval mode, no gradients, and every torch.compile'd function run
-    eagerly. Eval mode under no_grad is another graph for torch.compile, so a compiled model
-    would recompile at its first evaluation (seconds to minutes per run, and once more per new
-    length when sampling); eager runs the same math and compiles nothing."""
-    model.eval()
-    try:
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            yield
-    finally:
-        model.train()
-
-
-def evaluate(run: Run) -> float:
-    """Mean per-token loss over the fixed validation set (trainer.eval_tokens), all ranks."""
-    cfg, d = run.cfg, run.dist
-    with inference(run.model):
-        totals = validation_loss_sum(
-            run.model,
-            run.val_loader,
-            cfg.trainer.eval_tokens,
-            cfg.trainer.micro_batch_size,
-            d.rank,
-            d.world_size,
-            d.device,
-            lambda: autocast(cfg.precision, d.device),
-        )
-    total, count = distributed.all_reduce_sum(totals, d).tolist()
-    return total / count
-
-
-def hellaswag(run: Run) -> dict:
-    """HellaSwag, batched (eagerly, see `inference`), examples split over ranks and the counts
-    all-reduced once (gpt2x.training.hellaswag)."""
-    cfg, d = run.cfg, run.dist
-    with inference(run.model):
-        res = evaluate_hellaswag(
-            lambda x: run.model(x)[0],
-            get_tokenizer().encode_ordinary,
-            run.hellaswag_file,
-            limit=cfg.trainer.hellaswag_limit or None,
-            rank=d.rank,
-            world_size=d.world_size,
-            device=d.device,
-            autocast_ctx=autocast(cfg.precision, d.device),
-            max_len=cfg.model.block_size,
-            # the head at the endings only (the plain module; under FSDP the root's own
-            # parameters are gathered by its forward, so the whole forward runs there)
-            logits_at=None if d.is_sharded else run.raw_model.logits_at,
-        )
-    return {
-        "hellaswag_acc": res["acc"],
-        "hellaswag_acc_norm": res["acc_norm"],
-        "hellaswag_n": res["n"],
-    }
-
-
-def sample(run: Run, max_new_tokens: int, seed: int) -> str:
-    """Text from the plain module, eagerly (see `inference`: a compiled one would recompile for
-    every new length)."""
-    cfg, d = run.cfg, run.dist
-    enc = get_tokenizer()
-    ids = enc.encode(cfg.trainer.sample_prompt, allowed_special={"<|endoftext|>"})
-    idx = torch.tensor([ids], dtype=torch.long, device=d.device)
-    gen = torch.Generator(device=d.device).manual_seed(seed)
-    with inference(run.raw_model), autocast(cfg.precision, d.device):
-        out = run.raw_model.generate(
-            idx, max_new_tokens, temperature=1.0, top_k=50, generator=gen, vocab_limit=enc.n_vocab
-        )
-    return enc.decode(out[0].tolist())
-
-
-def write_sample(run: Run, step: int, final: bool) -> None:
-    """A sample into sample.txt (the final one) or samples.jsonl (every trainer.sample_every)."""
-    cfg, d = run.cfg, run.dist
-    # under FSDP every forward all-gathers parameters: all ranks sample, rank 0 writes
-    if not (d.is_main or d.is_sharded):
-        return
-    text = sample(run, cfg.trainer.sample_tokens, cfg.trainer.seed)
-    if not d.is_main:
-        return
-    run_dir = Path(cfg.paths.run_dir)
-    if final:
-        (run_dir / "sample.txt").write_text(text)
-    else:
-        run.record.log_sample(step, text)
-    log.info("sample: (step %d)\n%s", step, text)
-
-
-def save_checkpoint(run: Run, step: int, tokens_seen: int, losses: list[float]) -> None:
-    """`step` steps done -> <run_dir>/checkpoints/step_NNNNNN/ (all ranks call, rank 0 writes)."""
-    t0 = time.perf_counter()
-    cfg = run.cfg
-    run.last_checkpoint = checkpoint.save(
-        cfg.paths.run_dir,
-        step,
-        run.raw_model,
-        run.optimizer,
-        scaler=run.scaler,
-        loader=run.train_loader,
-        tokens_seen=tokens_seen,
-        config=to_container(cfg),
-        keep_last=cfg.trainer.keep_last,
-        dist=run.dist,
-        extra={
-            "loss_history": losses[-checkpoint.LOSS_HISTORY :],
-            "skip_batches": dict(run.skip_batches),
-            "rollbacks": run.record.data.get("rollbacks") or [],
-            # the schedule is a function of the step; recorded for reference
-            "lr_schedule": {
-                "next_step": step,
-                "max_steps": cfg.trainer.max_steps,
-                "next_lr": lr_at(step, cfg.optim, cfg.trainer.max_steps),
-            },
-        },
-    )
-    if run.dist.is_main:
-        log.info("checkpoint %s (%.2fs)", run.last_checkpoint, time.perf_counter() - t0)
-
-
-def restore(run: Run, path: Path) -> checkpoint.TrainerState:
-    """Load a checkpoint into the live run (weights, optimizer, GradScaler, data position, RNG)
-    and drop the record rows logged past it: the one restore path of resume and rollback."""
-    state = checkpoint.restore(
-        path,
-        run.raw_model,
-        run.optimizer,
-        scaler=run.scaler,
-        loader=run.train_loader,
-        dist=run.dist,
-        full_verify=False,  # resolve_resume / the save itself verified the files
-    )
-    run.record.truncate(state.step)
-    run.last_checkpoint = path
-    return state
-
-
-def resume(run: Run, path: Path) -> None:
-    """trainer.resume: continue exactly where a checkpoint left off."""
-    checkpoint.check_architecture(checkpoint.read_config(path), run.cfg.model, path)
-    state = restore(run, path)
-    run.start_step, run.tokens_seen = state.step, state.tokens_seen
-    run.loss_history, run.skip_batches = state.loss_history, state.skip_batches
-    if run.dist.is_main:
-        log.info(
-            "resumed from %s: continuing at step %d (%d tokens seen)",
-            path,
-            state.step,
-            state.tokens_seen,
-        )
-        set_aside_newer_checkpoints(run, state.step)
-        if state.step >= run.cfg.trainer.max_steps:
-            log.warning(
-                "the checkpoint is at step %d of trainer.max_steps=%d: nothing left to train "
-                "(raise trainer.max_steps to continue)",
-                state.step,
-                run.cfg.trainer.max_steps,
-            )
-    run.record.update(
-        resumed_from={"checkpoint": str(path), "step": state.step, "tokens_seen": state.tokens_seen},
-        rollbacks=state.extra.get("rollbacks") or [],  # the history's, up to the checkpoint
-    )
-
-
-def set_aside_newer_checkpoints(run: Run, step: int) -> None:
-    """One history per run folder: checkpoints past the step this run continues from belong to
-    an abandoned branch (or are broken); they move out of the way, said in one line."""
-    aside = checkpoint.store.set_aside_newer(run.cfg.paths.run_dir, step)
-    if aside is not None:
-        log.warning(
-            "continuing from step %d: the run folder's later checkpoints moved to %s", step, aside
-        )
-
-
-def rollback(run: Run, step: int, error: TrainingError) -> tuple[int, int, list[float]]:
-    """trainer.on_bad_loss=rollback: reload the last checkpoint and skip the bad step's batches.
-    Returns the step, tokens seen and loss history to continue from."""
-    t = run.cfg.trainer
-    done = sum(run.skip_batches.values())
-    if run.last_checkpoint is None or done >= t.max_rollbacks:
-        raise TrainingError(
-            f"{error} (stopped after {done} rollbacks; trainer.max_rollbacks={t.max_rollbacks})"
-        ) from None
-    skips = dict(run.skip_batches)  # the checkpoint's own list is older than this run's
-    state = restore(run, run.last_checkpoint)
-    run.skip_batches = skips
-    run.skip_batches[step] = run.skip_batches.get(step, 0) + 1
-    if run.dist.is_main:
-        log.warning(
-            "%s -> rolled back to %s and skipping the batches of step %d (rollback %d of at "
-            "most trainer.max_rollbacks=%d)",
-            error,
-            run.last_checkpoint.name,
-            step,
-            done + 1,
-            t.max_rollbacks,
-        )
-    rollbacks = run.record.data.get("rollbacks") or []
-    run.record.update(
-        rollbacks=[*rollbacks, {"step": step, "to_step": state.step, "error": str(error)}]
-    )
-    return state.step, state.tokens_seen, list(state.loss_history)
-
-
-def skip_bad_batches(run: Run, step: int) -> None:
-    """After a rollback: the batches of a step whose loss went bad are read and dropped."""
-    for _ in range(run.skip_batches.get(step, 0) * run.grad_accum):
-        run.train_loader.next_batch()
 
 
 def start_profiler(run: Run) -> torch.profiler.profile:

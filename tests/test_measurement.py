@@ -17,8 +17,9 @@ from torch._dynamo.testing import CompileCounter
 from gpt2x.config import ParallelKind
 from gpt2x.lab import ablate
 from gpt2x.model import GPT, GPTConfig
-from gpt2x.train import breakdown_steps_at, evaluate, inference
+from gpt2x.train import breakdown_steps_at
 from gpt2x.training import distributed
+from gpt2x.training.evaluation import evaluate, inference
 from gpt2x.training.optim import build_optimizer
 
 LADDER = ["fp32", "tf32", "bf16", "compile", "flash", "vocab", "fused", "ddp"]

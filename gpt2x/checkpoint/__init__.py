@@ -5,8 +5,9 @@ so a resumed run starts with step index 100):
 
     model.safetensors  the weights (tied aliases such as lm_head.weight stored once)
     optimizer.pt       AdamW state, keyed by parameter name (torch.save, weights_only-loadable)
-    trainer.pt         step, tokens seen, GradScaler, train-loader position, RNG states per rank,
-                       recent losses (spike check) and the batches skipped by rollbacks
+    trainer.pt         the TrainState's fields (step, tokens seen, recent losses for the spike
+                       check, batches skipped and rollbacks), GradScaler, train-loader position,
+                       RNG states per rank
     config.json        the resolved run config
     meta.json          format version, step, tokens_seen, size + sha256 of every file above;
                        written LAST: a folder without a readable meta.json is not a checkpoint
@@ -18,18 +19,19 @@ older checkpoints are only pruned (`keep_last`) after a new one is complete.
 
 State is gathered with `torch.distributed.checkpoint.state_dict.get_model_state_dict` /
 `get_optimizer_state_dict` (full state dicts, offloaded to CPU), which work for a plain module,
-DDP and FSDP2 alike; all ranks call `save`, rank 0 writes. A sharded FSDP path
+DDP and FSDP2 alike; all ranks call `Checkpointer.save`, rank 0 writes. A sharded FSDP path
 (`torch.distributed.checkpoint.save` into the same folder layout) can be added inside
-`save`/`restore` without changing their callers.
+`Checkpointer.save`/`load` without changing their callers.
 
-    state.py  what is saved and restored (model, optimizer, RNG, trainer counters), `save`,
-              `restore`, `load_model` (inference)
+    state.py  what is saved and restored: `TrainState`, `Checkpointer` (every stateful part of
+              a run), `save`/`restore` (the same without a run), `load_model` (inference)
     store.py  files: atomic write, verify, list/prune, resolve a path or `trainer.resume`
 """
 
 from gpt2x.checkpoint.state import (
     LOSS_HISTORY,
-    TrainerState,
+    Checkpointer,
+    TrainState,
     check_architecture,
     clean_keys,
     gather_model_state,
@@ -64,7 +66,8 @@ __all__ = [
     "OPTIM_FILE",
     "TRAINER_FILE",
     "CheckpointError",
-    "TrainerState",
+    "Checkpointer",
+    "TrainState",
     "check_architecture",
     "checkpoints_dir",
     "clean_keys",

@@ -1,15 +1,20 @@
-"""What a checkpoint holds and how it goes back into a live run: model and optimizer state
-(full state dicts, gathered under DDP/FSDP2), RNG states per rank, the trainer's own counters;
-`save` gathers and hands the files to gpt2x.checkpoint.store, `restore` reads them back into a
-training setup and `load_model` builds a model for inference (sample, evaluate, export).
+"""What a checkpoint holds and how it goes back into a live run. A `Checkpointer` collects a
+training run's stateful parts: model and optimizer (full state dicts, gathered under
+DDP/FSDP2), GradScaler, train-loader position, RNG states per rank and the `TrainState` (the
+trainer's own progress), and hands the files to gpt2x.checkpoint.store; `save` / `restore` do
+the same for parts without a run around them, and `load_model` builds a model for inference
+(sample, evaluate, export).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 
 from gpt2x.checkpoint.store import (
     CONFIG_FILE,
@@ -36,7 +42,6 @@ from gpt2x.checkpoint.store import (
     CheckpointError,
     broadcast,
     checkpoints_dir,
-    dist_on,
     is_main,
     prune,
     read_config,
@@ -54,7 +59,8 @@ from gpt2x.model import GPT, GPTConfig
 
 # wrapper prefixes that must never reach a file: torch.compile and DDP
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-LOSS_HISTORY = 50  # recent losses kept for the spike check (train.check_loss looks at 50)
+LOSS_HISTORY = 50  # recent losses kept for the spike check (training.checkpointing.check_loss)
+HISTORY = {"history": True}  # TrainState field metadata: a rollback keeps the field's value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,91 +166,6 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _gather_rng(d: Any) -> list[dict]:
-    """Every rank's RNG state, in rank order, on rank 0 (all ranks call)."""
-    mine = rng_state()
-    if not dist_on(d):
-        return [mine]
-    out: list[Any] = [None] * d.world_size
-    torch_dist.all_gather_object(out, mine)
-    return out
-
-
-def save(
-    run_dir: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-    loader: Any = None,
-    tokens_seen: int = 0,
-    config: dict | None = None,
-    extra: dict | None = None,
-    keep_last: int = 0,
-    dist: Any = None,
-) -> Path:
-    """Save a checkpoint of `step` completed steps into `<run_dir>/checkpoints/step_NNNNNN/`.
-
-    All ranks call it (gathering full state dicts is a collective under FSDP); rank 0 writes.
-    `model` is the module whose parameters the optimizer holds (plain, DDP or FSDP2; compile
-    wrappers are stripped). keep_last > 0 removes all but the newest keep_last checkpoints after
-    the new one is complete. Raises CheckpointError on every rank if the write fails; the
-    previous checkpoints are untouched then.
-    """
-    model_state = gather_model_state(model)
-    optim_state = gather_optimizer_state(model, optimizer)
-    rngs = _gather_rng(dist)
-    root = checkpoints_dir(run_dir)
-    final = root / step_dir_name(step)
-    error = None
-    if is_main(dist):
-        aliases = tied_aliases(model)
-        tensors = {
-            k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k not in aliases
-        }
-        trainer = {
-            "step": int(step),
-            "tokens_seen": int(tokens_seen),
-            "loader": loader.state_dict() if loader is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rngs,
-            "world_size": len(rngs),
-            **(extra or {}),
-        }
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "step": int(step),
-            "tokens_seen": int(tokens_seen),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "world_size": len(rngs),
-            "tied": aliases,
-            "torch": torch.__version__,
-        }
-        files = [
-            (MODEL_FILE, save_safetensors, tensors),
-            (OPTIM_FILE, save_torch, optim_state),
-            (TRAINER_FILE, save_torch, trainer),
-            (CONFIG_FILE, save_json, config or {}),
-        ]
-        try:
-            write_checkpoint(root, final, files, meta)
-        except OSError as e:
-            why = e.strerror or str(e)
-            if e.errno == errno.ENOSPC:
-                why += "; free space or point paths.output_dir / hydra.run.dir elsewhere"
-            error = (
-                f"could not write checkpoint {final} ({why}); the previous checkpoints are intact"
-            )
-        if error is None and keep_last > 0:
-            prune(root, keep_last)
-    error = broadcast(error, dist)
-    if error is not None:
-        raise CheckpointError(error)
-    return final
-
-
 def load_model_state(path: str | Path, meta: dict | None = None) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint (CPU), tied aliases filled back in, clean names."""
     path = Path(path)
@@ -266,21 +187,252 @@ def load_model_state(path: str | Path, meta: dict | None = None) -> dict[str, to
     return state
 
 
-
 # ---------------------------------------------------------------------------------------------
-# restoring a training run
+# a training run's state and its checkpointer
 
 
 @dataclass
-class TrainerState:
-    """What `restore` hands back to the trainer besides the loaded modules."""
+class TrainState:
+    """The trainer's own progress: what the loop reads and advances, saved at the top level of
+    trainer.pt. `state_dict` / `load_state_dict` go over the fields, so a field declared here is
+    saved, restored, and given its default when an older checkpoint lacks it."""
 
-    path: Path
-    step: int  # optimization steps completed: the resumed run starts with this step index
-    tokens_seen: int
-    loss_history: list[float] = field(default_factory=list)
-    skip_batches: dict[int, int] = field(default_factory=dict)  # step -> steps' worth skipped
-    extra: dict = field(default_factory=dict)
+    step: int = 0  # optimization steps done: the index of the next step
+    tokens_seen: int = 0
+    loss_history: list[float] = field(default_factory=list)  # the last LOSS_HISTORY losses
+    # the run's history: a rollback adds to it instead of going back in it (`keeping_history`)
+    skip_batches: dict[int, int] = field(default_factory=dict, metadata=HISTORY)  # step -> times
+    rollbacks: list[dict] = field(default_factory=list, metadata=HISTORY)  # {step, to_step, error}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        default = type(self)()
+        for f in fields(self):
+            setattr(self, f.name, copy.deepcopy(state.get(f.name, getattr(default, f.name))))
+
+    def record_loss(self, loss: float) -> None:
+        self.loss_history.append(loss)
+        del self.loss_history[:-LOSS_HISTORY]
+
+    @contextlib.contextmanager
+    def keeping_history(self) -> Iterator[None]:
+        """Load an older checkpoint (a rollback) but keep the fields marked HISTORY as they are."""
+        kept = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("history")}
+        yield
+        for name, value in kept.items():
+            setattr(self, name, value)
+
+
+class RNGState:
+    """Every rank's RNG states as one stateful part: saved as a list in rank order (gathered on
+    rank 0, a collective), loaded as this rank's own, or rank 0's if the world size changed."""
+
+    def __init__(self, dist: Any = None):
+        self.dist = dist
+
+    def state_dict(self) -> list[dict]:
+        mine = rng_state()
+        if self.dist is None or not self.dist.is_distributed:
+            return [mine]
+        out: list[Any] = [None] * self.dist.world_size
+        torch_dist.all_gather_object(out, mine)
+        return out
+
+    def load_state_dict(self, rngs: list[dict]) -> None:
+        rank, world_size = (0, 1) if self.dist is None else (self.dist.rank, self.dist.world_size)
+        set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0])
+
+
+class Checkpointer:
+    """One training run's checkpoints: every stateful part saved together into one folder and
+    loaded back together, each by its own state_dict / load_state_dict.
+
+    model.safetensors and optimizer.pt hold the model and the optimizer (full state dicts,
+    gathered across ranks under DDP/FSDP2, plain parameter names); trainer.pt holds the
+    `TrainState`'s fields at its top level and each other part under its name. A part that is
+    None, or whose saved state is empty or missing, is left as it is on load. `model` is the
+    module whose parameters the optimizer holds (plain, DDP or FSDP2; compile wrappers are
+    stripped). All ranks call `save` and `load`: rank 0 writes, every rank reads.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        state: TrainState | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        loader: Stateful | None = None,
+        rng: bool = True,
+        dist: Any = None,
+        config: dict | None = None,
+        keep_last: int = 0,
+    ):
+        self.run_dir, self.model, self.optimizer = Path(run_dir), model, optimizer
+        self.state = state if state is not None else TrainState()
+        self.parts: dict[str, Stateful | None] = {
+            "loader": loader,
+            "scaler": scaler,
+            "rng": RNGState(dist) if rng else None,
+        }
+        self.dist, self.config, self.keep_last = dist, config, keep_last
+        self.last: Path | None = None  # the newest checkpoint saved or loaded
+
+    def save(self, info: dict | None = None) -> Path:
+        """Checkpoint `state.step` completed steps into `<run_dir>/checkpoints/step_NNNNNN/`.
+        info: written into trainer.pt for reference, never read back. keep_last > 0 prunes all
+        but the newest keep_last after the new one is complete. A failed write raises
+        CheckpointError on every rank and leaves the previous checkpoints untouched."""
+        model_state = gather_model_state(self.model)
+        optim_state = gather_optimizer_state(self.model, self.optimizer)
+        parts = {k: None if p is None else p.state_dict() for k, p in self.parts.items()}
+        step, tokens_seen = int(self.state.step), int(self.state.tokens_seen)
+        world_size = self.dist.world_size if self.dist is not None else 1
+        root = checkpoints_dir(self.run_dir)
+        final = root / step_dir_name(step)
+        error = None
+        if is_main(self.dist):
+            aliases = tied_aliases(self.model)
+            tensors = {
+                k: v.detach().to("cpu").contiguous()
+                for k, v in model_state.items()
+                if k not in aliases
+            }
+            trainer = {
+                **self.state.state_dict(),
+                **parts,
+                "world_size": world_size,
+                **(info or {}),
+            }
+            meta = {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "world_size": world_size,
+                "tied": aliases,
+                "torch": torch.__version__,
+            }
+            files = [
+                (MODEL_FILE, save_safetensors, tensors),
+                (OPTIM_FILE, save_torch, optim_state),
+                (TRAINER_FILE, save_torch, trainer),
+                (CONFIG_FILE, save_json, self.config or {}),
+            ]
+            try:
+                write_checkpoint(root, final, files, meta)
+            except OSError as e:
+                why = e.strerror or str(e)
+                if e.errno == errno.ENOSPC:
+                    why += "; free space or point paths.output_dir / hydra.run.dir elsewhere"
+                error = (
+                    f"could not write checkpoint {final} ({why}); the previous checkpoints are "
+                    "intact"
+                )
+            if error is None and self.keep_last > 0:
+                prune(root, self.keep_last)
+        error = broadcast(error, self.dist)
+        if error is not None:
+            raise CheckpointError(error)
+        self.last = final
+        return final
+
+    def load(self, path: str | Path, full_verify: bool = True) -> None:
+        """Put a checkpoint back into every part (the model re-sharded under FSDP2). Files are
+        checked against meta.json first (their sha256 too with full_verify, on rank 0)."""
+        path = Path(path)
+        meta = verify(path, full=full_verify and is_main(self.dist))
+        try:
+            set_model_state_dict(
+                self.model, load_model_state(path, meta), options=_state_options(strict=True)
+            )
+        except (RuntimeError, KeyError, ValueError) as e:
+            why = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({why})") from None
+        if self.optimizer is not None:
+            load_optimizer_state(path, self.model, self.optimizer)
+        trainer = torch_load(path / TRAINER_FILE)
+        for name, part in self.parts.items():
+            if part is not None and trainer.get(name):
+                part.load_state_dict(trainer[name])
+        self.state.load_state_dict(trainer)
+        self.last = path
+
+
+def load_optimizer_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    optim_state = torch_load(path / OPTIM_FILE)
+    try:
+        if optim_state.get("state"):
+            set_optimizer_state_dict(
+                model, optimizer, optim_state, options=_state_options(strict=True)
+            )
+        else:  # saved before the first step (see gather_optimizer_state)
+            optimizer.state.clear()
+            for group, saved in zip(optimizer.param_groups, optim_state["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+    except (RuntimeError, KeyError, ValueError) as e:
+        why = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"checkpoint file {path / OPTIM_FILE} does not fit this optimizer ({why})"
+        ) from None
+    for group in optimizer.param_groups:  # a round trip turns tuples into lists
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    loader: Stateful | None = None,
+    tokens_seen: int = 0,
+    config: dict | None = None,
+    keep_last: int = 0,
+    dist: Any = None,
+) -> Path:
+    """One checkpoint of `step` completed steps without a run around it (`Checkpointer.save`)."""
+    state = TrainState(step=step, tokens_seen=tokens_seen)
+    return Checkpointer(
+        run_dir,
+        model,
+        optimizer,
+        state,
+        scaler=scaler,
+        loader=loader,
+        dist=dist,
+        config=config,
+        keep_last=keep_last,
+    ).save()
+
+
+def restore(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    loader: Stateful | None = None,
+    dist: Any = None,
+    full_verify: bool = True,
+    restore_rng: bool = True,
+) -> TrainState:
+    """Load a checkpoint into the given parts (`Checkpointer.load`); returns its TrainState."""
+    path = Path(path)
+    parent = path.parent.parent  # the run folder (a checkpointer that only loads never saves)
+    ckpt = Checkpointer(
+        parent, model, optimizer, scaler=scaler, loader=loader, rng=restore_rng, dist=dist
+    )
+    ckpt.load(path, full_verify)
+    return ckpt.state
 
 
 _ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
@@ -298,80 +450,6 @@ def check_architecture(ckpt_config: dict, model_cfg: Any, path: Path) -> None:
             f"checkpoint {path} is for a different model ({'; '.join(diffs)}); resume with the "
             "checkpoint's model settings"
         )
-
-
-def restore(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-    loader: Any = None,
-    dist: Any = None,
-    full_verify: bool = True,
-    restore_rng: bool = True,
-) -> TrainerState:
-    """Load a checkpoint into a live training setup (all ranks call; every rank reads).
-
-    The model (plain, DDP or FSDP2; full state dicts are sharded as needed), the optimizer, the
-    GradScaler, the train loader position and this rank's RNG states (rank 0's if the world
-    size changed). Files are verified against meta.json first.
-    """
-
-    path = Path(path)
-    meta = verify(path, full=full_verify and is_main(dist))
-    model_state = load_model_state(path, meta)
-    try:
-        set_model_state_dict(model, model_state, options=_state_options(strict=True))
-    except (RuntimeError, KeyError, ValueError) as e:
-        why = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({why})") from None
-    if optimizer is not None:
-        optim_state = torch_load(path / OPTIM_FILE)
-        try:
-            if optim_state.get("state"):
-                set_optimizer_state_dict(
-                    model, optimizer, optim_state, options=_state_options(strict=True)
-                )
-            else:  # saved before the first step (see gather_optimizer_state)
-                optimizer.state.clear()
-                for group, saved in zip(optimizer.param_groups, optim_state["param_groups"]):
-                    group.update({k: v for k, v in saved.items() if k != "params"})
-        except (RuntimeError, KeyError, ValueError) as e:
-            why = " ".join(str(e).split())[:300]
-            raise CheckpointError(
-                f"checkpoint file {path / OPTIM_FILE} does not fit this optimizer ({why})"
-            ) from None
-        for group in optimizer.param_groups:  # a round trip turns tuples into lists
-            if isinstance(group.get("betas"), list):
-                group["betas"] = tuple(group["betas"])
-    trainer = torch_load(path / TRAINER_FILE)
-    if scaler is not None and scaler.is_enabled() and trainer.get("scaler"):
-        scaler.load_state_dict(trainer["scaler"])
-    if loader is not None and trainer.get("loader") is not None:
-        loader.load_state_dict(trainer["loader"])
-    if restore_rng and trainer.get("rng"):
-        rngs = trainer["rng"]
-        rank = getattr(dist, "rank", 0) if dist is not None else 0
-        set_rng_state(rngs[rank] if len(rngs) == getattr(dist, "world_size", 1) else rngs[0])
-    known = {
-        "step",
-        "tokens_seen",
-        "loader",
-        "scaler",
-        "rng",
-        "world_size",
-        "loss_history",
-        "skip_batches",
-    }
-    return TrainerState(
-        path=path,
-        step=int(trainer["step"]),
-        tokens_seen=int(trainer["tokens_seen"]),
-        loss_history=[float(x) for x in trainer.get("loss_history", [])],
-        skip_batches={int(k): int(v) for k, v in dict(trainer.get("skip_batches", {})).items()},
-        extra={k: v for k, v in trainer.items() if k not in known},
-    )
 
 
 def inference_attention(impl: str, device: torch.device, dtype: str) -> str:
@@ -424,5 +502,3 @@ def load_model(
         )
     model.to(device).eval()
     return model, {**meta, "path": str(ckpt)}, config
-
-

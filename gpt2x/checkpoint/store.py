@@ -50,25 +50,16 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# distributed helpers (a world of one when torch.distributed is not initialised)
-
-
-def dist_on(d: Any) -> bool:
-    return (
-        d is not None
-        and getattr(d, "world_size", 1) > 1
-        and torch_dist.is_available()
-        and torch_dist.is_initialized()
-    )
+# the ranks of a job: `d` is its gpt2x.training.distributed.Dist, or None for one process
 
 
 def is_main(d: Any) -> bool:
-    return d is None or getattr(d, "is_main", True)
+    return d is None or d.is_main
 
 
 def broadcast(obj: Any, d: Any) -> Any:
     """rank 0's `obj` on every rank."""
-    if not dist_on(d):
+    if d is None or not d.is_distributed:
         return obj
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)

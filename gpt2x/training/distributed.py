@@ -50,13 +50,21 @@ class Dist:
 
     @property
     def is_distributed(self) -> bool:
-        return self.kind is not ParallelKind.single
+        return is_distributed(self.world_size)
 
     @property
     def is_sharded(self) -> bool:
         """FSDP: every forward is a collective, so all ranks must run the same forwards
         (sampling included), not rank 0 alone."""
         return self.kind is ParallelKind.fsdp
+
+
+def is_distributed(world_size: int) -> bool:
+    """Whether this process works with others: more than one process, joined by a process group.
+    gpt2x's one test of "distributed" (`Dist.is_distributed` asks it): collectives and broadcasts
+    happen only then. A ddp/fsdp world of one has a process group but no peers, and takes the
+    single-process paths."""
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
 # ----------------------------------------------------------------------------- ranks from env
@@ -298,7 +306,7 @@ def teardown(wait_for_peers: bool = False) -> None:
     tears down while a peer still has a collective in flight (a gloo group freed under a
     pending operation can block its owner's exit)."""
     if dist.is_available() and dist.is_initialized():
-        if wait_for_peers and dist.get_world_size() > 1:
+        if wait_for_peers and is_distributed(dist.get_world_size()):
             with contextlib.suppress(Exception):
                 if dist.get_backend() == "gloo":
                     dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
@@ -458,7 +466,7 @@ def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextMan
 
 
 def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.is_distributed and d.world_size > 1:
+    if d.is_distributed:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
@@ -469,7 +477,7 @@ def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def barrier(d: Dist) -> None:
-    if d.is_distributed and d.world_size > 1:
+    if d.is_distributed:
         dist.barrier()
 
 

@@ -40,6 +40,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from gpt2x.training.distributed import is_distributed
+
 __all__ = [
     "HELLASWAG_URLS",
     "Batch",
@@ -410,12 +412,6 @@ def batch_predictions(
 # evaluation loop
 
 
-def _dist_active(world_size: int) -> bool:
-    import torch.distributed as dist
-
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
 @torch.no_grad()
 def evaluate_hellaswag(
     logits_fn: LogitsFn,
@@ -487,7 +483,7 @@ def evaluate_hellaswag(
                 progress(done, len(mine))
 
     totals = counts
-    if _dist_active(world_size):
+    if is_distributed(world_size):
         import torch.distributed as dist
 
         totals = counts.clone()

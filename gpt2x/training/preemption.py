@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from gpt2x.checkpoint.store import dist_on
 from gpt2x.config import is_rank_zero, stable_run_name
 
 log = logging.getLogger("gpt2x.train")
@@ -94,7 +93,7 @@ class StopSignals:
 
     def requested(self, d: Any = None) -> bool:
         """True if any rank got a stop signal (ranks agree: one tiny all-reduce when distributed)."""
-        if dist_on(d):
+        if d is not None and d.is_distributed:
             flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=d.device)
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
             self.signum = int(flag.item()) or None

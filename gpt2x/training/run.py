@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from gpt2x import checkpoint
+from gpt2x.checkpoint import Checkpointer, TrainState
 from gpt2x.config import (
     AttnImpl,
     ConfigError,
@@ -59,31 +60,35 @@ class Run:
     scaler: torch.amp.GradScaler
     train_loader: ShardLoader
     val_loader: ShardLoader
+    # every stateful part above, saved and loaded together; its `state` is the loop's own
+    checkpointer: Checkpointer
     record: RunRecord
     wandb: WandbLogger | None
+    turns: Turns  # interleave=steps: whose step it is
     grad_accum: int
     tokens_per_step: int
     flops_per_token: float
     # {"spec": dense bf16 FLOP/s or None, "measured": the better probed matmul peak, ...}
     peaks: dict
     resume_from: Path | None = None  # trainer.resume's checkpoint (resolved and verified)
-    start_step: int = 0
-    # checkpoints and fault tolerance (gpt2x/checkpoint/, docs/checkpoints.md)
-    tokens_seen: int = 0  # at start_step
-    loss_history: list[float] = field(default_factory=list)  # recent losses, for the spike check
-    skip_batches: dict[int, int] = field(default_factory=dict)  # step -> bad steps' batches skipped
-    last_checkpoint: Path | None = None  # what trainer.on_bad_loss=rollback goes back to
+    hellaswag_file: Path | None = None
     stop: StopSignals = field(default_factory=StopSignals)
     stopped_by: int | None = None  # the signal number that ended the run early
-    hellaswag_file: Path | None = None
-    turns: Turns = field(default_factory=Turns)  # interleave=steps: whose step it is
+
+    @property
+    def state(self) -> TrainState:
+        """Step, tokens seen, recent losses, rollbacks: what the loop reads and advances."""
+        return self.checkpointer.state
 
 
 # ============================================================================================
 # setup: every check first, then build
 
 
-def setup(cfg: DictConfig) -> Run:
+def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
+    """The run of `cfg`; `turns`: this run's side of `ablate interleave=steps` (its first turn,
+    the setup, already begun), none when it runs on its own."""
+    turns = turns if turns is not None else Turns()
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
     claim_run_folder(cfg, d)
     adopt_pretrained_shape(cfg, d)
@@ -159,6 +164,7 @@ def setup(cfg: DictConfig) -> Run:
         compile_seconds=None,
         summary=None,
         wandb=None,
+        **({"lockstep": turns.info()} if turns.active else {}),
     )
     wandb_logger = None
     if d.is_main and cfg.logger.kind.value == "wandb":
@@ -186,25 +192,37 @@ def setup(cfg: DictConfig) -> Run:
         tokens_per_step,
         data_dir,
     )
-    run = Run(
+    scaler = grad_scaler(cfg.precision, d.device)
+    checkpointer = Checkpointer(
+        run_dir,
+        raw_model,
+        optimizer,
+        scaler=scaler,
+        loader=train_loader,
+        dist=d,
+        config=config,
+        keep_last=t.keep_last,
+    )
+    return Run(
         cfg=cfg,
         dist=d,
         model=model,
         raw_model=raw_model,
         optimizer=optimizer,
-        scaler=grad_scaler(cfg.precision, d.device),
+        scaler=scaler,
         train_loader=train_loader,
         val_loader=val_loader,
+        checkpointer=checkpointer,
         record=record,
         wandb=wandb_logger,
+        turns=turns,
         grad_accum=accum,
         tokens_per_step=tokens_per_step,
         flops_per_token=flops_per_token,
         peaks=peaks,
-        hellaswag_file=hellaswag_file,
         resume_from=resume_from,
+        hellaswag_file=hellaswag_file,
     )
-    return run
 
 
 def claim_run_folder(cfg: DictConfig, d: distributed.Dist) -> None:

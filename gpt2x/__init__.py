@@ -14,6 +14,9 @@ EXPERIMENTS_DIR = CONF_DIR / "experiment"
 SWEEPS_DIR = CONF_DIR / "sweep"
 # where `git` is asked for the commit a run ran at (a checkout; an installed wheel has none)
 REPO_ROOT = _PACKAGE.parent
+# the trainer's command (`python -m gpt2x.train`): what the sweep launcher and the ablation
+# runner start, and what a report's re-run command names
+TRAIN_MODULE = "gpt2x.train"
 
 
 def package_dir(package: str) -> Path:

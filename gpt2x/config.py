@@ -23,6 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, OmegaConf
 
+from gpt2x.measure import DEFAULT_WARMUP
+
 GPT2_TOKENIZER_VOCAB = 50257  # tiktoken "gpt2": 50256 BPE merges + <|endoftext|>
 
 
@@ -220,7 +222,7 @@ class TrainerConfig:
     hellaswag_path: str = ""  # a hellaswag jsonl; "" = the cached (downloaded once) val split
     hellaswag_limit: int = 0  # score only the first N examples; 0 = all
     # measurement: the first warmup_steps steps are excluded from summary step-time stats
-    warmup_steps_for_timing: int = 3
+    warmup_steps_for_timing: int = DEFAULT_WARMUP
     peak_flops: float | None = None  # override the per-device peak table (FLOP/s) for MFU
     # debugging
     overfit_one_batch: bool = False  # train on the first batch over and over (must reach ~0 loss)

@@ -26,6 +26,7 @@ from gpt2x.config import ConfigError, TrainerConfig, register_configs
 from gpt2x.data import DataError
 from gpt2x.data.tokenizer import get_tokenizer
 from gpt2x.model import GPT
+from gpt2x.record.failure import one_line
 from gpt2x.sample import run_dtype
 from gpt2x.tools import fail
 from gpt2x.training.distributed import pick_device
@@ -49,7 +50,7 @@ def load(cfg: DictConfig, device) -> tuple[GPT, dict, dict, str]:
             model = GPT.from_pretrained(cfg.hf_model)
         except OSError as e:  # no network and nothing cached
             fail(
-                f"cannot load hf_model={cfg.hf_model} ({str(e).splitlines()[0]}); with no network, "
+                f"cannot load hf_model={cfg.hf_model} ({one_line(e)}); with no network, "
                 "download it where there is one (huggingface-cli download gpt2) or pass a local "
                 "folder: hf_model=/path/to/gpt2"
             )

@@ -206,7 +206,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def clean_env(**extra: str) -> dict:
     """This process' environment without launcher variables (the test may run under one)."""
-    from gpt2x.lab.ablate import LAUNCH_ENV
+    from gpt2x.lab.runner import LAUNCH_ENV
 
     env = {
         k: v

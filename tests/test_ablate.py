@@ -18,7 +18,8 @@ from conftest import TINY, compose_rung, flatten, run_cli, sigint_when
 
 from gpt2x import REPO_ROOT
 from gpt2x.config import register_configs
-from gpt2x.lab import ablate, report
+from gpt2x.lab import ablate, ladder, report
+from gpt2x.lab.summary import COLUMNS
 from gpt2x.record.folder import read_jsonl
 
 register_configs()
@@ -196,6 +197,80 @@ def test_repeats_run_interleaved(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
+# Planning (gpt2x.lab.ladder): which rungs, their overrides, who takes turns; no process runs
+
+
+def planned(*args: str):
+    return ladder.plan(ablate.parse_args(list(args)))
+
+
+def test_plan_interleaves_repeats_and_measures_each_rung(tmp_path):
+    path = tmp_path / "l.yml"
+    path.write_text(yaml.safe_dump({
+        "shape": "nano_cpu", "steps": 4, "warmup": 2, "repeats": 2, "overrides": ["logger=none"],
+        "rungs": ["fp32", {"name": "half", "experiment": "ladder/bf16", "overrides": ["a=1"]}],
+    }))  # fmt: skip
+    _, rungs, settings = planned(f"ladder={path}", "--", "trainer.seq_len=32")
+    assert [(r.index, r.name, r.repeat) for r in rungs] == [
+        (1, "ladder/fp32", 0), (2, "half", 0), (1, "ladder/fp32", 1), (2, "half", 1),
+    ]  # fmt: skip
+    # warm-up, the profiled step after the measured ones, max_steps = warmup + steps + 1
+    measure = ["trainer.warmup_steps_for_timing=2", "trainer.breakdown_steps=1", "trainer.max_steps=7"]
+    common = ["ladder_shape=nano_cpu", "logger=none", "trainer.seq_len=32"]
+    assert rungs[0].overrides == [*measure, "repeat=0", *common]
+    # a rung named in the ladder is its W&B job type; its experiment stays the config it composes
+    assert rungs[3].overrides == [*measure, "repeat=1", "logger.job_type=half", "a=1", *common]
+    assert (rungs[3].experiment, rungs[3].short) == ("ladder/bf16", "half")
+    assert (settings["steps"], settings["warmup"], settings["repeats"]) == (4, 2, 2)
+    assert settings["overrides"] == common and settings["interleave"] == "runs"
+
+
+@pytest.mark.parametrize(
+    ("given", "steps", "warmup", "added"),
+    [
+        # the trainer's own keys given for every rung win over steps/warmup/profile
+        (["trainer.max_steps=9"], 5, 3, ["trainer.warmup_steps_for_timing=3", "trainer.breakdown_steps=1"]),
+        (["++trainer.warmup_steps_for_timing=1", "trainer.breakdown_steps=0"], 10, 1, ["trainer.max_steps=11"]),
+        # the last one counts, as in Hydra
+        (["trainer.max_steps=6", "trainer.max_steps=14"], 10, 3,
+         ["trainer.warmup_steps_for_timing=3", "trainer.breakdown_steps=1"]),
+        # not an integer (quoted: a string), or deleted: the ablation's own values stand
+        (["trainer.max_steps='9'"], 10, 3, [
+            "trainer.warmup_steps_for_timing=3", "trainer.breakdown_steps=1", "trainer.max_steps=14"]),
+        (["~trainer.max_steps"], 10, 3, [
+            "trainer.warmup_steps_for_timing=3", "trainer.breakdown_steps=1", "trainer.max_steps=14"]),
+    ],
+)  # fmt: skip
+def test_plan_reads_the_trainers_own_keys_as_hydra_does(given, steps, warmup, added):
+    _, rungs, settings = planned("rungs=[fp32]", "--", *given)
+    assert rungs[0].overrides == [*added, "repeat=0", *given]
+    assert (settings["steps"], settings["warmup"]) == (steps, warmup)
+
+
+def test_an_override_hydra_cannot_read_is_bad_input():
+    with pytest.raises(ladder.AblationError, match="an override Hydra cannot read") as e:
+        planned("rungs=[fp32]", "--", "trainer.max_steps=[1,")
+    assert "\n" not in str(e.value)
+    assert ladder.without_hydra(["a=1", "hydra.run.dir='x y'", "+b.c=2"]) == ["a=1", "+b.c=2"]
+
+
+def test_turn_groups_are_a_repeats_consecutive_single_process_rungs(tmp_path):
+    def rung(i: int, repeat: int, launcher: str = "python") -> ladder.Rung:
+        return ladder.Rung(i, f"r{i}", repeat, f"r{i}", f"ladder/r{i}", [], launcher=launcher)
+
+    rungs = [rung(1, 0), rung(2, 0), rung(3, 0, "torchrun"), rung(4, 0), rung(5, 0), rung(1, 1)]
+    units = ladder.turn_groups(rungs, tmp_path)
+    assert [[(r.index, r.repeat) for r in u] for u in units] == [
+        [(1, 0), (2, 0)], [(3, 0)], [(4, 0), (5, 0)], [(1, 1)],
+    ]  # fmt: skip
+    # the id the report pairs steps by: one per group of a repeat; a rung alone has none
+    assert [r.lockstep for r in rungs] == [
+        f"{tmp_path}#repeat_0", f"{tmp_path}#repeat_0", None,
+        f"{tmp_path}#repeat_0_2", f"{tmp_path}#repeat_0_2", None,
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # A tiny ladder end to end: fp32, a failing rung, tf32, bf16
 
 
@@ -227,7 +302,7 @@ def test_tiny_ladder_writes_every_file_with_the_table_columns(tiny_ladder):
     for d in dirs:
         assert (out / d / "record.json").exists() and (out / d / "rung.log").exists()
     rows = read_csv(out / "ablation.csv")
-    assert list(rows[0]) == report.COLUMNS
+    assert list(rows[0]) == COLUMNS
     assert [r["name"] for r in rows] == [
         "ladder/fp32",
         "fp16",

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, ParallelKind, register_configs
-from gpt2x.lab.ablate import LAUNCH_ENV  # the launcher variables a child must not inherit
+from gpt2x.lab.runner import LAUNCH_ENV  # the launcher variables a child must not inherit
 from gpt2x.training import distributed
 
 register_configs()

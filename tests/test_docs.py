@@ -507,7 +507,7 @@ def test_journey_sweep(tmp_path, data_root):
 def test_journey_ablate(tmp_path, data_root, monkeypatch):
     """ablate -> report -> W&B report (offline) -> the same table again: the CPU ladder,
     shrunk to two of its rungs, one repeat of two steps, on the tiny model (every rung runs in
-    tests/test_matrix.py, the ladder's interleaving in tests/test_lockstep.py)."""
+    tests/test_matrix.py, the ladder's interleaving in tests/test_turns.py)."""
     dry = gpt2x(doc("python -m gpt2x.ablate ladder=nano_cpu dry_run=true"), cwd=tmp_path)
     # docs/ladder.md's rung command is what the dry run prints
     template = doc(
@@ -544,7 +544,8 @@ def test_journey_ablate(tmp_path, data_root, monkeypatch):
         "gpt2x.report: error: W&B report not saved: WANDB_MODE=offline; the local report is complete"
     ]
     assert (out / "ablation.csv").read_text() == csv
-    from gpt2x.lab.report import build_wandb_report, rebuild_ablation
+    from gpt2x.lab.report import rebuild_ablation
+    from gpt2x.lab.wandb_report import build_wandb_report
 
     runs, table_rows, _ = rebuild_ablation(out, tmp_path / "again")
     wandb_report = build_wandb_report(runs, entity="me", rows=table_rows)

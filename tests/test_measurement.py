@@ -15,7 +15,7 @@ from test_distributed import restore_env, world_of_one  # noqa: F401 - a fixture
 from torch._dynamo.testing import CompileCounter
 
 from gpt2x.config import ParallelKind
-from gpt2x.lab import ablate
+from gpt2x.lab import ablate, ladder, runner
 from gpt2x.model import GPT, GPTConfig
 from gpt2x.train import breakdown_steps_at
 from gpt2x.training import distributed
@@ -157,7 +157,7 @@ def test_ddp_rung_on_one_process_is_na_with_its_reason_and_never_runs(tmp_path, 
 
 
 def test_one_cuda_device_makes_the_ddp_rung_na_saying_why(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ablate, "default_nproc", lambda: 1)
+    monkeypatch.setattr(ladder, "default_nproc", lambda: 1)
     assert ablate.main(["rungs=[fused,ddp]", f"out={tmp_path / 'abl'}", "dry_run=true"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "# 01 fused (python, nproc=1)" in lines
@@ -184,10 +184,10 @@ def test_one_cuda_device_makes_the_ddp_rung_na_saying_why(tmp_path, monkeypatch,
 )
 def test_an_option_this_machine_cannot_have_reads_na(tmp_path, reason, status):
     """The trainer's one-line error in the record decides: n/a for what this machine lacks."""
-    rung = ablate.Rung(1, "ladder/x", 0, "x", "ladder/x", [], dir=str(tmp_path), returncode=2)
+    rung = ladder.Rung(1, "ladder/x", 0, "x", "ladder/x", [], dir=str(tmp_path), returncode=2)
     (tmp_path / "record.json").write_text(
         json.dumps({"experiment": "ladder/x", "status": "failed", "error": reason})
     )
-    ablate.settle(rung, f"error: {reason}\n", timed_out=False, timeout=None, interrupted=False)
+    runner.settle(rung, f"error: {reason}\n", timed_out=False, timeout=None, interrupted=False)
     assert (rung.status, rung.error) == (status, reason)
     assert json.loads((tmp_path / "record.json").read_text())["status"] == status

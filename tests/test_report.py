@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from gpt2x.lab import report
-from gpt2x.lab.report import (
-    COLUMNS,
-    ReportError,
-    build_wandb_report,
-    load_runs,
-    main,
-    summarize,
-    write_report,
-)
+from gpt2x.lab import header
+from gpt2x.lab.report import main, write_report
+from gpt2x.lab.runs import ReportError, load_runs
+from gpt2x.lab.summary import COLUMNS, details, summarize
+from gpt2x.lab.wandb_report import build_wandb_report
 from gpt2x.record.folder import read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -249,7 +244,7 @@ def test_write_report_files(ladder, tmp_path):
     runs = load_runs(ladder)
     rows = summarize(runs)
     out = tmp_path / "out"
-    paths = write_report(rows, runs, out, header=report.build_header(runs, "fp32"))
+    paths = write_report(rows, runs, out, header=header.build_header(runs, "fp32"))
     assert set(paths) == {"md", "csv", "loss", "tokens_per_s"}
     assert paths["md"] == out / "ablation.md" and paths["csv"] == out / "ablation.csv"
     assert not (out / "sweep.png").exists()
@@ -616,7 +611,6 @@ def test_one_failed_repeat_is_said_and_the_others_count(tmp_path):
 
 def test_plots_carry_the_spread_and_the_breakdown(tmp_path):
     from gpt2x.lab import plots
-    from gpt2x.lab.report import loss_curves, mean_breakdown
 
     medians = repeated_ladder(tmp_path / "abl")
     runs = load_runs(tmp_path / "abl")
@@ -636,14 +630,16 @@ def test_plots_carry_the_spread_and_the_breakdown(tmp_path):
         ci.lo / ci.center
     )
     # loss: one line per rung (the median over repeats) and a band
-    curves = loss_curves(runs, rows)
+    about = details(runs, rows)
+    curves = [d.curve for d in about]
     assert [c.label for c in curves] == ["fp32", "tf32", "bf16"] and len(curves[0].repeats) == 3
     fig = plots.loss_figure(curves)
     assert len(fig.axes[0].lines) == 3 and len(fig.axes[0].collections) == 3  # 3 bands
-    # the breakdown: the repeats' categories averaged, one stacked bar per rung
-    group = [r for r in runs if r.name == "bf16"]
-    bd = mean_breakdown(group)
+    # the breakdown: the repeats' step times and categories averaged, one stacked bar per rung
+    bd = next(d.breakdown for d in about if d.name == "bf16")
+    assert bd["step_ms"] == pytest.approx(statistics.mean(medians["bf16"]))
     assert bd["categories"]["matmul"] == pytest.approx(0.6 * statistics.mean(medians["bf16"]))
+    assert sum(bd["categories"].values()) == pytest.approx(bd["step_ms"])  # they add up
     paths = write_report(rows, runs, tmp_path / "out")
     assert_png(paths["breakdown"])
     md = paths["md"].read_text()
@@ -775,19 +771,19 @@ def test_ablation_header_names_the_shape_that_ran_and_each_repeat(tmp_path):
             for rep in range(2) for i, rung in enumerate(["fp32", "bf16"])
         ],
     }
-    header = report.ablation_header(runs, rows, manifest)
+    facts = header.ablation_header(runs, rows, manifest)
     # the ladder's description (its own shape) is not what ran: the header says what did
-    assert header["ladder"] == "nano_cpu (experiments/ladder/nano_cpu.yml)"
-    assert header["shape"].startswith("1 layers x 64 wide, 2 heads, T=64, B=4 (set by the overrides")
-    assert "the ladder's: nano GPT-2 (4 x 256, T=256), B=8" in header["shape"]
-    assert header["config hashes"] == [
+    assert facts["ladder"] == "nano_cpu (experiments/ladder/nano_cpu.yml)"
+    assert facts["shape"].startswith("1 layers x 64 wide, 2 heads, T=64, B=4 (set by the overrides")
+    assert "the ladder's: nano GPT-2 (4 x 256, T=256), B=8" in facts["shape"]
+    assert facts["config hashes"] == [
         "01 fp32 repeat 0: h00 (completed)", "02 bf16 repeat 0: h10 (completed)",
         "01 fp32 repeat 1: h01 (completed)", "02 bf16 repeat 1: h11 (completed)",
     ]
     # no overrides: the ladder's description is what ran, and stays on the ladder line
-    header = report.ablation_header(runs, rows, {**manifest, "overrides": [], "repeats": 1})
-    assert header["ladder"].endswith(": nano GPT-2 (4 x 256, T=256), B=8")
-    assert header["config hashes"][0] == "01 fp32: h00 (completed)"
+    facts = header.ablation_header(runs, rows, {**manifest, "overrides": [], "repeats": 1})
+    assert facts["ladder"].endswith(": nano GPT-2 (4 x 256, T=256), B=8")
+    assert facts["config hashes"][0] == "01 fp32: h00 (completed)"
 
 
 def test_sweep_summary_shows_what_varies(tmp_path):
@@ -829,7 +825,7 @@ def test_plots_keep_titles_inside_and_long_names_from_squeezing_the_plot(tmp_pat
         write_run(root, f"r{i}", name, 100.0 - 10 * i, started=i)
     runs = load_runs(root)
     rows = summarize(runs)
-    bars, loss = plots.tokens_per_s_figure(rows), plots.loss_figure(report.loss_curves(runs, rows))
+    bars, loss = plots.tokens_per_s_figure(rows), plots.loss_figure([d.curve for d in details(runs, rows)])
     for fig, texts in ((bars, "get_xticklabels"), (loss, "legend")):
         fig.tight_layout()
         fig.canvas.draw()

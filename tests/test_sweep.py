@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import signal
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,15 +22,19 @@ from omegaconf import OmegaConf, open_dict
 
 from gpt2x import CONF_DIR
 from gpt2x.config import job_dirname, register_configs, resolved_config
-from gpt2x.lab.launch import (
+from gpt2x.lab.launch import quote_override_value, torchrun_command
+from gpt2x.lab.supervisor import (
+    Interrupted,
+    exit_reason,
     failure_from_log,
-    quote_override_value,
+    start,
     stop_process_group,
-    torchrun_command,
+    watch,
 )
 from gpt2x.lab.sweep import swept_key
-from gpt2x.record.folder import read_jsonl, write_failed_record
-from gpt2x.training.multirun import FAILED, failure_reason, record_failure
+from gpt2x.record.failure import FAILED, write_failed_record
+from gpt2x.record.folder import read_jsonl
+from gpt2x.training.multirun import failure_reason, record_failure
 
 register_configs()
 
@@ -66,7 +73,6 @@ def sweep(
         proc = run_cli("gpt2x.train", *args, cwd=tmp_path, check=check, env=env)
     else:
         import subprocess
-        import sys
 
         proc = subprocess.run(
             [sys.executable, str(script), *args],
@@ -456,8 +462,10 @@ def test_override_quoting_round_trips_through_hydras_parser():
     (o,) = OverridesParser.create().parse_overrides([f"hydra.run.dir={quote_override_value(path)}"])
     assert o.value() == path
     cmd = torchrun_command(["a=1"], "/j", nproc_per_node=2)
-    assert cmd[-4:] == ["-m", "gpt2x.train", "a=1", "hydra.run.dir='/j'"]
+    assert cmd[-4:] == ["-m", "gpt2x.train", "a=1", "hydra.run.dir=/j"]  # quoted only if needed
     assert "--standalone" in cmd and "--nproc_per_node=2" in cmd
+    (o,) = OverridesParser.create().parse_overrides(torchrun_command([], path)[-1:])
+    assert o.value() == path
 
 
 def test_failure_from_torchrun_output():
@@ -496,9 +504,7 @@ def test_swept_key_from_multirun_yaml(tmp_path):
 @pytest.mark.parametrize("ignores_sigterm", [False, True])
 def test_stop_process_group_escalates_until_the_group_is_gone(ignores_sigterm):
     """A timed-out job: SIGTERM to its process group, SIGKILL if that is ignored."""
-    import signal
     import subprocess
-    import sys
 
     code = (
         "import signal, sys, time\n"
@@ -514,6 +520,55 @@ def test_stop_process_group_escalates_until_the_group_is_gone(ignores_sigterm):
     assert proc.returncode == -expected
     proc.stdout.close()
     stop_process_group(proc, ((signal.SIGKILL, 1.0),))  # already gone: nothing to do
+
+
+def test_a_child_is_logged_echoed_and_waited_for(tmp_path, capsys):
+    code = "import sys; print('a'); print('b', file=sys.stderr); sys.exit(3)"
+    cmd = [sys.executable, "-c", code]
+    children = [start(cmd, tmp_path / "c.log", echo="[c] ")]
+    ended = watch(children, lambda: children[0].wait(60))
+    assert (ended.timed_out, ended.interrupted, children[0].returncode) == (False, None, 3)
+    lines = (tmp_path / "c.log").read_text().splitlines()
+    assert lines[0] == "$ " + shlex.join(cmd) and sorted(lines[1:]) == ["a", "b"]
+    assert sorted(capsys.readouterr().out.splitlines()) == ["[c] a", "[c] b"]
+
+
+@pytest.mark.parametrize("how", ["timeout", "interrupt", "error"])
+def test_however_the_wait_ends_the_child_is_wound_down(tmp_path, how):
+    """Past the timeout: SIGTERM; an interrupt of this process: the signal the caller names (the
+    trainer records itself as interrupted on SIGINT); any other error: SIGKILL, raised again."""
+    children = []
+
+    def wait():
+        children.append(start(["sleep", "120"], tmp_path / "c.log"))
+        if how == "timeout":
+            children[0].wait(0.2)
+        raise Interrupted(signal.SIGTERM) if how == "interrupt" else OSError("boom")
+
+    if how == "error":
+        with pytest.raises(OSError, match="boom"):
+            watch(children, wait)
+    else:
+        ended = watch(children, wait, on_interrupt=signal.SIGINT)
+        assert ended.timed_out == (how == "timeout")
+        assert (ended.interrupted.signum if ended.interrupted else None) == (
+            signal.SIGTERM if how == "interrupt" else None
+        )
+    expected = {"timeout": signal.SIGTERM, "interrupt": signal.SIGINT, "error": signal.SIGKILL}
+    assert children[0].returncode == -expected[how]
+
+
+def test_exit_reason_reads_out_of_memory_from_outside():
+    assert exit_reason("", -9) == (
+        "killed by SIGKILL (out of memory? the kernel's OOM killer sends SIGKILL)"
+    )
+    log = "Traceback ...\nRuntimeError: DefaultCPUAllocator: can't allocate memory: 4 GB\n"
+    assert exit_reason(log, 1, micro_batch_size=16) == (
+        "CPU out of memory at micro_batch_size=16 (RuntimeError: DefaultCPUAllocator: can't "
+        "allocate memory: 4 GB)"
+    )
+    assert exit_reason(log, 1) == "RuntimeError: DefaultCPUAllocator: can't allocate memory: 4 GB"
+    assert exit_reason("error: trainer.foo=1 is bad\n", 2) == "trainer.foo=1 is bad"
 
 
 def test_each_job_of_an_in_process_sweep_compiles_afresh():

@@ -1,14 +1,18 @@
 """interleave=steps: the single-process rungs of a repeat run together and take turns step by
-step (gpt2x.training.turns, handed out by gpt2x.ablate), and the report pairs their steps. Each rung must
-compute exactly what it computes alone; a rung that fails must fail alone."""
+step (gpt2x.training.turns: the run's end and the runner's end, which gpt2x.ablate's runner
+holds), and the report pairs their steps. Each rung must compute exactly what it computes alone;
+a rung that fails must fail alone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import select
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -17,10 +21,11 @@ from conftest import TINY, run_cli, sigint_when
 from test_report import TOKENS_PER_STEP, write_run
 
 from gpt2x import stats
-from gpt2x.lab import ablate, report
-from gpt2x.lab.report import load_runs, summarize
+from gpt2x.lab import ablate, ladder, report
+from gpt2x.lab.runs import load_runs
+from gpt2x.lab.summary import summarize
 from gpt2x.record.folder import read_jsonl
-from gpt2x.training.turns import Turns, TurnsClosed
+from gpt2x.training.turns import Seat, Turns, TurnsClosed, take_turns
 
 # --------------------------------------------------------------------------------------------
 # gpt2x.training.turns: the run's side of the turns
@@ -64,6 +69,64 @@ def test_without_the_variable_turns_do_nothing(monkeypatch):
     monkeypatch.setenv("GPT2X_TURN_FDS", "3")
     with pytest.raises(ValueError, match="GPT2X_TURN_FDS='3': expected two file descriptors"):
         Turns.from_env()
+
+
+# --------------------------------------------------------------------------------------------
+# gpt2x.training.turns: the runner's side, against runs in threads (both ends, one process)
+
+
+def seated_runs(steps: list[int], log: list[tuple[int, int]]) -> tuple[list[Seat], list]:
+    """A Seat per run; run i (a thread) takes `steps[i]` turns after its setup turn, logging
+    (run, step) at each, then ends. Returns the seats and the threads."""
+    def run(i: int, n: int, turns: Turns) -> None:
+        with contextlib.suppress(TurnsClosed):
+            turns.next()  # the setup turn
+            for step in range(n):
+                turns.next()
+                log.append((i, step))
+        turns.finish()
+
+    seats = [Seat(group="g") for _ in steps]
+    threads = []
+    for i, (seat, n) in enumerate(zip(seats, steps)):
+        turns = Turns(*seat.run_fds, group="g")
+        threads.append(threading.Thread(target=run, args=(i, n, turns), daemon=True))
+        seat.run_fds = ()  # the run (its thread) owns and closes its ends
+    for t in threads:
+        t.start()
+    return seats, threads
+
+
+def test_take_turns_gives_each_run_one_step_per_round_in_a_seeded_order():
+    log: list[tuple[int, int]] = []
+    seats, threads = seated_runs([3, 3, 1], log)
+    last = []
+    take_turns(seats, seed="abl#repeat_0", on_last=last.append)
+    for t in threads:
+        t.join(timeout=10)
+    # step j of every run comes before step j + 1 of any; run 2 ends after its first step
+    assert [step for _, step in log] == [0, 0, 0, 1, 1, 2, 2]
+    assert sorted(last) == [0, 1, 2]  # every run said its last turn
+    # the order within a round: a shuffle seeded by the group and the round
+    for r, round_ in enumerate([[0, 1, 2], [0, 1]]):
+        order = list(round_)
+        random.Random(f"abl#repeat_0:{r + 1}").shuffle(order)  # round 0 is the setup
+        assert [i for i, step in log if step == r] == order
+    for seat in seats:
+        seat.close()
+
+
+def test_past_the_timeout_no_run_gets_another_turn():
+    log: list[tuple[int, int]] = []
+    seats, threads = seated_runs([2, 2], log)
+    stuck = Seat()  # a run that never answers its turn
+    with pytest.raises(TimeoutError):
+        take_turns([*seats, stuck], seed=0, timeout=0.5)
+    for t in threads:
+        t.join(timeout=10)  # a run waiting for a turn read end-of-file and stopped
+        assert not t.is_alive()
+    for seat in [*seats, stuck]:
+        seat.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,11 +175,11 @@ def test_bad_interleave_names_the_setting(arg, message, capsys):
 def test_a_ladder_file_sets_interleave_and_rejects_other_values(tmp_path):
     path = tmp_path / "l.yml"
     path.write_text("rungs: [fp32, tf32]\ninterleave: steps\n")
-    assert ablate.load_ladder(str(path)).interleave == "steps"
+    assert ladder.load_ladder(str(path)).interleave == "steps"
     path.write_text("rungs: [fp32, tf32]\ninterleave: process\n")
-    with pytest.raises(ablate.AblationError, match="interleave: 'process' is not one of"):
-        ablate.load_ladder(str(path))
-    assert ablate.load_ladder("nano_cpu").interleave == "steps"
+    with pytest.raises(ladder.AblationError, match="interleave: 'process' is not one of"):
+        ladder.load_ladder(str(path))
+    assert ladder.load_ladder("nano_cpu").interleave == "steps"
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +43,9 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))  # summary.py beside this file
 
 import summary as summary_md  # noqa: E402
+
+from gpt2x.lab.supervisor import Child  # noqa: E402
+from gpt2x.record.failure import error_line, one_line  # noqa: E402
 
 # (import name, distribution): what the check imports; the data packages are only located
 MODULES = [
@@ -141,7 +143,7 @@ def check_imports() -> list[str]:
                 getattr(imported, attr)
         except Exception as e:  # noqa: BLE001 - any import-time failure, named
             name = f"{module}.{attr}" if attr else module
-            missing.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0]})")
+            missing.append(f"{name} ({error_line(e)})")
     return missing
 
 
@@ -182,8 +184,8 @@ def nvidia_smi() -> str:
             text=True,
             timeout=30,
         )
-        return (out.stdout.strip() or out.stderr.strip()).splitlines()[0]
-    except (OSError, subprocess.TimeoutExpired, IndexError) as e:
+        return one_line(out.stdout) or one_line(out.stderr) or "nvidia-smi said nothing"
+    except (OSError, subprocess.TimeoutExpired) as e:
         return f"nvidia-smi unavailable ({type(e).__name__})"
 
 
@@ -191,36 +193,18 @@ def nvidia_smi() -> str:
 
 
 def run_command(cmd: list[str], log: Log, timeout: float, cwd: Path, env: dict) -> tuple[int, bool]:
-    """Run cmd in its own process group, its output into the log as it comes; (exit status,
-    timed out). At the timeout the whole group gets SIGTERM, then SIGKILL."""
+    """Run cmd in its own session (gpt2x.lab.supervisor.Child), its output into the log as it
+    comes; (exit status, timed out). At the timeout its whole tree goes (stop_tree)."""
     log("$ " + " ".join(cmd))
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
-
-    def copy() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log("  " + line.rstrip("\n"))
-
-    reader = threading.Thread(target=copy, daemon=True)
-    reader.start()
+    child = Child(cmd, lambda line: log("  " + line.rstrip("\n")), env=env, cwd=cwd)
     timed_out = False
     try:
-        proc.wait(timeout=max(1.0, timeout))
+        child.wait(max(1.0, timeout))
     except subprocess.TimeoutExpired:
         timed_out = True
         log(f"  (stopped: over the {timeout:.0f} s left of the budget)")
-        stop_tree(proc)
-    reader.join(timeout=10)
-    return proc.wait(), timed_out
+        stop_tree(child.proc)
+    return child.close(), timed_out
 
 
 def descendants(pid: int) -> list[int]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2x import package_dir
+from gpt2x.record.failure import one_line
 from gpt2x.record.folder import atomic_write_bytes
 
 SMALL_CORPORA = ("shakespeare", "text", "tinyshakespeare")  # prepared on first use, in-process
@@ -343,7 +344,7 @@ def _hf_source(cfg: Any) -> Source:
         except Exception as e:
             raise DataError(
                 f"could not load data.source={src} with datasets ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); check data.source, "
+                f"{one_line(e)}); check data.source, "
                 "data.hf_config, data.hf_split and the network"
             ) from None
         if ds.column_names is not None:

@@ -10,10 +10,10 @@ multi-process DDP job. This launcher runs, for every job and one after the other
     python -m torch.distributed.run --standalone --nproc_per_node=N -m gpt2x.train \
         <the job's overrides> hydra.run.dir=<the job's folder in the sweep>
 
-waits for it, tees its output to `<job folder>/torchrun.log`, and reads the job's result from
-the run record the trainer wrote (record.json: status, summary.val_loss). A job that fails or
-dies (non-zero exit, a signal, a timeout) gets a failed record with the reason (gpt2x.sweep)
-and returns gpt2x.lab.sweep.FAILED, so the sweep goes on; with nproc_per_node=1 this is also a
+waits for it (gpt2x.lab.supervisor), tees its output to `<job folder>/torchrun.log`, and reads
+the job's result from the run record the trainer wrote (record.json: status, summary.val_loss).
+A job that fails or dies (non-zero exit, a signal, a timeout) gets a failed record with the
+reason (gpt2x.record.failure) and returns FAILED, so the sweep goes on; with nproc_per_node=1 this is also a
 sequential launcher that isolates each job in a fresh process (a crash or a CPU out-of-memory
 kill ends that job only).
 
@@ -26,15 +26,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import (
@@ -48,12 +43,13 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from gpt2x import TRAIN_MODULE
 from gpt2x.config import resolved_config, run_id
-from gpt2x.record.folder import read_record, write_failed_record
+from gpt2x.lab.supervisor import exit_reason, start, timeout_reason, watch
+from gpt2x.record.failure import FAILED, oom_reason, write_failed_record
+from gpt2x.record.folder import read_record
 
 log = logging.getLogger("gpt2x.lab.launch")
-
-FAILED = float("inf")  # == gpt2x.training.multirun.FAILED (not imported here: it would import torch)
 
 
 def quote_override_value(value: str) -> str:
@@ -62,49 +58,32 @@ def quote_override_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def override(key: str, value: str) -> str:
+    """key=value, the value single-quoted for Hydra only where it needs it (spaces, commas...)."""
+    plain = all(c.isalnum() or c in "/._-+@:" for c in value)
+    return f"{key}={value if plain else quote_override_value(value)}"
+
+
+def train_command(
+    overrides: Sequence[str], job_dir: str | Path, module: str = TRAIN_MODULE
+) -> list[str]:
+    """The argv that runs one job in this Python: the module, its overrides, its folder."""
+    return [sys.executable, "-m", module, *overrides, override("hydra.run.dir", str(job_dir))]
+
+
 def torchrun_command(
     overrides: Sequence[str],
     job_dir: str | Path,
     nproc_per_node: int = 1,
-    module: str = "gpt2x.train",
+    module: str = TRAIN_MODULE,
     torchrun: Sequence[str] | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The argv that runs one job: torchrun, the module, the job's overrides, its folder."""
+    """The argv that runs one job under torchrun: torchrun, the module, the job's overrides,
+    its folder."""
     launcher = list(torchrun) if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    return [
-        *launcher,
-        "--standalone",
-        f"--nproc_per_node={int(nproc_per_node)}",
-        *extra_args,
-        "-m",
-        module,
-        *overrides,
-        f"hydra.run.dir={quote_override_value(str(job_dir))}",
-    ]
-
-
-def failure_from_log(text: str, returncode: int) -> str:
-    """The one-line reason a torchrun launch failed, from its output and exit status."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # the trainer's own one-line errors (expected problems: bad setting, bad data, ...)
-    for line in reversed(lines):
-        if line.startswith("error: "):
-            return line.removeprefix("error: ")
-    # a Python exception: the last "SomeError: message" line of a traceback
-    for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line) and "torchrun" not in line:
-            return line
-    m = re.search(r"Signal (\d+) \((SIG\w+)\) received", text)
-    if m:
-        return f"killed by {m.group(2)} (signal {m.group(1)})"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name}"
-    return f"torchrun exited with status {returncode}"
+    run = ["--standalone", f"--nproc_per_node={int(nproc_per_node)}", *extra_args]
+    return [*launcher, *run, *train_command(overrides, job_dir, module)[1:]]
 
 
 class TorchrunLauncher(Launcher):
@@ -209,15 +188,16 @@ class TorchrunLauncher(Launcher):
         )
         env = {**os.environ, **self.env}
         env.setdefault("GPT2X_RUN_ID", run_id())  # one sweep id for every job (W&B group, folders)
-        log_path = job_dir / "torchrun.log"
-        t0 = time.monotonic()
-        with open(log_path, "w", encoding="utf-8", errors="replace") as log_file:
-            log_file.write("$ " + " ".join(cmd) + "\n")
-            log_file.flush()
-            rc, timed_out = self._tee(cmd, env, log_file)
-        text = log_path.read_text(encoding="utf-8", errors="replace")
+        children = [start(cmd, job_dir / "torchrun.log", echo="", env=env)]
+        # Ctrl-C: torchrun forwards SIGTERM to the ranks, then the sweep stops
+        ended = watch(
+            children, lambda: children[0].wait(self.timeout_s), on_interrupt=signal.SIGTERM
+        )
+        if ended.interrupted is not None:
+            raise KeyboardInterrupt
+        rc = children[0].returncode
         record = read_record(job_dir)
-        log.info("job %s: exit %s after %.1f s", job_dir.name, rc, time.monotonic() - t0)
+        log.info("job %s: exit %s after %.1f s", job_dir.name, rc, ended.seconds)
 
         if rc == 0 and record is not None and record.get("status") == "completed":
             val = (record.get("summary") or {}).get("val_loss")
@@ -227,81 +207,14 @@ class TorchrunLauncher(Launcher):
                 return FAILED
 
         # the job failed: make its record say so, with a reason
-        if timed_out:
-            reason = f"timed out after {self.timeout_s} s (hydra.launcher.timeout_s)"
+        b = OmegaConf.select(task_cfg, "trainer.micro_batch_size", default=None)
+        if ended.timed_out:
+            reason = timeout_reason(self.timeout_s or 0, "hydra.launcher.timeout_s")
         elif record is not None and record.get("status") == "failed" and record.get("error"):
-            reason = str(record["error"])
+            reason = oom_reason(str(record["error"]), b)
         else:
-            reason = failure_from_log(text, rc)
-        if "out of memory" in reason.lower() and "at micro_batch_size=" not in reason:
-            b = OmegaConf.select(task_cfg, "trainer.micro_batch_size", default=None)
-            kind = "CUDA" if "cuda" in reason.lower() else "CPU"
-            reason = f"{kind} out of memory at micro_batch_size={b} ({reason})"
+            text = (job_dir / "torchrun.log").read_text(encoding="utf-8", errors="replace")
+            reason = exit_reason(text, rc or 0, micro_batch_size=b)
         write_failed_record(job_dir, reason, resolved_config(task_cfg), overrides)
         log.error("job %s failed, the sweep goes on: %s", job_dir.name, reason)
         return FAILED
-
-    def _tee(self, cmd: list[str], env: dict, log_file: Any) -> tuple[int, bool]:
-        """Run cmd in its own process group, copying its output to the console and the log."""
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-        )
-
-        def copy() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()
-                sys.stdout.write(line)
-                sys.stdout.flush()
-
-        reader = threading.Thread(target=copy, daemon=True)
-        reader.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-        except BaseException:
-            _kill_group(proc)  # Ctrl-C or an error here: do not leave ranks running
-            raise
-        finally:
-            reader.join(timeout=10)
-        return proc.wait(), timed_out
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the job's process group (torchrun forwards it to the ranks), then SIGKILL."""
-    stop_process_group(proc, ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)))
-
-
-def stop_process_group(
-    proc: subprocess.Popen,
-    steps: Sequence[tuple[int, float]],
-    interrupts: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
-) -> None:
-    """Send each (signal, seconds to wait) of `steps` in turn to the process group led by `proc`
-    (started with start_new_session=True) until it has exited. An interrupt while waiting
-    moves on to the next signal at once (a second Ctrl-C escalates)."""
-    for sig, wait_s in steps:
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except interrupts:
-            continue
-

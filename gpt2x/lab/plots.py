@@ -8,23 +8,13 @@ import math
 import re
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# == gpt2x.training.profiling.CATEGORIES (a test keeps them equal): bottom-to-top order of the stacks
-BREAKDOWN_CATEGORIES = (
-    "matmul",
-    "attention",
-    "loss",
-    "elementwise+norm",
-    "fused kernels",
-    "optimizer",
-    "communication",
-    "data/host",
-    "other",
-)
-# fixed colours, so one category looks the same in every report
+from gpt2x.lab.summary import Curve, finite
+from gpt2x.measure import CATEGORIES
+
+# fixed colours, so one category (gpt2x.measure.CATEGORIES) looks the same in every report
 BREAKDOWN_COLORS = {
     "matmul": "#1f77b4",
     "attention": "#ff7f0e",
@@ -95,7 +85,7 @@ def breakdown_figure(rows: Sequence[dict]):
     x = list(range(len(rows)))
     stacks = [_stack(row.get("breakdown")) for row in rows]
     bottom = [0.0] * len(rows)
-    for cat in BREAKDOWN_CATEGORIES:
+    for cat in CATEGORIES:
         heights = [s[cat] if s else 0.0 for s in stacks]
         ax.bar(x, heights, bottom=bottom, color=BREAKDOWN_COLORS[cat], label=cat, width=0.7)
         bottom = [b + h for b, h in zip(bottom, heights)]
@@ -117,7 +107,7 @@ def breakdown_figure(rows: Sequence[dict]):
 
 
 def plot_breakdown(rows: Sequence[dict], path: str | Path) -> Path:
-    """One stacked bar per rung (segments: categories in BREAKDOWN_CATEGORIES order, y: ms per
+    """One stacked bar per rung (segments: categories in gpt2x.measure's order, y: ms per
     step); a rung without a breakdown gets an empty slot labelled "no profile". Writes a PNG."""
     path = Path(path)
     breakdown_figure(rows).savefig(path, format="png")
@@ -129,23 +119,13 @@ def _stack(breakdown: dict | None) -> dict[str, float] | None:
     if not breakdown:
         return None
     cats = breakdown["categories"]
-    stack = {c: float(cats.get(c, 0.0)) for c in BREAKDOWN_CATEGORIES}
+    stack = {c: float(cats.get(c, 0.0)) for c in CATEGORIES}
     stack["other"] += sum(float(v) for k, v in cats.items() if k not in stack)
     return stack
 
 
 # --------------------------------------------------------------------------------------------
 # tables' plots: loss curves (repeats as a band), tokens/s bars (error bars), sweeps
-
-
-@dataclass
-class Curve:
-    """One line of the loss plot: a configuration's loss per step, one list per repeat."""
-
-    label: str
-    x: list[int]
-    repeats: list[list[float]]  # NaN where a repeat has no row at that step
-    dashed: bool = False  # did not complete
 
 
 def figure(width: float = 8.0, height: float = 4.5):
@@ -325,4 +305,32 @@ def plot_sweep(rows: Sequence[dict], x: str, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     ax_t.set_title("Throughput")
     ax_m.set_title("Peak memory")
+    return save(fig, path)
+
+
+def plot_val_loss(rows: Sequence[dict], x: str, path: str | Path) -> Path:
+    """Validation loss vs the swept key (log axis for positive numbers spanning >10x), best
+    starred."""
+    pts = [
+        (r[x], r["val_loss"], bool(r.get("best")))
+        for r in rows
+        if r["median_ms"] and finite(r.get("val_loss")) and finite(r.get(x))
+    ]
+    pts.sort()
+    fig = figure(6.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-")
+        best = [p for p in pts if p[2]]
+        if best:
+            mark_best(ax, best[0][0], best[0][1], f"best ({x}={best[0][0]:.3g})")
+        xs = [p[0] for p in pts]
+        if min(xs) > 0 and max(xs) > 10 * min(xs):
+            ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(x)
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"Validation loss vs {x}")
+    ax.grid(alpha=0.3)
     return save(fig, path)

@@ -7,68 +7,51 @@ Reads every `record.json` (+ `metrics.jsonl`, `eval.jsonl`) under the given fold
 described in docs/run-record.md, and writes `<basename>.md`, `<basename>.csv`, `loss.png`,
 `tokens_per_s.png` (and `sweep.png` with `--x`). With `--wandb` it also saves a W&B report that
 compares the same runs online. Nothing here imports torch: the report runs on any machine.
+
+This module composes the report: the runs are loaded by gpt2x.lab.runs, their numbers are
+gpt2x.lab.summary's (the header's facts gpt2x.lab.header's), formatted by gpt2x.lab.tables and
+drawn by gpt2x.lab.plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from gpt2x import stats
-from gpt2x.lab import plots
+from gpt2x.lab import plots, wandb_report
 from gpt2x.lab.figure import FigureError, plot_reproduction
+from gpt2x.lab.header import ablation_header, build_header
+from gpt2x.lab.runs import ReportError, Run, load_runs
 from gpt2x.lab.summary import (
-    COLUMNS,
     CONFIDENCE,
     TARGET_TOLERANCE,
-    ReportError,
-    Run,
-    _csv_cell,
-    _distinct,
-    _fmt,
-    _one_line,
-    _sweep_key,
-    breakdown_table,
-    build_header,
-    columns_of,
-    config_value,
-    group_runs,
-    load_runs,
-    loss_curves,
-    markdown_table,
-    mean_breakdown,
-    rerun_command,
-    shown_columns,
+    Row,
+    details,
     summarize,
+    sweep_key,
 )
-from gpt2x.lab.wandb_report import _wandb_offline_reason, build_wandb_report
-
-__all__ = [
-    "COLUMNS",
-    "ReportError",
-    "build_wandb_report",
-    "load_runs",
-    "loss_curves",
-    "main",
-    "markdown_table",
-    "mean_breakdown",
-    "summarize",
-    "write_report",
-]
-
+from gpt2x.lab.tables import (
+    breakdown_table,
+    cell,
+    columns_of,
+    header_lines,
+    markdown_table,
+    shown_columns,
+    write_csv,
+)
+from gpt2x.record.failure import one_line
 
 # --------------------------------------------------------------------------------------------
 # Writing
 
 
 def write_report(
-    rows: Sequence[dict],
+    rows: Sequence[Row],
     runs: Sequence[Run],
     out_dir: str | Path,
     header: dict | None = None,
@@ -78,31 +61,20 @@ def write_report(
     target_loss: float | None = None,
 ) -> dict[str, Path]:
     """Write `<basename>.md`, `<basename>.csv`, `loss.png`, `tokens_per_s.png` (+ `sweep.png`
-    when `x` is a swept config key) into out_dir; returns {kind: path}. target_loss: what
+    when `x` is a swept config key, `breakdown.png` when a row has a step-time breakdown) into
+    out_dir; returns {kind: path}. rows: gpt2x.lab.summary.summarize's. target_loss: what
     summarize's s_to_target was measured against (default: the baseline row's final loss)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x = x or _sweep_key(rows)
-    columns = columns_of(rows, x)
+    x = x or sweep_key(rows)
     header = build_header(runs) if header is None else header
-    groups = {g[0].name: g for g in group_runs(runs)}
-    by_name = {name: g[0] for name, g in groups.items()}
-    breakdowns = [
-        {"name": r["name"], "breakdown": mean_breakdown(groups.get(r["name"], []))} for r in rows
-    ]
+    about = details(runs, rows)
+    breakdowns = [{"name": d.name, "breakdown": d.breakdown} for d in about]
+    columns = columns_of(rows, x)
     paths: dict[str, Path] = {}
 
     # ---- markdown
-    md = [f"# {title or ('Sweep over ' + x if x else 'Ablation')}", ""]
-    for key, value in header.items():
-        if isinstance(value, (list, tuple)):
-            if len(value) == 1:
-                md.append(f"- **{key}**: {value[0]}")
-            else:
-                md.append(f"- **{key}**:")
-                md.extend(f"  - {v}" for v in value)
-        else:
-            md.append(f"- **{key}**: {value}")
+    md = [f"# {title or ('Sweep over ' + x if x else 'Ablation')}", "", *header_lines(header)]
     shown, constant = shown_columns(rows, columns)
     if constant:
         md += ["", "All rows: " + ", ".join(f"{c} {v}" for c, v in constant.items()) + "."]
@@ -114,8 +86,8 @@ def write_report(
             which = named if best["name"] == named else f"{best['name']} ({named})"
             md.append(
                 f"**Best**: {which}: "
-                f"{_fmt('tokens_per_s', best['tokens_per_s'])} tokens/s, "
-                f"{_fmt('median_ms', best['median_ms'])} ms/step."
+                f"{cell('tokens_per_s', best['tokens_per_s'])} tokens/s, "
+                f"{cell('median_ms', best['median_ms'])} ms/step."
             )
         else:
             md.append("**Best**: none (no run completed).")
@@ -151,34 +123,25 @@ def write_report(
         ]
     md += breakdown_table(breakdowns)
     md += ["## Runs", ""]
-    for row in rows:
-        run = by_name.get(row["name"])
+    for row, about_row in zip(rows, about):
         md.append(f"### {row['name']}")
         md.append("")
         md.append(f"- status: {row['status']}" + (f" ({row['error']})" if row["error"] else ""))
-        if run is not None:
-            folders = [r.path for r in groups[row["name"]]]
-            md.append("- folder: " + ", ".join(f"`{f}`" for f in folders))
+        if about_row.folders:
+            md.append("- folder: " + ", ".join(f"`{f}`" for f in about_row.folders))
         md.append(f"- config hash: `{row.get('config_hash') or 'n/a'}`")
-        if run is not None:
-            md.append(f"- re-run: `{rerun_command(run)}`")
-            wb = run.record.get("wandb") or {}
-            if isinstance(wb, dict) and wb.get("url"):
-                md.append(f"- W&B: {wb['url']}")
+        if about_row.rerun is not None:
+            md.append(f"- re-run: `{about_row.rerun}`")
+        if about_row.wandb_url:
+            md.append(f"- W&B: {about_row.wandb_url}")
         md.append("")
     paths["md"] = out / f"{basename}.md"
     paths["md"].write_text("\n".join(md), encoding="utf-8")
-
-    # ---- csv
-    paths["csv"] = out / f"{basename}.csv"
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_csv_cell(row.get(c)) for c in columns])
+    paths["csv"] = write_csv(out / f"{basename}.csv", rows, columns)
 
     # ---- plots
-    paths["loss"] = plots.plot_loss(loss_curves(runs, rows), out / "loss.png")
+    curves = [d.curve for d in about if d.curve is not None]
+    paths["loss"] = plots.plot_loss(curves, out / "loss.png")
     paths["tokens_per_s"] = plots.plot_tokens_per_s(rows, out / "tokens_per_s.png")
     if x is not None:
         paths["sweep"] = plots.plot_sweep(rows, x, out / "sweep.png")
@@ -187,7 +150,7 @@ def write_report(
     return paths
 
 
-def _target_note(rows: Sequence[dict], baseline: str | None, target: float | None) -> str:
+def _target_note(rows: Sequence[Row], baseline: str | None, target: float | None) -> str:
     """What s_to_target was measured against, and with which tolerance."""
     if target is None:
         target = next((r["loss"] for r in rows if r["name"] == baseline), None)
@@ -212,87 +175,9 @@ def is_ablation_folder(folder: Path) -> bool:
     return (Path(folder) / f"{ABLATION}.json").is_file()
 
 
-def ablation_header(runs: Sequence[Run], rows: Sequence[dict], manifest: dict) -> dict:
-    """The ablation's own lines (ladder, exact command, measurement, seeds, config hashes,
-    interruption) followed by the report's (date, hardware, versions, git, commands)."""
-    rungs = manifest.get("rungs") or []
-    ladder = manifest.get("ladder")
-    overridden = bool(manifest.get("overrides"))
-    if ladder:
-        ladder_line = f"{ladder} ({manifest.get('ladder_file')})"
-        if manifest.get("description") and not overridden:
-            ladder_line += f": {manifest['description']}"
-    else:
-        ladder_line = "rungs given on the command line"
-    # what ran, from the records: the ladder's description names its own shape, which the
-    # overrides for every rung may have changed
-    shape = ", ".join(_distinct(_shape(r) for r in runs)) or None
-    if shape and overridden and ladder and manifest.get("description"):
-        shape += f" (set by the overrides for every rung; the ladder's: {manifest['description']})"
-    repeated = (manifest.get("repeats") or 1) > 1
-    seeds = sorted({str(config_value(r.config, "trainer.seed")) for r in runs if r.config})
-    header: dict[str, Any] = {
-        "ablation": manifest.get("name"),
-        "ladder": ladder_line,
-        "ablate command": f"`{manifest['command']}`",
-        "measured": (
-            f"{manifest['steps']} optimizer steps per rung after {manifest['warmup']} warm-up "
-            "steps (trainer.warmup_steps_for_timing), "
-            f"{manifest.get('repeats', 1)} interleaved repeat(s) per rung "
-            + (
-                "(interleave=steps: per repeat, the single-process rungs ran together, each its own "
-                "process, taking turns step by step, and a speed-up pairs their steps; ddp/fsdp "
-                "rungs ran alone)"
-                if manifest.get("interleave") == "steps"
-                else "as fresh processes"
-            )
-            + "; compile time is compile_s, outside the measured steps"
-        ),
-        "shape": shape,
-        "seeds": ", ".join(seeds) if seeds else None,
-        "overrides for every rung": " ".join(manifest["overrides"]) or "none",
-        "config hashes": [
-            f"{r['index']:02d} {r['short']}"
-            + (f" repeat {r.get('repeat', 0)}" if repeated else "")
-            + f": {r.get('config_hash') or 'n/a'} ({r['status']})"
-            for r in rungs
-            if r["status"] != "not run"
-        ],
-    }
-    not_run = [r["short"] for r in rungs if r["status"] == "not run"]
-    stopped = [r["short"] for r in rungs if r["status"] == "interrupted"]
-    if manifest.get("interrupted"):
-        header["interrupted"] = (
-            f"by {manifest['interrupted']}"
-            + (f" during {', '.join(stopped)}" if stopped else "")
-            + (f"; not run: {', '.join(not_run)}" if not_run else "")
-        )
-    multi = [r for r in rows if (r.get("world_size") or 1) > 1 and r.get("median_ms")]
-    if multi:
-        header["note"] = (
-            f"{', '.join(r['name'] for r in multi)}: every rank runs the base rung's B x T, so "
-            "a step holds world_size times the tokens of a 1-process step (the speed-up columns "
-            "are tokens/s ratios, so they count that)"
-        )
-    baseline = next((r["name"] for r in rows if r["median_ms"]), None)
-    header.update(build_header(runs, baseline))
-    return {k: v for k, v in header.items() if v not in (None, "", [])}
-
-
-def _shape(run: Run) -> str | None:
-    """The model and batch a run trained: `2 layers x 64 wide, 2 heads, T=32, B=4`."""
-    model, trainer = run.config.get("model"), run.config.get("trainer")
-    if not isinstance(model, dict) or not isinstance(trainer, dict) or "n_layer" not in model:
-        return None
-    return (
-        f"{model['n_layer']} layers x {model.get('n_embd')} wide, {model.get('n_head')} heads, "
-        f"T={trainer.get('seq_len')}, B={trainer.get('micro_batch_size')}"
-    )
-
-
 def write_ablation(
     out: Path, manifest: dict, dest: Path | None = None
-) -> tuple[list[Run], list[dict], dict[str, Path]]:
+) -> tuple[list[Run], list[Row], dict[str, Path]]:
     """ablation.md/.csv + plots from the rung folders in `out` and the ablation's manifest
     (written to `dest`, default `out`), in the ladder's order."""
     runs = load_runs([out])
@@ -313,7 +198,9 @@ def write_ablation(
     return runs, rows, paths
 
 
-def rebuild_ablation(out: Path, dest: Path | None = None) -> tuple[list, list, dict]:
+def rebuild_ablation(
+    out: Path, dest: Path | None = None
+) -> tuple[list[Run], list[Row], dict[str, Path]]:
     """The ablation's report again, from its manifest and the rung folders: the same table,
     header and plots the runner wrote (`python -m gpt2x.report <ablation folder>`)."""
     path = Path(out) / f"{ABLATION}.json"
@@ -384,7 +271,7 @@ def draw_figures(folders: Sequence[str], out: str | None) -> int:
             dest.parent.mkdir(parents=True, exist_ok=True)
             print(f"wrote {plot_reproduction(folder, dest)}")
         except (FigureError, OSError) as e:
-            _err(_one_line(str(e)))
+            _err(one_line(e))
             return 2
     return 0
 
@@ -447,19 +334,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(str(e))
         return 2
     except OSError as e:
-        _err(_one_line(str(e)))
+        _err(one_line(e))
         return 2
     print(markdown_table(rows, shown_columns(rows, columns_of(rows, args.x))[0]))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if not args.wandb:
         return 0
 
-    reason = _wandb_offline_reason()
+    reason = wandb_report.offline_reason()
     if reason:
         _err(f"W&B report not saved: {reason}; the local report is complete")
         return 1
     try:
-        report = build_wandb_report(
+        url = wandb_report.save(
             runs,
             project=args.project,
             entity=args.entity,
@@ -467,10 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             title=args.title,
             rows=rows,
         )
-        report.save()
-        url = report.url
-    except Exception as e:  # noqa: BLE001 - network/auth problems: one line, no traceback
-        _err(f"W&B report not saved: {type(e).__name__}: {_one_line(str(e))}")
+    except ReportError as e:
+        _err(str(e))
         return 1
     print(f"W&B report: {url}")
     return 0

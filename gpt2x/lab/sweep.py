@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -28,13 +27,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2x.config import run_id
-from gpt2x.lab import report
-from gpt2x.lab.plots import mark_best
-from gpt2x.lab.report import ReportError
+from gpt2x.lab.plots import plot_val_loss
+from gpt2x.lab.report import write_report
+from gpt2x.lab.runs import ReportError, Run, load_runs
+from gpt2x.lab.summary import OBJECTIVES, summarize
 
 log = logging.getLogger("gpt2x.sweep")
 
-OBJECTIVES = ("tokens_per_s", "val_loss")  # what `best` means: highest tokens/s, lowest val loss
 RUN_ID_ENV = "GPT2X_RUN_ID"
 
 
@@ -83,7 +82,7 @@ def swept_key(sweep_dir: Path) -> str | None:
     return keys[0] if len(keys) == 1 else None
 
 
-def _loss_spread(runs: Sequence[Any]) -> float | None:
+def _loss_spread(runs: Sequence[Run]) -> float | None:
     """Largest |train loss difference| at equal steps between the completed runs (None if < 2)."""
     curves = []
     for r in runs:
@@ -114,16 +113,11 @@ def write_summary(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
     sweep_dir = Path(sweep_dir)
-    runs = report.load_runs(sweep_dir)
-    rows = report.summarize(runs, x=x)
-    if x is not None and objective == "val_loss":
-        scored = [r for r in rows if r["median_ms"] and _finite(r.get("val_loss"))]
-        best = min(scored, key=lambda r: r["val_loss"], default=None)
-        for row in rows:
-            row["best"] = row is best
+    runs = load_runs(sweep_dir)
+    rows = summarize(runs, x=x, objective=objective)
     best_row = next((r for r in rows if r.get("best")), None)
     optuna = optuna_results(sweep_dir)
-    paths = report.write_report(rows, runs, sweep_dir, basename=basename, x=x, title=title)
+    paths = write_report(rows, runs, sweep_dir, basename=basename, x=x, title=title)
     if x is not None and objective == "val_loss":
         paths["val_loss"] = plot_val_loss(rows, x, sweep_dir / "val_loss.png")
 
@@ -158,43 +152,6 @@ def write_summary(
     with open(paths["md"], "a", encoding="utf-8") as f:
         f.write("\n".join(extra) + "\n")
     return SweepResult(completed, len(runs) - completed, best_row, paths, optuna)
-
-
-def plot_val_loss(rows: Sequence[dict], x: str, path: Path) -> Path:
-    """Validation loss vs the swept key (log axis for positive numbers spanning >10x), best starred."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    pts = [
-        (r[x], r["val_loss"], bool(r.get("best")))
-        for r in rows
-        if r["median_ms"] and _finite(r.get("val_loss")) and _finite(r.get(x))
-    ]
-    pts.sort()
-    fig = Figure(figsize=(6.0, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-")
-        best = [p for p in pts if p[2]]
-        if best:
-            mark_best(ax, best[0][0], best[0][1], f"best ({x}={best[0][0]:.3g})")
-        xs = [p[0] for p in pts]
-        if min(xs) > 0 and max(xs) > 10 * min(xs):
-            ax.set_xscale("log")
-    else:
-        ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(x)
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"Validation loss vs {x}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def plain_optuna_logs() -> None:

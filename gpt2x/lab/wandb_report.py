@@ -7,16 +7,11 @@ import os
 import re
 from collections.abc import Sequence
 
-from gpt2x.lab.summary import (
-    ReportError,
-    Run,
-    _distinct,
-    _one_line,
-    build_header,
-    columns_of,
-    config_value,
-    markdown_table,
-)
+from gpt2x.lab.header import build_header
+from gpt2x.lab.runs import ReportError, Run, config_value, distinct
+from gpt2x.lab.summary import Row
+from gpt2x.lab.tables import markdown_table
+from gpt2x.record.failure import error_line, one_line
 from gpt2x.record.wandb_logger import wandb_api_key_configured
 
 # W&B metric keys logged by the trainer (gpt2x.record.wandb_logger.WandbLogger)
@@ -38,13 +33,13 @@ def _wandb_info(run: Run) -> dict:
 
 def wandb_groups(runs: Sequence[Run]) -> list[str]:
     """The W&B groups of the runs: record["wandb"]["group"], else config logger.group."""
-    return _distinct(
+    return distinct(
         _wandb_info(r).get("group") or config_value(r.config, "logger.group") for r in runs
     )
 
 
 def _wandb_project(runs: Sequence[Run]) -> str | None:
-    found = _distinct(
+    found = distinct(
         _wandb_info(r).get("project") or config_value(r.config, "logger.project") for r in runs
     )
     return found[0] if found else None
@@ -70,7 +65,7 @@ def build_wandb_report(
     entity: str | None = None,
     group: str | None = None,
     title: str | None = None,
-    rows: Sequence[dict] | None = None,
+    rows: Sequence[Row] | None = None,
 ):
     """A `wandb_workspaces.reports.v2.Report` comparing the runs (nothing is saved or sent).
 
@@ -85,7 +80,7 @@ def build_wandb_report(
         from wandb_workspaces import expr
     except ImportError as e:
         raise ReportError(
-            f"W&B reports need wandb-workspaces (pip install 'gpt2x[report]'): {_one_line(str(e))}"
+            f"W&B reports need wandb-workspaces (pip install 'gpt2x[report]'): {one_line(e)}"
         ) from None
 
     project = project or _wandb_project(runs) or "gpt2x"
@@ -98,7 +93,7 @@ def build_wandb_report(
         filters = [expr.Metric("Group").isin(groups)]
         label = ", ".join(groups)
     else:
-        ids = _distinct(_wandb_info(r).get("id") for r in runs)
+        ids = distinct(_wandb_info(r).get("id") for r in runs)
         if not ids:
             raise ReportError(
                 "the runs have no W&B group and no W&B run id (logger=none?); pass --group"
@@ -160,7 +155,7 @@ def build_wandb_report(
     if rows:
         blocks += [
             wr.H2("Summary (local run records)"),
-            wr.MarkdownBlock(text=markdown_table(rows, columns_of(rows))),
+            wr.MarkdownBlock(text=markdown_table(rows)),
         ]
     blocks += [wr.H2("Runs"), wr.PanelGrid(runsets=[runset], panels=panels)]
     kwargs = {"entity": entity} if entity else {}
@@ -169,7 +164,18 @@ def build_wandb_report(
     )
 
 
-def _wandb_offline_reason() -> str | None:
+def save(runs: Sequence[Run], **kwargs) -> str:
+    """Build the report (build_wandb_report's arguments) and save it; returns its URL.
+    ReportError, one line, where it cannot be saved (network, authentication, a package)."""
+    try:
+        report = build_wandb_report(runs, **kwargs)
+        report.save()
+        return str(report.url)
+    except Exception as e:  # noqa: BLE001 - network/auth problems: one line, no traceback
+        raise ReportError(f"W&B report not saved: {error_line(e)}") from None
+
+
+def offline_reason() -> str | None:
     """Why a report cannot be saved here without trying the network, or None."""
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode in ("offline", "disabled", "dryrun"):

@@ -2,9 +2,9 @@
 
 A run folder holds `record.json` (what ran, how it ended, its summary), `metrics.jsonl` (one row
 per optimization step) and `eval.jsonl` (one row per evaluation). Everything that writes or
-reads them goes through here: the trainer (`RunRecord`), the sweep and ablation runners
-(`write_failed_record` when a job dies before or without finishing its record), resume
-(`truncate_jsonl`) and the report (`read_record`, `read_jsonl`).
+reads them goes through here: the trainer (`RunRecord`), resume (`truncate_jsonl`) and the
+report (`read_record`, `read_jsonl`); the record of a job that dies before or without finishing
+its own is gpt2x.record.failure's.
 
 record.json is replaced atomically (tmp file + rename) so a killed run never leaves it half
 written; the jsonl files are appended and flushed row by row so a killed run keeps every step.
@@ -23,7 +23,6 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -419,70 +418,6 @@ def _write_error(path: Path, e: OSError) -> str:
         else "check the folder's permissions, then continue with trainer.resume=auto"
     )
     return f"cannot write {path} ({e.strerror or e}); {fix}"
-
-
-def failed_record(
-    run_dir: Path,
-    error: str,
-    *,
-    config: dict | None,
-    overrides: Sequence[str],
-    command: str | None = None,
-    experiment: str | None = None,
-    world_size: int | None = None,
-    started_at: str | None = None,
-    **extra: Any,
-) -> dict:
-    """The record of a run that failed before (or without) the trainer writing its own: the
-    fields a report needs to show it, with every measurement empty."""
-    return {
-        "schema": SCHEMA,
-        "run_id": run_dir.name,
-        "run_dir": str(run_dir),
-        "experiment": experiment if experiment is not None else (config or {}).get("experiment", ""),
-        "status": "failed",
-        "error": error,
-        "command": command or command_line(),
-        "overrides": list(overrides),
-        "config": config,
-        "config_hash": config_hash(config) if config else None,
-        "git": git_info(),
-        "versions": versions(),
-        "hardware": None,
-        "world_size": world_size,
-        "grad_accum_steps": None,
-        "tokens_per_step": None,
-        "started_at": started_at or now(),
-        "ended_at": None,
-        "compile_seconds": None,
-        "summary": None,
-        "wandb": None,
-        **extra,
-    }
-
-
-def write_failed_record(
-    run_dir: str | Path,
-    error: str,
-    config: dict | None = None,
-    overrides: Sequence[str] = (),
-    **fields: Any,
-) -> dict:
-    """Make `run_dir/record.json` say status "failed" with `error` (rank 0 only).
-
-    A record the trainer wrote keeps everything and only gets status/error replaced; a missing
-    one (a bad config, a child process that died before starting its record) gets the
-    `failed_record` skeleton. Returns the record written."""
-    run_dir = Path(run_dir)
-    if os.environ.get("RANK", "0") != "0":
-        return {}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = read_record(run_dir)
-    if record is None:
-        record = failed_record(run_dir, error, config=config, overrides=overrides, **fields)
-    record.update(status="failed", error=error, ended_at=now())
-    write_json(run_dir / RECORD, record)
-    return record
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 
+from gpt2x.record.failure import one_line
+
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +67,7 @@ class WandbLogger:
             if self.mode != "online":
                 raise
             log.warning(
-                "W&B online init failed (%s); logging offline instead", str(e).splitlines()[0]
+                "W&B online init failed (%s); logging offline instead", one_line(e)
             )
             self.mode = "offline"
             self.run = wandb.init(mode="offline", settings=settings, **kwargs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2x import stats
+from gpt2x.measure import timed
 from gpt2x.training.peak import cpu_model_name, device_name
 
 
@@ -83,9 +84,9 @@ def summarize_steps(
     warmup: int,
     compiled: bool,
 ) -> StepSummary:
-    """Step-time statistics over the measured steps (warm-up steps excluded). peaks: {"spec":
-    FLOP/s or None, "measured": FLOP/s or None}."""
-    measured = list(step_ms[warmup:]) if len(step_ms) > warmup else list(step_ms)
+    """Step-time statistics over the measured steps (gpt2x.measure.timed: the warm-up skipped,
+    at least one step kept). peaks: {"spec": FLOP/s or None, "measured": FLOP/s or None}."""
+    measured = timed(step_ms, warmup)
     if not measured:
         return StepSummary(0, None, None, None, None, None, None, None)
     median = stats.median(measured)

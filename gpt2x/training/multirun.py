@@ -21,11 +21,10 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from gpt2x.config import resolved_config
-from gpt2x.record.folder import read_record, write_failed_record
+from gpt2x.record.failure import FAILED, error_line, is_oom, oom_reason, write_failed_record
+from gpt2x.record.folder import read_record
 
 log = logging.getLogger("gpt2x.sweep")
-
-FAILED = float("inf")  # what a failed job returns to the sweeper (Optuna minimizes val loss)
 
 
 def in_multirun() -> bool:
@@ -40,26 +39,14 @@ def begin_job() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
 def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(e).lower()
-    return "out of memory" in text or "can't allocate memory" in text
+    return isinstance(e, torch.cuda.OutOfMemoryError) or is_oom(e)
 
 
 def failure_reason(cfg: Any, e: BaseException) -> str:
     """The one-line reason recorded for a failed job; out-of-memory names the micro batch."""
-    detail = f"{type(e).__name__}: {_one_line(str(e))}"
-    if _is_oom(e):
-        kind = "CUDA" if "cuda" in f"{type(e).__name__} {e}".lower() else "CPU"
-        b = OmegaConf.select(cfg, "trainer.micro_batch_size", default=None)
-        return f"{kind} out of memory at micro_batch_size={b} ({detail})"
-    return detail
+    b = OmegaConf.select(cfg, "trainer.micro_batch_size", default=None)
+    return oom_reason(error_line(e), b)
 
 
 def record_failure(cfg: Any, e: BaseException) -> str:

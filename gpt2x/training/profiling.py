@@ -2,8 +2,9 @@
 
 `profile_steps` runs a few full steps under torch.profiler and sums the *self* time of every op
 (its CPU time on CPU; on CUDA the device time of the kernels it launched itself) into the
-categories below, so no nanosecond is counted twice. Whatever no op accounts for (Python, the autograd engine's glue,
-waiting, an idle GPU) is "other", so the categories add up to the profiled step time.
+categories of gpt2x.measure.CATEGORIES, so no nanosecond is counted twice. Whatever no op
+accounts for (Python, the autograd engine's glue, waiting, an idle GPU) is "other", so the
+categories add up to the profiled step time.
 
 Op names map to categories through `categorize` (a pure function over the table `PATTERNS`).
 Some categories *claim* everything that runs inside them: the elementwise ops of a for-loop
@@ -24,18 +25,9 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
-# the order of the stacked bars in plots (gpt2x/lab/plots.py keeps a torch-free copy)
-CATEGORIES = (
-    "matmul",
-    "attention",
-    "loss",
-    "elementwise+norm",
-    "fused kernels",
-    "optimizer",
-    "communication",
-    "data/host",
-    "other",
-)
+from gpt2x import measure
+from gpt2x.measure import CATEGORIES
+from gpt2x.record.failure import one_line
 
 # (regex, category), first match wins; matched against the op name with the autograd engine's
 # "evaluate_function: " prefix removed. Names are what torch 2.13 records on CPU and CUDA.
@@ -172,7 +164,7 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device)
     try:
         prof.start()
     except (RuntimeError, AssertionError) as e:
-        raise ProfilingUnavailable(f"torch.profiler failed to start: {e}".splitlines()[0]) from e
+        raise ProfilingUnavailable(f"torch.profiler failed to start: {one_line(e)}") from e
     walls = []
     try:
         for _ in range(steps):
@@ -242,25 +234,10 @@ def _breakdown(
         categories[cat] += v
     # the unattributed rest; below 0 only when kernels overlap (e.g. NCCL on its own stream)
     categories["other"] += max(0.0, step_ms - sum(categories.values()))
-    top = sorted(((n, c, v) for (n, c), v in ms.items()), key=lambda t: -t[2])[:15]
+    top = sorted(((n, c, v) for (n, c), v in ms.items()), key=lambda t: -t[2])[: measure.TOP_OPS]
     return Breakdown(step_ms, categories, steps, device, top)
 
 
 def mean_breakdown(breakdowns: list[Breakdown]) -> Breakdown:
-    """Several profiled steps' breakdowns as one (means per category, top ops re-ranked)."""
-    if not breakdowns:
-        raise ValueError("mean_breakdown needs at least one breakdown")
-    n = len(breakdowns)
-    categories = {c: sum(b.categories.get(c, 0.0) for b in breakdowns) / n for c in CATEGORIES}
-    ops: dict[tuple[str, str], float] = defaultdict(float)
-    for b in breakdowns:
-        for name, cat, ms in b.top_ops:
-            ops[(name, cat)] += ms / n
-    top = sorted(((name, cat, ms) for (name, cat), ms in ops.items()), key=lambda t: -t[2])[:15]
-    return Breakdown(
-        step_ms=sum(b.step_ms for b in breakdowns) / n,
-        categories=categories,
-        steps=sum(b.steps for b in breakdowns),
-        device=breakdowns[0].device,
-        top_ops=top,
-    )
+    """Several profiled steps' breakdowns as one (gpt2x.measure.mean_breakdown)."""
+    return Breakdown.from_dict(measure.mean_breakdown([b.to_dict() for b in breakdowns]))

@@ -26,6 +26,7 @@ from gpt2x import CONF_DIR
 from gpt2x.checkpoint import CheckpointError
 from gpt2x.config import ConfigError, Dtype, is_rank_zero, register_configs
 from gpt2x.data import DataError
+from gpt2x.record.failure import error_line
 from gpt2x.record.folder import (
     RunFolderError,
     kill_for_test,
@@ -143,7 +144,7 @@ def run_training(cfg: DictConfig) -> float | None:
         raise  # the record is already finished as "interrupted"
     except BaseException as e:
         if not is_rank_zero() and not isinstance(e, KeyboardInterrupt):
-            note_rank_failure(cfg.paths.run_dir, int(os.environ["RANK"]), _one_line(e))
+            note_rank_failure(cfg.paths.run_dir, int(os.environ["RANK"]), error_line(e))
         if run is not None:
             record_end(run, e)
         raise
@@ -205,7 +206,7 @@ def record_end(run: Run, e: BaseException) -> None:
         run.record.finish("interrupted", error=f"aborted by the user (Ctrl-C){saved}")
         code = 130
     else:
-        error = _one_line(e)
+        error = error_line(e)
         peers = rank_failures(run.cfg.paths.run_dir) if run.dist.is_distributed else {}
         if peers:  # the rank that failed first, not what rank 0 saw of it
             rank, reason = next(iter(peers.items()))
@@ -326,7 +327,7 @@ def train(run: Run) -> dict:
         run.flops_per_token,
         run.peaks,
         d.world_size,
-        warmup=min(warmup, max(0, len(step_ms) - 1)),
+        warmup=warmup,
         compiled=cfg.compile,
     )
     return {
@@ -456,11 +457,6 @@ def start_profiler(run: Run) -> torch.profiler.profile:
     )
     prof.start()
     return prof
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 register_configs()

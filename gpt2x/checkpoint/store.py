@@ -23,6 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from gpt2x.config import ConfigError
+from gpt2x.record.failure import one_line
 from gpt2x.record.folder import fsync_dir, kill_for_test
 
 log = logging.getLogger("gpt2x.checkpoint")
@@ -341,7 +342,7 @@ def torch_load(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
     except Exception as e:  # noqa: BLE001 - any unpickling/zip error means a bad file
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = one_line(e) or type(e).__name__
         raise CheckpointError(f"checkpoint file {path} cannot be read ({why})") from None
 
 

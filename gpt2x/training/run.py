@@ -32,6 +32,7 @@ from gpt2x.config import (
 from gpt2x.data import ShardLoader, ensure_prepared
 from gpt2x.model import GPT, GPTConfig, check_attention, pretrained_shape
 from gpt2x.record import folder as runfolder
+from gpt2x.record.failure import one_line
 from gpt2x.record.folder import RunRecord, git_info, versions
 from gpt2x.record.wandb_logger import WandbLogger
 from gpt2x.training import distributed
@@ -171,7 +172,7 @@ def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
         try:
             wandb_logger = WandbLogger(cfg.logger, str(run_dir), config, run_dir.name)
         except Exception as e:
-            record.finish("failed", error=f"W&B init failed: {e}".splitlines()[0])
+            record.finish("failed", error=f"W&B init failed: {one_line(e)}")
             raise
         record.update(wandb=wandb_logger.info())
 
@@ -363,12 +364,12 @@ def read_pretrained_shape(name_or_dir: str) -> dict:
         hf_config = AutoConfig.from_pretrained(name_or_dir)
     except OSError as e:  # no network and nothing cached, or an unknown name
         raise ConfigError(
-            f"{key} cannot be loaded ({str(e).splitlines()[0]}); with no network, download it "
+            f"{key} cannot be loaded ({one_line(e)}); with no network, download it "
             "where there is one (huggingface-cli download gpt2) and set "
             "model.init_from=/path/to/that/folder"
         ) from None
     except ValueError as e:  # a config.json transformers cannot read
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{key}: {one_line(e)}") from None
     if hf_config.model_type != "gpt2":
         raise ConfigError(
             f"{key} is a {hf_config.model_type!r} model; gpt2x trains GPT-2 (model_type gpt2)"
@@ -443,7 +444,7 @@ def build_model(cfg: DictConfig, device: torch.device) -> GPT:
     except OSError as e:  # from_pretrained: the weights file is missing or unreadable
         raise ConfigError(
             f"model.init_from={m.init_from}: its weights cannot be loaded "
-            f"({str(e).splitlines()[0]})"
+            f"({one_line(e)})"
         ) from None
     model = model.to(device)
     if cfg.precision.float8:

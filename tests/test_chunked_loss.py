@@ -114,26 +114,19 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_never_holds_more_than_one_chunk_of_logits(monkeypatch):
+def test_never_holds_more_than_one_chunk_of_logits():
     x, w, t = case()
     with LargestTensor() as plain:
         unchunked(x, w, t)
-    # the operator runs the chunk kernel (compiled otherwise; the same code op by op here) on
-    # each chunk: record what every kernel call creates
-    inside, kernel, rows = LargestTensor(), chunked_loss._chunk_loss_and_grads, []
-
-    def recorded(x, *args):
-        rows.append(x.size(0))
-        with inside:
-            return kernel(x, *args)
-
-    monkeypatch.setattr(chunked_loss, "_chunk_loss_and_grads", recorded)
-    value, _, _ = chunked(x, w, t, 8)
-    assert value == pytest.approx(unchunked(x, w, t)[0].item(), rel=1e-6)
-    assert rows == [8, 8, 8, 8, 5]
+    # the operator's own code, every op it runs recorded (the chunk kernel op by op)
+    run = chunked_loss._loss_and_grads._init_fn
+    with LargestTensor() as rows_of_8:
+        value, grad_x, grad_w = run(x, w, t, 8, torch.float32, -1, False, True)
+    assert value.item() == pytest.approx(unchunked(x, w, t)[0].item(), rel=1e-6)
     assert plain.numel == N * V  # the plain path's logits
     # the largest is the weight's gradient (V x C), then a chunk's logits (8 x V)
-    assert inside.numel == max(V * C, 8 * V) < N * V
+    assert rows_of_8.numel == max(V * C, 8 * V) < N * V
+    assert chunked_loss._workspace.logits.shape == (8, V)
 
 
 @pytest.mark.slow

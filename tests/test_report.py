@@ -786,6 +786,23 @@ def test_ablation_header_names_the_shape_that_ran_and_each_repeat(tmp_path):
     assert facts["config hashes"][0] == "01 fp32: h00 (completed)"
 
 
+@pytest.mark.parametrize("folder", ["ladder-cpu", "beyond-cpu"])
+def test_the_committed_benchmark_manifests_still_give_their_header_lines(folder):
+    """A rebuild (`python -m gpt2x.report benchmarks/<folder>`) needs ablation.json and the rung
+    folders' records; the records stayed in outputs/ (not committed), the manifests are here:
+    what the header takes from them reads as the committed ablation.md says. (The ladder line
+    and the repeats' config-hash labels changed after ladder-cpu was measured.)"""
+    from gpt2x.lab.tables import header_lines
+
+    bench = REPO / "benchmarks" / folder
+    manifest = json.loads((bench / "ablation.json").read_text())
+    lines = header_lines(header.ablation_header([], [], manifest))
+    md = (bench / "ablation.md").read_text().splitlines()
+    for key in ("ablation", "ablate command", "measured", "overrides for every rung"):
+        (line,) = [x for x in lines if x.startswith(f"- **{key}**: ")]
+        assert line in md, line
+
+
 def test_sweep_summary_shows_what_varies(tmp_path):
     """Job folders repeat every override of the command line (and end in a hash when long):
     a row is named by the overrides that differ, and the table keeps the sweep's columns."""

@@ -33,7 +33,6 @@ from gpt2x.lab.summary import (
     Row,
     details,
     summarize,
-    sweep_key,
 )
 from gpt2x.lab.tables import (
     breakdown_table,
@@ -42,6 +41,7 @@ from gpt2x.lab.tables import (
     header_lines,
     markdown_table,
     shown_columns,
+    sweep_key,
     write_csv,
 )
 from gpt2x.record.failure import one_line
@@ -66,9 +66,9 @@ def write_report(
     summarize's s_to_target was measured against (default: the baseline row's final loss)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x = x or sweep_key(rows)
+    about = details(runs, rows)  # the numbers and facts first, then their presentation
     header = build_header(runs) if header is None else header
-    about = details(runs, rows)
+    x = x or sweep_key(rows)
     breakdowns = [{"name": d.name, "breakdown": d.breakdown} for d in about]
     columns = columns_of(rows, x)
     paths: dict[str, Path] = {}

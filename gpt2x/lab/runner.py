@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gpt2x.lab import report, wandb_report
 from gpt2x.lab.ladder import AblationError, Rung, compose_rung, cuda_devices
-from gpt2x.lab.runs import Run
+from gpt2x.lab.runs import ReportError, Run
 from gpt2x.lab.supervisor import (
     INTERRUPT_GRACE_S,
     Child,
@@ -84,14 +84,9 @@ def run_rung(rung: Rung, timeout: float | None, echo: bool) -> None:
     """Run the rung's command, its output in <dir>/rung.log, then make its record tell how it
     ended. Re-raises Interrupted after the rung has wound down."""
     rung.started_at = now()
-    children: list[Child] = []
-
-    def wait() -> None:
-        children.append(_start(rung, echo, child_env(rung)))
-        children[0].wait(timeout)
-
-    ended = watch(children, wait)
-    rung.seconds, rung.returncode = ended.seconds, children[0].returncode if children else None
+    child = _start(rung, echo, child_env(rung))
+    ended = watch([child], lambda: child.wait(timeout))
+    rung.seconds, rung.returncode = ended.seconds, child.returncode
     _settle(rung, ended, timeout)
     if ended.interrupted is not None:
         raise ended.interrupted
@@ -332,7 +327,7 @@ def run_ablation(
     if any(read_record(r.dir) is not None for r in rungs if r.dir and Path(r.dir).exists()):
         try:
             runs, rows, paths = report.write_ablation(out, manifest_of(out, rungs, settings, "done"))
-        except (report.ReportError, OSError) as e:
+        except (ReportError, OSError) as e:
             print(f"gpt2x.ablate: error: the report could not be written: {e}", file=sys.stderr)
             return 1
         print(markdown_table(rows))
@@ -374,5 +369,5 @@ def save_wandb_report(out: Path, runs: list[Run], rows: list[dict]) -> None:
     try:
         url = wandb_report.save(runs, group=out.name, title=f"gpt2x ablation: {out.name}", rows=rows)
         print(f"W&B report: {url}")
-    except report.ReportError as e:
+    except ReportError as e:
         print(f"gpt2x.ablate: {e}")

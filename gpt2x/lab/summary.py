@@ -311,13 +311,6 @@ def _paired(
     return stats.log_t_interval(ratios, CONFIDENCE)
 
 
-def sweep_key(rows: Sequence[Row]) -> str | None:
-    """The swept config key of a sweep's rows (the column that is not one of COLUMNS)."""
-    if rows and "best" in rows[0]:
-        return next((k for k in rows[0] if k not in COLUMNS and k != "best"), None)
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # What else a report shows of a row
 

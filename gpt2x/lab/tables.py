@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2x import stats
-from gpt2x.lab.summary import COLUMNS, Row, sweep_key
+from gpt2x.lab.summary import COLUMNS, Row
 from gpt2x.measure import CATEGORIES
 
 # in the markdown table, columns holding one value in every row are said once above it
@@ -36,6 +36,13 @@ SWEEP_MD_COLUMNS = (
     "world_size",
     "best",
 )
+
+
+def sweep_key(rows: Sequence[Row]) -> str | None:
+    """The swept config key of a sweep's rows (the column that is not one of COLUMNS)."""
+    if rows and "best" in rows[0]:
+        return next((k for k in rows[0] if k not in COLUMNS and k != "best"), None)
+    return None
 
 
 def columns_of(rows: Sequence[Row], x: str | None = None) -> list[str]:

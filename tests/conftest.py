@@ -39,6 +39,15 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The quick tier (`python -m pytest -m "not slow"`) leaves out what trains on the prepared
+    corpus (the `data_root` fixture: an end-to-end run) and what launches several processes
+    (`distributed`); a few others are marked slow where they stand."""
+    for item in items:
+        if "data_root" in item.fixturenames or item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """One prepared-data cache for the whole session (Shakespeare is tokenized once)."""

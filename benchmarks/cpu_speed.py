@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,8 +115,13 @@ CANDIDATES = [
         "reduce_overhead", "chunked + compile_mode=reduce-overhead", "ladder/beyond/reduce_overhead"
     ),
     Candidate("block", "chunked + compile_scope=block", "ladder/beyond/block"),
-    # the named preset a user picks, at the ladder's shape: the same settings as `chunked`
-    Candidate("cpu_fast", "+experiment=cpu_fast, the named preset", "cpu_fast", ["+ladder_shape=nano_cpu"]),
+    # the named preset a user picks, at the ladder's shape: `chunked` with attn=naive
+    Candidate(
+        "cpu_fast",
+        "+experiment=cpu_fast, the named preset: chunked + attn=naive (compiled)",
+        "cpu_fast",
+        ["+ladder_shape=nano_cpu"],
+    ),
     Candidate(
         "hf",
         f"transformers GPT2LMHeadModel in the lecture's settings ({LECTURE}, sdpa, fused AdamW)",
@@ -299,8 +305,12 @@ def load_lecture(path: str | os.PathLike) -> dict:
         tree = ast.parse(path.read_text(), filename=str(path))
     except (OSError, SyntaxError, UnicodeDecodeError) as e:
         raise SystemExit(f"cpu_speed.py: --lecture {path}: cannot read it ({e})") from None
-    # configure_optimizers prints on the master process, a global of the script's body
-    namespace = {"__name__": "lecture_train_gpt2", "__file__": str(path), "master_process": True}
+    # a module of its own (dataclasses look their module up); configure_optimizers prints on the
+    # master process, a global of the script's body
+    module = types.ModuleType("lecture_train_gpt2")
+    module.__file__, module.master_process = str(path), True
+    sys.modules[module.__name__] = module
+    namespace = module.__dict__
     sys.path.insert(0, str(path.parent))  # the lecture's own modules beside it
     try:
         for node in tree.body:
@@ -484,6 +494,11 @@ def cpu_description() -> str:
     return f"{name}{family}, flags: {' '.join(flags) or 'none of ' + ' '.join(CPU_FLAGS)}"
 
 
+def default_configs(lecture: bool) -> list[str]:
+    """Every configuration; the lecture's code only when its path is given."""
+    return [c.name for c in CANDIDATES if c.peer != "lecture" or lecture]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -529,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lecture and not Path(args.lecture).expanduser().is_file():
         print(f"cpu_speed.py: --lecture {args.lecture}: no such file", file=sys.stderr)
         return 2
-    default = [c.name for c in CANDIDATES if c.peer != "lecture" or args.lecture]
+    default = default_configs(lecture=bool(args.lecture))
     names = [n.strip() for n in (args.configs or ",".join(default)).split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:

@@ -1,0 +1,119 @@
+"""benchmarks/cpu_speed.py's peers without the lecture's file: a stand-in with the interface of
+build-nanogpt's train_gpt2.py (GPTConfig, GPT(config) -> (logits, loss), configure_optimizers,
+a training run in the module body) is loaded and trained by the `lecture` worker in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("cpu_speed", REPO / "benchmarks" / "cpu_speed.py")
+cpu_speed = importlib.util.module_from_spec(spec)
+sys.modules["cpu_speed"] = cpu_speed  # its dataclasses look their module up
+spec.loader.exec_module(cpu_speed)
+
+STAND_IN = '''
+"""A stand-in for build-nanogpt's train_gpt2.py: the same interface, a one-layer model."""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from hellaswag import render_example  # the lecture's own module beside it; absent here
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        print(f"stand-in GPT: vocab_size={config.vocab_size} n_embd={config.n_embd}")
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets=None):
+        pos = torch.arange(idx.size(1), device=idx.device)
+        logits = self.lm_head(self.wte(idx) + self.wpe(pos))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        if master_process:  # a global of the lecture's script body
+            print(f"configure_optimizers({weight_decay}, {learning_rate}, {device_type})")
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        rest = [p for p in self.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+
+# the script's training run: loading the model must never execute it
+raise SystemExit("the stand-in's training run was executed")
+'''
+
+SHRINK = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "trainer.seq_len=32",
+    "trainer.micro_batch_size=2",
+]
+
+
+def test_the_lecture_worker_trains_the_files_own_model_with_its_optimizer(tmp_path, capsys):
+    lecture = tmp_path / "train_gpt2.py"
+    lecture.write_text(STAND_IN)
+    out = tmp_path / "lecture.json"
+    overrides = [*SHRINK, f"paths.data_dir={tmp_path / 'no-data'}"]  # fixed random tokens
+    args = ["--worker", "lecture", "--lecture", str(lecture), "--steps", "2", "--warmup", "1"]
+    args += ["--worker-out", str(out), "--device", "cpu", "--eager"]
+    assert cpu_speed.main([*args, *(a for o in overrides for a in ("--override", o))]) == 0
+    printed = capsys.readouterr().out
+    # the fused rung's shape (vocab 50304) and the optimizer settings, through its own code
+    assert "stand-in GPT: vocab_size=50304 n_embd=32" in printed
+    assert "configure_optimizers(0.1, 0.0006, cpu)" in printed
+    result = json.loads(out.read_text())
+    assert len(result["steps_ms"]) == 2 and result["tokens_per_s"] > 0
+    assert result["batch"] == [2, 32]
+    assert math.isfinite(result["loss"]) and result["loss"] < math.log(50304) + 0.5
+
+
+def test_a_file_without_the_lectures_model_is_one_line(tmp_path):
+    other = tmp_path / "train.py"
+    other.write_text("import torch\n\nclass Model(torch.nn.Module):\n    pass\n")
+    with pytest.raises(SystemExit) as e:
+        cpu_speed.load_lecture(other)
+    assert str(e.value) == (
+        f"cpu_speed.py: --lecture {other} defines no GPT or GPTConfig: pass build-nanogpt's "
+        "train_gpt2.py"
+    )
+
+
+def test_the_lecture_peer_needs_the_path(tmp_path, capsys):
+    assert cpu_speed.main(["--configs", "fused,lecture"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cpu_speed.py: configuration 'lecture' needs --lecture PATH (the lecture's "
+        "build-nanogpt train_gpt2.py)"
+    )
+    assert cpu_speed.main(["--lecture", str(tmp_path / "missing.py")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    # with the path, the lecture's peers join the default configurations
+    with_path, without = cpu_speed.default_configs(True), cpu_speed.default_configs(False)
+    assert set(with_path) - set(without) == {"lecture", "lecture_thp"}
+    assert {"fused", "chunked", "cpu_fast", "hf", "hf_thp"} <= set(without)

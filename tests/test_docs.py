@@ -139,6 +139,8 @@ HOW: dict[str, object] = {
     ),
     "python -m gpt2x.ablate ladder=beyond_gpt2_124m": Compose(GPU),
     "python -m gpt2x.ablate ladder=beyond_cpu repeats=3": Compose("9 min x 3 on this CPU"),
+    # every experiment runs there, shrunk (test_experiment_runs[cpu_fast])
+    "python -m gpt2x.train +experiment=cpu_fast": Covered("tests/test_matrix.py::test_experiment_runs"),
     # docs/checkpoints.md
     "python -m gpt2x.train <same overrides> hydra.run.dir=<run_dir> trainer.resume=auto": Journey(
         "train"

@@ -29,8 +29,8 @@ from gpt2x.chunked_loss import chunked_cross_entropy
 ATTN_IMPLS = ("naive", "sdpa", "flash")
 LOSS_IMPLS = ("plain", "chunked")
 # loss=chunked's kernel: "gpt2x" (gpt2x/chunked_loss.py: compiled chunks, any torch) or "torch"
-# (torch.nn.functional.linear_cross_entropy, torch >= 2.13, whose chunks run as eager ops: about
-# half as fast at the nano shape on CPU, kept to compare against)
+# (torch.nn.functional.linear_cross_entropy, torch >= 2.13, whose chunks' softmax runs as eager
+# ops: 3.7x slower in bf16 at the nano shape on a CPU, docs/beyond.md; kept to compare against)
 LOSS_KERNELS = ("gpt2x", "torch")
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import REPO, TINY, record, rows, run_cli, tiny_cfg
 
-from gpt2x import CONF_DIR, checkpoint
+from gpt2x import checkpoint
 from gpt2x.checkpoint import CheckpointError
 from gpt2x.checkpoint import state as checkpoint_state
 from gpt2x.checkpoint import store as checkpoint_store
@@ -35,24 +34,6 @@ HELLASWAG = REPO / "tests" / "data" / "hellaswag_tiny.jsonl"
 # the uninterrupted reference every resumed run is compared with (checkpoint settings and
 # evaluation do not change the losses)
 COMMON = ["trainer.max_steps=8", "trainer.sample_tokens=0", "trainer.eval_every=2"]
-
-
-def tiny_cfg(run_dir: Path, data_root: Path, *overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[*TINY, f"paths.data_dir={data_root}", "logger=none", *overrides],
-        )
-    cfg.paths.run_dir = str(run_dir)
-    return cfg
-
-
-def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return read_jsonl(run_dir / name)
-
-
-def record(run_dir: Path) -> dict:
-    return json.loads((run_dir / "record.json").read_text())
 
 
 def ckpts(run_dir: Path) -> list[str]:

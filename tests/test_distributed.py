@@ -20,12 +20,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, TORCHRUN_2, clean_env, run_cli
+from conftest import TINY, TORCHRUN_2, clean_env, losses, run_cli
 from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR
 from gpt2x.config import ConfigError, ParallelKind, register_configs
 from gpt2x.lab.runner import LAUNCH_ENV  # the launcher variables a child must not inherit
+from gpt2x.record.folder import read_jsonl
 from gpt2x.training import distributed
 
 register_configs()
@@ -63,18 +64,10 @@ def torchrun(
     return proc
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def only_run_dir(parent: Path) -> Path:
     dirs = [p for p in parent.iterdir() if p.is_dir()]
     assert len(dirs) == 1, f"expected one run folder in {parent}, found {dirs}"
     return dirs[0]
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@ preempted run, the command-line help and the checkpoint tools' missing options."
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -14,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli_train, run_cli, tiny_cfg
+from conftest import TINY, cli_train, record, run_cli, tiny_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -26,10 +25,6 @@ from gpt2x.record.folder import read_jsonl
 from gpt2x.training.preemption import StopSignals, StopWaiting, continue_command
 
 register_configs()
-
-
-def record(run_dir: Path) -> dict:
-    return json.loads((run_dir / "record.json").read_text())
 
 
 # --------------------------------------------------------------------------------------------

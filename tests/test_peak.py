@@ -257,7 +257,7 @@ def test_cpu_model_name_falls_back_without_proc_cpuinfo(monkeypatch):
 def test_fp32_probe_under_the_new_precision_api():
     # Once the per-backend API is used, torch's legacy getter raises: run in a fresh process.
     code = (
-        "import torch; from gpt2x import peak\n"
+        "import torch; from gpt2x.training import peak\n"
         "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'\n"
         "seen = []; real = torch.mm\n"
         "def mm(a, b, *, out=None):\n"

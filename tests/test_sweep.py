@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, losses, record, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -96,14 +96,6 @@ def jobs(sweep_dir: Path) -> dict[int, Path]:
         if p.is_dir() and p.name.split("_", 1)[0].isdigit():
             found[int(p.name.split("_", 1)[0])] = p
     return dict(sorted(found.items()))
-
-
-def record(job: Path) -> dict:
-    return json.loads((job / "record.json").read_text())
-
-
-def losses(job: Path) -> list[float]:
-    return [row["loss"] for row in read_jsonl(job / "metrics.jsonl")]
 
 
 def summary_rows(sweep_dir: Path) -> list[dict]:

@@ -303,7 +303,8 @@ def ran_choices(root: Path) -> set[tuple[str, str]]:
     for f in root.rglob("ran/*.json"):
         add(json.loads(f.read_text()))
     for f in root.rglob(".hydra/hydra.yaml"):
-        add(dict(OmegaConf.load(f).hydra.runtime.choices))
+        choices = OmegaConf.select(OmegaConf.load(f), "hydra.runtime.choices")
+        add(dict(choices or {}))  # a sweep's own folder has none
     for f in root.rglob("record.json"):
         try:
             rec = json.loads(f.read_text())

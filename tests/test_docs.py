@@ -203,9 +203,6 @@ HOW: dict[str, object] = {
     "python -m gpt2x.ablate ladder=gpt2_124m repeats=5 -- trainer.micro_batch_size=32": Compose(GPU),
     "python -m gpt2x.ablate ladder=nano_cpu dry_run=true": Journey("ablate"),
     "python -m gpt2x.train +experiment=ladder/bf16": Run(("trainer.seq_len=32",)),
-    "python -m gpt2x.train +experiment=cpu_fast": Covered(
-        "tests/test_matrix.py::test_experiment_runs"
-    ),
     "python -m gpt2x.train +experiment=ladder/bf16 ladder_shape=gpt2_124m": Compose(GPU),
     "torchrun --standalone --nproc_per_node=2 -m gpt2x.train +experiment=ladder/ddp": Covered(
         "tests/test_matrix.py::test_distributed_experiment_runs_on_two_ranks"

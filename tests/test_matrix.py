@@ -578,7 +578,8 @@ EXPERIMENTS = {
 }
 SINGLE_EXPERIMENTS = [k for k, c in EXPERIMENTS.items() if not c["distributed"]]
 DIST_EXPERIMENTS = [k for k, c in EXPERIMENTS.items() if c["distributed"]]
-BATCHES["experiments"] = {k: EXPERIMENTS[k]["overrides"] for k in DIST_EXPERIMENTS}
+# the distributed experiments join the matrix's 2-rank jobs: one torchrun launch for all
+BATCHES["matrix"].update({k: EXPERIMENTS[k]["overrides"] for k in DIST_EXPERIMENTS})
 
 
 def check_experiment(key: str, run_dir: Path) -> None:
@@ -616,7 +617,7 @@ def test_experiment_runs(key, tmp_path, data_root):
 @pytest.mark.distributed
 @pytest.mark.parametrize("key", DIST_EXPERIMENTS)
 def test_distributed_experiment_runs_on_two_ranks(key, tmp_path_factory, data_root):
-    res = batch_result(BATCHES, "experiments", key, tmp_path_factory, data_root)
+    res = batch_result(BATCHES, "matrix", key, tmp_path_factory, data_root)
     if EXPERIMENTS[key]["error"]:
         assert not res["ok"] and EXPERIMENTS[key]["error"] in res["error"], res["error"]
         return
@@ -625,8 +626,14 @@ def test_distributed_experiment_runs_on_two_ranks(key, tmp_path_factory, data_ro
     assert record(res["run_dir"])["world_size"] == 2
 
 
+# run by the docs' sweep journey (tests/test_docs.py) and the Optuna test (tests/test_sweep.py)
+SWEEPS_RUN_ELSEWHERE = {"batch_size", "lr"}
+
+
 def sweep_names() -> list[str]:
-    return sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
+    return sorted(
+        p.stem for p in (REPO / "sweeps").glob("*.yaml") if p.stem not in SWEEPS_RUN_ELSEWHERE
+    )
 
 
 def sweep_overrides(name: str) -> tuple[list[str], int]:
@@ -643,7 +650,8 @@ def sweep_overrides(name: str) -> tuple[list[str], int]:
         return out, 2
     for key, values in params.items():
         if key == "trainer.micro_batch_size":
-            out.append(f"{key}=2,4")
+            # two micro batches; a step of 2 x 4 x T tokens, not the sweep's 64 x T
+            out += [f"{key}=2,4", "trainer.total_batch_tokens=256"]  # T = 32
             jobs *= 2
         else:
             out.append(f"{key}={str(values).split(',')[0]}")

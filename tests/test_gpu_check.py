@@ -37,6 +37,7 @@ def check_sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check really runs")
 def test_without_cuda_it_says_so_in_one_line_and_exits_3(tmp_path):
     proc = check_sh("--out", str(tmp_path / "report"), cwd=tmp_path)

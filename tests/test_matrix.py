@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -209,6 +208,7 @@ def test_data_shakespeare_runs(tmp_path, data_root):
     assert rec["config"]["data"]["name"] == "shakespeare"
 
 
+@pytest.mark.slow
 def test_data_text_runs_on_files_the_test_writes(tmp_path):
     write_text_corpus(tmp_path / "corpus", files=3, lines=300)
     data_dir = tmp_path / "data"
@@ -228,6 +228,7 @@ def test_data_text_runs_on_files_the_test_writes(tmp_path):
     assert manifest["totals"]["documents"] >= 3 and manifest["totals"]["tokens"] > 10_000
 
 
+@pytest.mark.slow
 def test_data_tinyshakespeare_without_network_names_the_file_then_runs(tmp_path):
     data_dir = tmp_path / "data"
     proc, run_dir = cli_train(
@@ -257,6 +258,7 @@ def test_data_tinyshakespeare_without_network_names_the_file_then_runs(tmp_path)
     assert rec["config"]["data"]["name"] == "tinyshakespeare"
 
 
+@pytest.mark.slow
 def test_data_fineweb_edu_not_prepared_is_one_line(tmp_path):
     proc, run_dir = cli_train(
         tmp_path, tmp_path / "data", "data=fineweb_edu", "logger=none", check=False, env=NO_NETWORK
@@ -674,7 +676,6 @@ def test_sweep_runs(name, tmp_path, data_root):
         f"paths.output_dir={out}",
         f"hydra.sweep.dir={out / 'sweep'}",
         cwd=tmp_path,
-        env={"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
     )
     assert proc.returncode == 0
     job_dirs = sorted(p for p in (out / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())

@@ -425,6 +425,7 @@ def test_big_corpus_not_prepared(tmp_path):
         ensure_prepared(cfg)
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     docs = make_docs(30)
     src = write_jsonl(docs, tmp_path / "src", parts=1)

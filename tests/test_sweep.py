@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, losses, record, run_cli
+from conftest import TINY, losses, record, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -65,11 +65,7 @@ def sweep(
         "hydra.sweep.dir=" + quote_override_value(str(out / "sweep")),
         *overrides,
     ]
-    env = {
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        **(env or {}),
-    }
-    if script is None:
+    if script is None:  # in this process unless the test sets the environment
         proc = run_cli("gpt2x.train", *args, cwd=tmp_path, check=check, env=env)
     else:
         import subprocess
@@ -79,7 +75,7 @@ def sweep(
             cwd=tmp_path,
             text=True,
             capture_output=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
             timeout=600,
         )
         if check and proc.returncode:

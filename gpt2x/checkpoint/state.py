@@ -23,14 +23,6 @@ import torch
 import torch.distributed as torch_dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.checkpoint.stateful import Stateful
 
 from gpt2x.checkpoint.store import (
     CONFIG_FILE,
@@ -96,13 +88,21 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def _state_options(**kw: Any) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, **kw)
+def _dcp():
+    """torch.distributed.checkpoint's state-dict API, imported when a checkpoint is written or
+    read: it loads DTensor and sympy, half a second of every process's start-up otherwise."""
+    import torch.distributed.checkpoint.state_dict as dcp
+
+    return dcp
+
+
+def _state_options(**kw: Any):
+    return _dcp().StateDictOptions(full_state_dict=True, **kw)
 
 
 def gather_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full model state dict on CPU (a collective under FSDP: every rank must call it)."""
-    state = get_model_state_dict(model, options=_state_options(cpu_offload=True))
+    state = _dcp().get_model_state_dict(model, options=_state_options(cpu_offload=True))
     return clean_keys(state)
 
 
@@ -120,7 +120,7 @@ def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
             for g in optimizer.param_groups
         ]
         return {"state": {}, "param_groups": groups}
-    state = get_optimizer_state_dict(model, optimizer, options=_state_options(cpu_offload=True))
+    state = _dcp().get_optimizer_state_dict(model, optimizer, options=_state_options(cpu_offload=True))
     state["state"] = clean_keys(state.get("state", {}))
     for group in state.get("param_groups", []):
         group["params"] = [_strip_wrappers(p) for p in group["params"]]
@@ -265,7 +265,7 @@ class Checkpointer:
         state: TrainState | None = None,
         *,
         scaler: torch.amp.GradScaler | None = None,
-        loader: Stateful | None = None,
+        loader: Any = None,
         rng: bool = True,
         dist: Any = None,
         config: dict | None = None,
@@ -273,7 +273,7 @@ class Checkpointer:
     ):
         self.run_dir, self.model, self.optimizer = Path(run_dir), model, optimizer
         self.state = state if state is not None else TrainState()
-        self.parts: dict[str, Stateful | None] = {
+        self.parts: dict[str, Any] = {
             "loader": loader,
             "scaler": scaler,
             "rng": RNGState(dist) if rng else None,
@@ -347,7 +347,7 @@ class Checkpointer:
         path = Path(path)
         meta = verify(path, full=full_verify and is_main(self.dist))
         try:
-            set_model_state_dict(
+            _dcp().set_model_state_dict(
                 self.model, load_model_state(path, meta), options=_state_options(strict=True)
             )
         except (RuntimeError, KeyError, ValueError) as e:
@@ -369,7 +369,7 @@ def load_optimizer_state(
     optim_state = torch_load(path / OPTIM_FILE)
     try:
         if optim_state.get("state"):
-            set_optimizer_state_dict(
+            _dcp().set_optimizer_state_dict(
                 model, optimizer, optim_state, options=_state_options(strict=True)
             )
         else:  # saved before the first step (see gather_optimizer_state)
@@ -393,7 +393,7 @@ def save(
     optimizer: torch.optim.Optimizer,
     *,
     scaler: torch.amp.GradScaler | None = None,
-    loader: Stateful | None = None,
+    loader: Any = None,
     tokens_seen: int = 0,
     config: dict | None = None,
     keep_last: int = 0,
@@ -420,7 +420,7 @@ def restore(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     scaler: torch.amp.GradScaler | None = None,
-    loader: Stateful | None = None,
+    loader: Any = None,
     dist: Any = None,
     full_verify: bool = True,
     restore_rng: bool = True,

@@ -299,6 +299,12 @@ class Check:
             str(REPO / "tests" / "test_cuda.py"),
             "-p",
             "no:cacheprovider",
+            # the project's addopts spread the suite over every core with pytest-xdist; the
+            # CUDA checks share one GPU in one process, and must not need xdist installed
+            "-p",
+            "no:xdist",
+            "-o",
+            "addopts=--strict-markers",
             "-rA",
             "-q",
             f"--basetemp={self.work / 'pytest'}",

@@ -406,7 +406,7 @@ def test_losses_are_reproduced_exactly_in_fp32_on_cpu(tiny_ladder, tmp_path, dat
     ablate_cli(
         tmp_path,
         data_root,
-        "rungs=[ladder/fp32,ladder/tf32]",
+        "rungs=[ladder/tf32]",  # the tiny ladder's third rung, first here
         f"steps={STEPS}",
         f"out={out}",
     )
@@ -417,10 +417,9 @@ def test_losses_are_reproduced_exactly_in_fp32_on_cpu(tiny_ladder, tmp_path, dat
     assert [r["name"] for r in again] == [r["name"] for r in before]
     assert [r["loss"] for r in again] == [r["loss"] for r in before]  # the CSV's repr: exact
     assert [r["config_hash"] for r in again] == [r["config_hash"] for r in before]
-    for a, b in (("01_fp32", "01_fp32"), ("02_tf32", "03_tf32")):
-        losses = [m["loss"] for m in read_jsonl(out / a / "metrics.jsonl")]
-        assert losses == [m["loss"] for m in read_jsonl(first / b / "metrics.jsonl")]
-        assert all(math.isfinite(v) for v in losses)
+    losses = [m["loss"] for m in read_jsonl(out / "01_tf32" / "metrics.jsonl")]
+    assert losses == [m["loss"] for m in read_jsonl(first / "03_tf32" / "metrics.jsonl")]
+    assert losses and all(math.isfinite(v) for v in losses)
 
 
 # --------------------------------------------------------------------------------------------

@@ -339,7 +339,7 @@ def test_torchrun_launcher_runs_each_job_as_two_ddp_processes(tmp_path, data_roo
         tmp_path,
         data_root,
         "+sweep=batch_size",
-        "trainer.micro_batch_size=1,2,3",
+        "trainer.micro_batch_size=1,3",
         f"trainer.total_batch_tokens={TOTAL}",
         "trainer.max_steps=3",
         "logger=none",
@@ -350,19 +350,19 @@ def test_torchrun_launcher_runs_each_job_as_two_ddp_processes(tmp_path, data_roo
     )
     assert proc.returncode == 0
     found = jobs(sweep_dir)
-    assert sorted(found) == [0, 1, 2]
-    ok = [record(found[n]) for n in (0, 1)]
-    assert all(r["status"] == "completed" and r["world_size"] == 2 for r in ok)
-    assert [r["grad_accum_steps"] for r in ok] == [2, 1]
-    assert losses(found[0]) == pytest.approx(losses(found[1]), rel=1e-5, abs=1e-5)
-    for n in (0, 1):
-        assert (found[n] / "torchrun.log").is_file() and (found[n] / "train_rank1.log").is_file()
+    assert sorted(found) == [0, 1]
+    ok = record(found[0])
+    # B=1 x 2 ranks: 2 micro-steps per rank (that DDP with accumulation equals one process is
+    # tests/test_distributed.py's; here: the launcher gives each job its own two-rank group)
+    assert ok["status"] == "completed" and ok["world_size"] == 2 and ok["grad_accum_steps"] == 2
+    assert len(losses(found[0])) == 3
+    assert (found[0] / "torchrun.log").is_file() and (found[0] / "train_rank1.log").is_file()
     # B=3 x 2 ranks does not divide 128 tokens: every rank exits 2 before writing anything;
     # the launcher writes the failed record from the trainer's one-line error
-    bad = record(found[2])
+    bad = record(found[1])
     assert bad["status"] == "failed" and "total_batch_tokens" in bad["error"]
     rows = summary_rows(sweep_dir)
-    assert [r["status"] for r in rows] == ["completed", "completed", "failed"]
+    assert [r["status"] for r in rows] == ["completed", "failed"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -535,8 +535,10 @@ def experiment_case(name: str, shape: str | None) -> dict:
     if OmegaConf.select(cfg, "trainer.total_batch_tokens") > 4096:
         case["stand_ins"].append("trainer.total_batch_tokens=512")  # 2 micro-steps per rank
     case["distributed"] = cfg.parallel.kind.value != "single"
-    if cfg.compile and name.startswith("reproduce/"):
-        case["stand_ins"].append("compile=false")  # compile is covered by the ladder rungs
+    if cfg.compile and (name.startswith("reproduce/") or case["distributed"]):
+        # compile is covered by the single-process ladder rungs, under DDP by the pairwise
+        # 2-rank rows, under FSDP by tests/test_distributed.py's compile test
+        case["stand_ins"].append("compile=false")
     case["overrides"] = [*base, *case["stand_ins"]]
     if cfg.precision.float8:
         case["error"] = "not available on cpu"

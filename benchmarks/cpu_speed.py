@@ -34,9 +34,10 @@ How each is measured:
   training run), its configure_optimizers(weight_decay, learning_rate, device_type) and its loop
   (bf16 autocast around `logits, loss = model(x, y)`, torch.compile, clip 1.0, the lr set per
   step), at the same shape with vocab 50304, timed as `hf`.
-- The peers run with PyTorch's default CPU allocator (THP_MEM_ALLOC_ENABLE=0), as the lecture
-  runs; gpt2x turns on huge pages for large CPU buffers (gpt2x/__init__.py), and the `_thp`
-  peers show the lecture's settings with that allocator too.
+- Huge pages for large CPU buffers (THP_MEM_ALLOC_ENABLE=1) are a process setting: the peers
+  run with PyTorch's default allocator, as the lecture runs, and as `_thp` with huge pages;
+  gpt2x asks for them where its config says so (trainer.cpu_huge_pages: on in cpu_fast,
+  gpt2x/training/allocator.py), and `_thp` / `_no_thp` show each gpt2x row the other way.
 Threads: every process gets OMP_NUM_THREADS=<--threads> (default: the machine's CPU count)
 unless its configuration sets its own. Prints a markdown table; --json writes the raw numbers.
 """
@@ -65,8 +66,8 @@ sys.path.insert(0, str(REPO))  # gpt2x.stats from this checkout when run as a sc
 from gpt2x import stats  # noqa: E402
 
 # the ratios' references: the lecture's last single-process rung in gpt2x, and the lecture's
-# settings on Hugging Face's model (the peer)
-BASES = ["fused", "hf"]
+# settings on Hugging Face's model (the peer), as the lecture runs it and with gpt2x's allocator
+BASES = ["fused", "hf", "hf_thp"]
 # /proc/cpuinfo flags that decide whether bf16 matmuls are fast (AMX) or emulated
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
@@ -83,7 +84,8 @@ class Candidate:
 
 CHUNKED = "ladder/beyond/chunked"
 DEFAULT_ALLOCATOR = {"THP_MEM_ALLOC_ENABLE": "0"}  # PyTorch's own default: how the lecture runs
-HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}  # what gpt2x sets (gpt2x/__init__.py)
+HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}  # what trainer.cpu_huge_pages=true asks for
+WITH_HUGE_PAGES = ["trainer.cpu_huge_pages=true"]
 LECTURE = "bf16 autocast, compile, vocab 50304"
 
 # What can be tried without changing the model's math beyond what a rung names. Every entry is
@@ -92,12 +94,19 @@ LECTURE = "bf16 autocast, compile, vocab 50304"
 CANDIDATES = [
     Candidate("fused", "the lecture's fused rung (bf16, compile, flash, vocab 50304, fused AdamW)"),
     Candidate(
-        "fused_no_thp", "fused with PyTorch's default CPU allocator (no huge pages)", env=DEFAULT_ALLOCATOR
+        "fused_thp",
+        "fused with huge pages for large CPU buffers (trainer.cpu_huge_pages=true)",
+        overrides=WITH_HUGE_PAGES,
     ),
     Candidate("fused_1thread", "fused, OMP_NUM_THREADS=1", env={"OMP_NUM_THREADS": "1"}),
     # fp32 instead of bf16 autocast: on a CPU without bf16 matrix units (no AMX) bf16 matmuls
     # can be slower than fp32 ones; the same model, only the autocast dtype differs
     Candidate("fused_fp32", "fused with precision=fp32", overrides=["precision=fp32"]),
+    Candidate(
+        "fused_fp32_thp",
+        "fused with precision=fp32 and huge pages",
+        overrides=["precision=fp32", *WITH_HUGE_PAGES],
+    ),
     Candidate("chunked", "loss=chunked: head + loss in compiled 512-row chunks (4)", CHUNKED),
     Candidate("chunked_256", "loss=chunked loss.chunk_size=256 (8 chunks)", CHUNKED, ["loss.chunk_size=256"]),
     Candidate(
@@ -118,9 +127,15 @@ CANDIDATES = [
     # the named preset a user picks, at the ladder's shape: `chunked` with attn=naive
     Candidate(
         "cpu_fast",
-        "+experiment=cpu_fast, the named preset: chunked + attn=naive (compiled)",
+        "+experiment=cpu_fast, the named preset: chunked + attn=naive (compiled) + huge pages",
         "cpu_fast",
         ["+ladder_shape=nano_cpu"],
+    ),
+    Candidate(
+        "cpu_fast_no_thp",
+        "cpu_fast without huge pages: its kernels alone",
+        "cpu_fast",
+        ["+ladder_shape=nano_cpu", "trainer.cpu_huge_pages=false"],
     ),
     Candidate(
         "hf",
@@ -128,7 +143,7 @@ CANDIDATES = [
         peer="hf",
         env=DEFAULT_ALLOCATOR,
     ),
-    Candidate("hf_thp", "hf with huge pages for large CPU buffers, as gpt2x", peer="hf", env=HUGE_PAGES),
+    Candidate("hf_thp", "hf with huge pages for large CPU buffers, as cpu_fast", peer="hf", env=HUGE_PAGES),
     Candidate(
         "lecture",
         f"the lecture's own train_gpt2.py (--lecture): its model, AdamW and loop, {LECTURE}",
@@ -136,7 +151,7 @@ CANDIDATES = [
         env=DEFAULT_ALLOCATOR,
     ),
     Candidate(
-        "lecture_thp", "lecture with huge pages for large CPU buffers, as gpt2x", peer="lecture", env=HUGE_PAGES
+        "lecture_thp", "lecture with huge pages for large CPU buffers, as cpu_fast", peer="lecture", env=HUGE_PAGES
     ),
 ]
 BY_NAME = {c.name: c for c in CANDIDATES}
@@ -461,7 +476,8 @@ def table(results: list[dict], names: list[str], args) -> str:
         cell = f"{ci.lo:,.0f} - {ci.hi:,.0f}" if ci.lo is not None else ""
         precision = next((r.get("precision") for r in results if r["name"] == n), None) or "bf16"
         top = ceilings.get("bf16" if precision == "bf16" else "fp32")
-        share = f"{100 * med / top:.0f}%" if top else ""
+        # over 100%: the cached peak was probed on a busy machine (delete it, probe again)
+        share = f"{100 * med / top:.0f}%{'' if med <= top else ' (stale peak)'}" if top else ""
         ratios = [("1.000x" if n == b else ratio_cell(vals, per[b])) for b in bases]
         lines.append(
             f"| {n} | {what} | {len(vals)}/{args.repeats} | {med:,.0f} | {cell} | {share} | "
@@ -499,6 +515,16 @@ def default_configs(lecture: bool) -> list[str]:
     return [c.name for c in CANDIDATES if c.peer != "lecture" or lecture]
 
 
+def print_ceilings(results: list[dict], threads: int) -> None:
+    ceilings = machine_ceilings(results)
+    if ceilings:
+        print(
+            "\nCeiling (tokens/s at 100% of this machine's measured matmul peak, gpt2x.peak, "
+            f"{threads} threads): "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(ceilings.items()))
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -526,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--list", action="store_true")
+    p.add_argument(
+        "--table-from", metavar="JSON", help="print the table of an earlier --json file, run nothing"
+    )
     p.add_argument("--worker", choices=["hf", "lecture"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     # the worker's device (default: cuda where available); benchmarks/gpu/check.sh runs it there
@@ -540,6 +569,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for c in CANDIDATES:
             print(f"{c.name:16s} {c.what}")
+        return 0
+    if args.table_from:
+        results = json.loads(Path(args.table_from).read_text())
+        names = list(dict.fromkeys(r["name"] for r in results))
+        args.repeats = 1 + max(r["repeat"] for r in results)
+        print(table(results, names, args))
+        print_ceilings(results, args.threads)
         return 0
     if args.lecture and not Path(args.lecture).expanduser().is_file():
         print(f"cpu_speed.py: --lecture {args.lecture}: no such file", file=sys.stderr)
@@ -583,13 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  repeat {repeat} {n}: {shown} ({r['wall_s']} s)", flush=True)
     print()
     print(table(results, names, args))
-    ceilings = machine_ceilings(results)
-    if ceilings:
-        print(
-            "\nCeiling (tokens/s at 100% of this machine's measured matmul peak, gpt2x.peak, "
-            f"{args.threads} threads): "
-            + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(ceilings.items()))
-        )
+    print_ceilings(results, args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

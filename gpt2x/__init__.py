@@ -1,18 +1,10 @@
 """gpt2x: Hydra-configured GPT-2 training with a measured optimization ladder."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 __version__ = "0.1.0"
 
-# PyTorch's CPU allocator backs every buffer of 2 MB or more with transparent huge pages when
-# this is set before torch allocates (c10's alloc_cpu reads it once; Linux only, a no-op
-# elsewhere). A CPU training step allocates and frees hundreds of MB (the LM head's logits and
-# their gradients), each 4 KB page a page fault: about 1.2x less CPU time per step for the fused
-# rung and +experiment=cpu_fast on a 2-vCPU Xeon with AMX (docs/beyond.md). The math is
-# unchanged. Set THP_MEM_ALLOC_ENABLE=0 to keep PyTorch's default.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _PACKAGE = Path(__file__).resolve().parent
 # The Hydra configs: conf/ with experiment/ (-> experiments/) and sweep/ (-> sweeps/) inside.

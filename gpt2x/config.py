@@ -224,6 +224,9 @@ class TrainerConfig:
     # measurement: the first warmup_steps steps are excluded from summary step-time stats
     warmup_steps_for_timing: int = DEFAULT_WARMUP
     peak_flops: float | None = None  # override the per-device peak table (FLOP/s) for MFU
+    # transparent huge pages for CPU buffers >= 2 MB (gpt2x/training/allocator.py): measured
+    # faster for bf16 steps, slower for fp32 ones; the environment's THP_MEM_ALLOC_ENABLE wins
+    cpu_huge_pages: bool = False
     # debugging
     overfit_one_batch: bool = False  # train on the first batch over and over (must reach ~0 loss)
     profile_steps: int = 0  # > 0: torch.profiler trace of that many steps -> run_dir/profile/

@@ -268,3 +268,18 @@ def test_fp32_probe_under_the_new_precision_api():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["['ieee']", "bf16"]  # strict during the probe, then restored
+
+
+def test_an_mfu_over_100_percent_names_the_stale_cache(caplog, monkeypatch, tmp_path):
+    """A peak probed while the machine was busy reads low; a run faster than it says so."""
+    from gpt2x.training.metrics import summarize_steps
+
+    monkeypatch.setenv("GPT2X_CACHE", str(tmp_path))
+    step_ms = [100.0] * 4  # 1,000 tokens per step: 10,000 tokens/s at 1e6 FLOP per token: 1e10
+    with caplog.at_level(logging.WARNING, logger="gpt2x.training.metrics"):
+        fine = summarize_steps(step_ms, 1000, 1e6, {"measured": 2e10}, 1, 1, False)
+        assert fine.mfu_measured == pytest.approx(0.5) and not caplog.records
+        stale = summarize_steps(step_ms, 1000, 1e6, {"measured": 5e9}, 1, 1, False)
+    assert stale.mfu_measured == pytest.approx(2.0)
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "200%" in msg and str(tmp_path / "peak_flops.json") in msg

@@ -11,6 +11,7 @@ device; cached per machine).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ import torch
 
 from gpt2x import stats
 from gpt2x.measure import timed
-from gpt2x.training.peak import cpu_model_name, device_name
+from gpt2x.training.peak import cpu_model_name, default_cache_path, device_name
+
+log = logging.getLogger(__name__)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None, world_size: int = 1):
@@ -95,6 +98,15 @@ def summarize_steps(
     if compiled and step_ms:
         # the first step carries the compilation; what it took beyond a normal step
         compile_s = max(0.0, (step_ms[0] - median) / 1000.0)
+    mfu_measured = mfu(tps, flops_per_token, peaks.get("measured"), world_size)
+    if mfu_measured is not None and mfu_measured > 1.0:
+        # more than the matmul peak: the cached probe ran while the machine was busy
+        log.warning(
+            "mfu(measured) is %.0f%%: the cached matmul peak is too low (probed on a busy "
+            "machine?); delete %s and run again on an idle machine",
+            100 * mfu_measured,
+            default_cache_path(),
+        )
     return StepSummary(
         steps=len(step_ms),
         median_ms=median,
@@ -102,7 +114,7 @@ def summarize_steps(
         p90_ms=stats.percentile(measured, 90),
         tokens_per_s=tps,
         mfu=mfu(tps, flops_per_token, peaks.get("spec"), world_size),
-        mfu_measured=mfu(tps, flops_per_token, peaks.get("measured"), world_size),
+        mfu_measured=mfu_measured,
         compile_seconds=compile_s,
     )
 

@@ -36,6 +36,7 @@ from gpt2x.record.failure import one_line
 from gpt2x.record.folder import RunRecord, git_info, versions
 from gpt2x.record.wandb_logger import WandbLogger
 from gpt2x.training import distributed
+from gpt2x.training.allocator import check_huge_pages, request_huge_pages
 from gpt2x.training.float8 import check_float8, convert_to_float8
 from gpt2x.training.hellaswag import HellaSwagError, hellaswag_path, load_examples
 from gpt2x.training.metrics import hardware
@@ -90,6 +91,7 @@ def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
     """The run of `cfg`; `turns`: this run's side of `ablate interleave=steps` (its first turn,
     the setup, already begun), none when it runs on its own."""
     turns = turns if turns is not None else Turns()
+    request_huge_pages(cfg.trainer.cpu_huge_pages)  # before this process's first allocation
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
     claim_run_folder(cfg, d)
     adopt_pretrained_shape(cfg, d)
@@ -403,6 +405,7 @@ def paths_taken(cfg: DictConfig, d: distributed.Dist) -> dict:
         "optimizer": f"{cfg.optim.name.value}{' (fused)' if cfg.optim.fused else ''}",
         "activation_checkpointing": bool(cfg.model.activation_checkpointing),
         "tf32": bool(cfg.precision.tf32) and d.device.type == "cuda",
+        "cpu_huge_pages": check_huge_pages(cfg.trainer.cpu_huge_pages),
     }
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-
 _PACKAGE = Path(__file__).resolve().parent
 # The Hydra configs: conf/ with experiment/ (-> experiments/) and sweep/ (-> sweeps/) inside.
 # A wheel ships them as gpt2x/conf/; in a checkout (or an editable install) they are the repo's

@@ -476,10 +476,6 @@ def register_configs() -> None:
         cs.store(name=f"{group}_schema", node=schema)
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def grad_accum_steps(cfg: Any, world_size: int) -> int:
     """Micro-steps per optimization step, derived from the fixed global batch in tokens."""
     b, t = cfg.trainer.micro_batch_size, cfg.trainer.seq_len

@@ -50,12 +50,6 @@ class Row(TypedDict):
     config_hash: str | None
 
 
-class SweepRow(Row, total=False):
-    """A sweep's row also holds the swept config key (its name is the key) after `name`."""
-
-    best: bool  # the best completed row by the sweep's objective
-
-
 # the table's columns, in order (a sweep adds the swept key after `name`, and `best`)
 COLUMNS = list(Row.__annotations__)
 # what `best` means in a sweep: the highest tokens/s, or the lowest validation loss

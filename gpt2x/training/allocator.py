@@ -1,8 +1,8 @@
 """Huge pages for PyTorch's CPU allocator: a measured, per-run choice (trainer.cpu_huge_pages).
 
 With THP_MEM_ALLOC_ENABLE=1, c10's CPU allocator page-aligns every buffer of 2 MB or more and
-asks Linux for transparent huge pages there (madvise). A CPU step allocates and frees hundreds of MB
-(the LM head's logits and their gradients): with 4 KB pages that is a page fault per 4 KB.
+asks Linux for transparent huge pages there (madvise). A CPU step allocates and frees hundreds
+of MB (the LM head's logits and their gradients): with 4 KB pages, a page fault per 4 KB.
 Measured on a 2-vCPU Xeon with AMX (benchmarks/model-cpu.md): bf16 steps 1.4x faster (compiled
 and eager), fp32 steps slower and erratic (0.6-0.8x). So it is off by default (PyTorch's own
 default, the lecture's) and on in +experiment=cpu_fast. The arithmetic is the same either way.

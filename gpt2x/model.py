@@ -185,12 +185,14 @@ class GPT(nn.Module):
         # LayerNorm keeps PyTorch's default: weight 1, bias 0
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None
+        self, idx: Tensor, targets: Tensor | None = None, return_logits: bool = True
     ) -> tuple[Tensor | None, Tensor | None]:
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab_size) and the mean
         cross-entropy over targets (positions with target -1 are ignored), or None. With
-        loss=chunked and targets, logits are None (see head_and_loss)."""
-        return self.head_and_loss(self.trunk(idx), targets)
+        loss=chunked and targets, logits are None (see head_and_loss). The training loop passes
+        return_logits=False: logits returned from a compiled forward that needs gradients cost a
+        zero-filled (B*T, vocab) gradient in its backward (19% of a nano CPU step)."""
+        return self.head_and_loss(self.trunk(idx), targets, return_logits)
 
     def trunk(self, idx: Tensor) -> Tensor:
         """Embeddings and the transformer blocks: the residual stream (B, T, C) before ln_f."""
@@ -215,11 +217,12 @@ class GPT(nn.Module):
         return self.lm_head(x.reshape(-1, x.size(-1)).index_select(0, positions))
 
     def head_and_loss(
-        self, x: Tensor, targets: Tensor | None = None
+        self, x: Tensor, targets: Tensor | None = None, return_logits: bool = True
     ) -> tuple[Tensor | None, Tensor | None]:
         """Final LayerNorm, LM head and loss of the residual stream x (B, T, C). Returns
         (logits, None) without targets; with targets (logits, loss) for loss=plain and
-        (None, loss) for loss=chunked, which never materialises the logits."""
+        (None, loss) for loss=chunked, which never materialises the logits, or with
+        return_logits=False."""
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x), None
@@ -230,7 +233,7 @@ class GPT(nn.Module):
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
         )
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def _chunked_loss(self, x: Tensor, targets: Tensor) -> Tensor:
         weight = self.lm_head.weight

@@ -359,7 +359,7 @@ def train_step(run: Run, step: int) -> dict:
         y = y.to(d.device, non_blocking=True).long()
         with distributed.no_sync(model, sync=micro == run.grad_accum - 1):
             with autocast(cfg.precision, d.device):
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
             # the mean over micro-steps, so the gradient equals one big batch's
             loss = loss / run.grad_accum
             loss_sum += loss.detach()

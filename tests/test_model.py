@@ -491,6 +491,9 @@ def test_head_and_loss_is_the_tail_of_forward():
     ref_logits, ref = model(idx, targets)
     assert torch.equal(logits, ref_logits) and torch.equal(value, ref)
     assert model.head_and_loss(x)[1] is None
+    # what the training loop asks for: the same loss, no logits
+    none, value = model(idx, targets, return_logits=False)
+    assert none is None and torch.equal(value, ref)
 
 
 def test_loss_option_errors(monkeypatch):

@@ -345,3 +345,24 @@ def test_peak_memory_is_per_step_on_cpu():
     reset_peak_memory(cpu)  # the next step's window starts at the current (smaller) RSS
     after = peak_memory(cpu)["rss_gb"]
     assert peak - base > 0.2 and peak - after > 0.2
+
+
+def test_the_loop_never_asks_the_model_for_logits(tmp_path, data_root, monkeypatch):
+    """Training and validation call the model with return_logits=False: logits returned from a
+    compiled forward cost a zero-filled (B*T, vocab) gradient in its backward (the nano CPU
+    step 630 -> 506 ms, benchmarks/model-cpu.md). Sampling still gets logits (no targets)."""
+    from gpt2x.model import GPT
+
+    calls = []
+    real_forward = GPT.forward
+
+    def spy(self, idx, targets=None, return_logits=True):
+        calls.append((targets is not None, return_logits, self.training))
+        return real_forward(self, idx, targets, return_logits)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    run_training(tiny_cfg(tmp_path / "run", data_root, "trainer.max_steps=2"))
+    with_targets = {(training, asked) for has_targets, asked, training in calls if has_targets}
+    # both training steps and the final validation ran, none asking for logits
+    assert with_targets == {(True, False), (False, False)}
+    assert any(not has_targets and asked for has_targets, asked, _ in calls)  # the sample

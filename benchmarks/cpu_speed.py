@@ -34,10 +34,12 @@ How each is measured:
   training run), its configure_optimizers(weight_decay, learning_rate, device_type) and its loop
   (bf16 autocast around `logits, loss = model(x, y)`, torch.compile, clip 1.0, the lr set per
   step), at the same shape with vocab 50304, timed as `hf`.
-- Huge pages for large CPU buffers (THP_MEM_ALLOC_ENABLE=1) are a process setting: the peers
-  run with PyTorch's default allocator, as the lecture runs, and as `_thp` with huge pages;
-  gpt2x asks for them where its config says so (trainer.cpu_huge_pages: on in cpu_fast,
-  gpt2x/training/allocator.py), and `_thp` / `_no_thp` show each gpt2x row the other way.
+- Memory is a process setting (gpt2x/training/allocator.py): the lecture runs with PyTorch's
+  and glibc's defaults (every large buffer page-faulted afresh every step); gpt2x keeps freed
+  memory for reuse by default (trainer.cpu_keep_freed_memory), cpu_fast adds huge pages
+  (trainer.cpu_huge_pages). Each row says which it has; the peers run as the lecture does
+  (`hf`), with gpt2x's default (`hf_kept`) and with cpu_fast's settings (`hf_tuned`), so every
+  comparison can be made with the same process settings on both sides.
 Threads: every process gets OMP_NUM_THREADS=<--threads> (default: the machine's CPU count)
 unless its configuration sets its own. Prints a markdown table; --json writes the raw numbers.
 """
@@ -65,9 +67,10 @@ sys.path.insert(0, str(REPO))  # gpt2x.stats from this checkout when run as a sc
 
 from gpt2x import stats  # noqa: E402
 
-# the ratios' references: the lecture's last single-process rung in gpt2x, and the lecture's
-# settings on Hugging Face's model (the peer), as the lecture runs it and with gpt2x's allocator
-BASES = ["fused", "hf", "hf_thp"]
+# the ratios' references: the lecture's last single-process rung in gpt2x; the lecture's settings
+# on Hugging Face's model (the peer) as the lecture runs it, and with the process settings of
+# cpu_fast (freed memory kept, huge pages); hf_thp: committed runs before freed memory was kept
+BASES = ["fused", "hf", "hf_tuned", "hf_thp"]
 # /proc/cpuinfo flags that decide whether bf16 matmuls are fast (AMX) or emulated
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
@@ -80,78 +83,160 @@ class Candidate:
     overrides: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     peer: str | None = None  # "hf" | "lecture": run by this file's worker, not gpt2x.train
+    peer_args: list[str] = field(default_factory=list)  # the worker's process settings
 
 
 CHUNKED = "ladder/beyond/chunked"
-DEFAULT_ALLOCATOR = {"THP_MEM_ALLOC_ENABLE": "0"}  # PyTorch's own default: how the lecture runs
-HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}  # what trainer.cpu_huge_pages=true asks for
+# The process's memory settings (gpt2x/training/allocator.py). The lecture runs with PyTorch's
+# and glibc's defaults: every large buffer a fresh mapping, page-faulted anew every step. gpt2x
+# keeps freed memory for reuse by default (trainer.cpu_keep_freed_memory); cpu_fast adds huge
+# pages (trainer.cpu_huge_pages). The peers get each setting the same way (--keep-freed-memory
+# calls the same function; THP_MEM_ALLOC_ENABLE=1 is what cpu_huge_pages sets).
+NO_HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "0"}
+HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}
 WITH_HUGE_PAGES = ["trainer.cpu_huge_pages=true"]
+NOT_KEPT = ["trainer.cpu_keep_freed_memory=false"]
+KEEP = ["--keep-freed-memory"]
 LECTURE = "bf16 autocast, compile, vocab 50304"
+AS_LECTURE = "freed memory not kept, no huge pages: PyTorch's and glibc's defaults"
 
 # What can be tried without changing the model's math beyond what a rung names. Every entry is
 # the fused rung plus one named change (a ladder/beyond rung, a chunk size or kernel of that
-# rung, a precision, or a thread or allocator setting of the process), or a peer.
+# rung, a precision, or a thread or memory setting of the process), or a peer.
 CANDIDATES = [
-    Candidate("fused", "the lecture's fused rung (bf16, compile, flash, vocab 50304, fused AdamW)"),
+    Candidate(
+        "fused",
+        "the lecture's fused rung (bf16, compile, flash, vocab 50304, fused AdamW), freed memory kept",
+        env=NO_HUGE_PAGES,
+    ),
+    Candidate("fused_not_kept", f"fused, {AS_LECTURE}", overrides=NOT_KEPT, env=NO_HUGE_PAGES),
     Candidate(
         "fused_thp",
-        "fused with huge pages for large CPU buffers (trainer.cpu_huge_pages=true)",
+        "fused with huge pages too (trainer.cpu_huge_pages=true)",
         overrides=WITH_HUGE_PAGES,
     ),
-    Candidate("fused_1thread", "fused, OMP_NUM_THREADS=1", env={"OMP_NUM_THREADS": "1"}),
+    Candidate(
+        "fused_1thread", "fused, OMP_NUM_THREADS=1", env={**NO_HUGE_PAGES, "OMP_NUM_THREADS": "1"}
+    ),
     # fp32 instead of bf16 autocast: on a CPU without bf16 matrix units (no AMX) bf16 matmuls
     # can be slower than fp32 ones; the same model, only the autocast dtype differs
-    Candidate("fused_fp32", "fused with precision=fp32", overrides=["precision=fp32"]),
+    Candidate(
+        "fused_fp32", "fused with precision=fp32", overrides=["precision=fp32"], env=NO_HUGE_PAGES
+    ),
     Candidate(
         "fused_fp32_thp",
         "fused with precision=fp32 and huge pages",
         overrides=["precision=fp32", *WITH_HUGE_PAGES],
     ),
-    Candidate("chunked", "loss=chunked: head + loss in compiled 512-row chunks (4)", CHUNKED),
-    Candidate("chunked_256", "loss=chunked loss.chunk_size=256 (8 chunks)", CHUNKED, ["loss.chunk_size=256"]),
+    # the ladder's first rung: the default run's settings (fp32, eager, naive attention, vocab
+    # 50257) at the ladder's shape
     Candidate(
-        "chunked_1024", "loss=chunked loss.chunk_size=1024 (2 chunks)", CHUNKED, ["loss.chunk_size=1024"]
+        "fp32_rung",
+        "the ladder's first rung (fp32, eager, naive attention, vocab 50257)",
+        "ladder/fp32",
+        env=NO_HUGE_PAGES,
+    ),
+    Candidate(
+        "fp32_rung_not_kept", f"fp32_rung, {AS_LECTURE}", "ladder/fp32", NOT_KEPT, NO_HUGE_PAGES
+    ),
+    Candidate("fp32_rung_thp", "fp32_rung with huge pages too", "ladder/fp32", WITH_HUGE_PAGES),
+    Candidate(
+        "chunked",
+        "loss=chunked: head + loss in compiled 512-row chunks (4)",
+        CHUNKED,
+        env=NO_HUGE_PAGES,
+    ),
+    Candidate(
+        "chunked_256",
+        "loss=chunked loss.chunk_size=256 (8 chunks)",
+        CHUNKED,
+        ["loss.chunk_size=256"],
+        NO_HUGE_PAGES,
+    ),
+    Candidate(
+        "chunked_1024",
+        "loss=chunked loss.chunk_size=1024 (2 chunks)",
+        CHUNKED,
+        ["loss.chunk_size=1024"],
+        NO_HUGE_PAGES,
     ),
     Candidate(
         "chunked_torch",
         "loss=chunked with torch's F.linear_cross_entropy (loss.kernel=torch, torch >= 2.13)",
         CHUNKED,
         ["loss.kernel=torch"],
+        NO_HUGE_PAGES,
     ),
-    Candidate("chunked_fp32", "loss=chunked, precision=fp32", CHUNKED, ["precision=fp32"]),
-    Candidate("max_autotune", "chunked + compile_mode=max-autotune", "ladder/beyond/max_autotune"),
     Candidate(
-        "reduce_overhead", "chunked + compile_mode=reduce-overhead", "ladder/beyond/reduce_overhead"
+        "chunked_fp32", "loss=chunked, precision=fp32", CHUNKED, ["precision=fp32"], NO_HUGE_PAGES
     ),
-    Candidate("block", "chunked + compile_scope=block", "ladder/beyond/block"),
+    Candidate(
+        "max_autotune",
+        "chunked + compile_mode=max-autotune",
+        "ladder/beyond/max_autotune",
+        env=NO_HUGE_PAGES,
+    ),
+    Candidate(
+        "reduce_overhead",
+        "chunked + compile_mode=reduce-overhead",
+        "ladder/beyond/reduce_overhead",
+        env=NO_HUGE_PAGES,
+    ),
+    Candidate("block", "chunked + compile_scope=block", "ladder/beyond/block", env=NO_HUGE_PAGES),
     # the named preset a user picks, at the ladder's shape: `chunked` with attn=naive
     Candidate(
         "cpu_fast",
-        "+experiment=cpu_fast, the named preset: chunked + attn=naive (compiled) + huge pages",
+        "+experiment=cpu_fast, the named preset: chunked + attn=naive (compiled), freed memory kept, huge pages",
         "cpu_fast",
         ["+ladder_shape=nano_cpu"],
     ),
     Candidate(
         "cpu_fast_no_thp",
-        "cpu_fast without huge pages: its kernels alone",
+        "cpu_fast without huge pages (freed memory kept: gpt2x's default)",
         "cpu_fast",
         ["+ladder_shape=nano_cpu", "trainer.cpu_huge_pages=false"],
+        NO_HUGE_PAGES,
+    ),
+    Candidate(
+        "cpu_fast_as_lecture",
+        f"cpu_fast's kernels alone, {AS_LECTURE}",
+        "cpu_fast",
+        ["+ladder_shape=nano_cpu", "trainer.cpu_huge_pages=false", *NOT_KEPT],
+        NO_HUGE_PAGES,
     ),
     Candidate(
         "hf",
-        f"transformers GPT2LMHeadModel in the lecture's settings ({LECTURE}, sdpa, fused AdamW)",
+        f"transformers GPT2LMHeadModel in the lecture's settings ({LECTURE}, sdpa, fused AdamW), {AS_LECTURE}",
         peer="hf",
-        env=DEFAULT_ALLOCATOR,
+        env=NO_HUGE_PAGES,
     ),
-    Candidate("hf_thp", "hf with huge pages for large CPU buffers, as cpu_fast", peer="hf", env=HUGE_PAGES),
+    Candidate(
+        "hf_kept",
+        "hf with freed memory kept, as gpt2x's default",
+        peer="hf",
+        env=NO_HUGE_PAGES,
+        peer_args=KEEP,
+    ),
+    Candidate("hf_thp", "hf with huge pages only", peer="hf", env=HUGE_PAGES),
+    Candidate(
+        "hf_tuned",
+        "hf with freed memory kept and huge pages, as cpu_fast",
+        peer="hf",
+        env=HUGE_PAGES,
+        peer_args=KEEP,
+    ),
     Candidate(
         "lecture",
-        f"the lecture's own train_gpt2.py (--lecture): its model, AdamW and loop, {LECTURE}",
+        f"the lecture's own train_gpt2.py (--lecture): its model, AdamW and loop, {LECTURE}, {AS_LECTURE}",
         peer="lecture",
-        env=DEFAULT_ALLOCATOR,
+        env=NO_HUGE_PAGES,
     ),
     Candidate(
-        "lecture_thp", "lecture with huge pages for large CPU buffers, as cpu_fast", peer="lecture", env=HUGE_PAGES
+        "lecture_tuned",
+        "lecture with freed memory kept and huge pages, as cpu_fast",
+        peer="lecture",
+        env=HUGE_PAGES,
+        peer_args=KEEP,
     ),
 ]
 BY_NAME = {c.name: c for c in CANDIDATES}
@@ -190,6 +275,7 @@ def peer_command(c: Candidate, args, out: Path) -> list:
         str(args.warmup),
         "--worker-out",
         str(out),
+        *c.peer_args,
         *(a for o in args.override for a in ("--override", o)),
     ]
 
@@ -378,6 +464,10 @@ def run_peer(args) -> None:
 
     from gpt2x import CONF_DIR
     from gpt2x.config import register_configs
+    from gpt2x.training.allocator import keep_freed_memory
+
+    # what gpt2x's setup does for trainer.cpu_keep_freed_memory on a CPU
+    keep_freed_memory(args.keep_freed_memory and args.device != "cuda")
 
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -493,7 +583,9 @@ def machine_ceilings(results: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for r in results:
         if r.get("ceiling_tokens_per_s") and BY_NAME[r["name"]].env.get("OMP_NUM_THREADS") is None:
-            out.setdefault("bf16" if r.get("precision") == "bf16" else "fp32", r["ceiling_tokens_per_s"])
+            out.setdefault(
+                "bf16" if r.get("precision") == "bf16" else "fp32", r["ceiling_tokens_per_s"]
+            )
     return out
 
 
@@ -553,10 +645,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--list", action="store_true")
     p.add_argument(
-        "--table-from", metavar="JSON", help="print the table of an earlier --json file, run nothing"
+        "--table-from",
+        metavar="JSON",
+        help="print the table of an earlier --json file, run nothing",
     )
     p.add_argument("--worker", choices=["hf", "lecture"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--keep-freed-memory", action="store_true", help=argparse.SUPPRESS)
     # the worker's device (default: cuda where available); benchmarks/gpu/check.sh runs it there
     p.add_argument("--device", default="", help=argparse.SUPPRESS)
     p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)  # tests: no compile

@@ -115,5 +115,5 @@ def test_the_lecture_peer_needs_the_path(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     # with the path, the lecture's peers join the default configurations
     with_path, without = cpu_speed.default_configs(True), cpu_speed.default_configs(False)
-    assert set(with_path) - set(without) == {"lecture", "lecture_thp"}
-    assert {"fused", "chunked", "cpu_fast", "hf", "hf_thp"} <= set(without)
+    assert set(with_path) - set(without) == {"lecture", "lecture_tuned"}
+    assert {"fused", "chunked", "cpu_fast", "hf", "hf_tuned"} <= set(without)

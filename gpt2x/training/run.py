@@ -36,7 +36,7 @@ from gpt2x.record.failure import one_line
 from gpt2x.record.folder import RunRecord, git_info, versions
 from gpt2x.record.wandb_logger import WandbLogger
 from gpt2x.training import distributed
-from gpt2x.training.allocator import check_huge_pages, request_huge_pages
+from gpt2x.training.allocator import check_huge_pages, keep_freed_memory, request_huge_pages
 from gpt2x.training.float8 import check_float8, convert_to_float8
 from gpt2x.training.hellaswag import HellaSwagError, hellaswag_path, load_examples
 from gpt2x.training.metrics import hardware
@@ -93,6 +93,7 @@ def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
     turns = turns if turns is not None else Turns()
     request_huge_pages(cfg.trainer.cpu_huge_pages)  # before this process's first allocation
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
+    kept = keep_freed_memory(cfg.trainer.cpu_keep_freed_memory and d.device.type == "cpu")
     claim_run_folder(cfg, d)
     adopt_pretrained_shape(cfg, d)
     preflight_checks(cfg, d)
@@ -163,7 +164,7 @@ def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
         tokens_per_step=tokens_per_step,
         n_params=raw_model.num_params(non_embedding=False),
         flops_per_token=flops_per_token,
-        paths_taken=paths_taken(cfg, d),
+        paths_taken=paths_taken(cfg, d, kept_freed_memory=kept),
         compile_seconds=None,
         summary=None,
         wandb=None,
@@ -395,7 +396,7 @@ def command_line_values(prefix: str) -> dict[str, str]:
     }
 
 
-def paths_taken(cfg: DictConfig, d: distributed.Dist) -> dict:
+def paths_taken(cfg: DictConfig, d: distributed.Dist, kept_freed_memory: bool) -> dict:
     """Which code path each rung-like choice really ran (never a silent fallback)."""
     return {
         "attention": AttnImpl(cfg.attn.impl).value,
@@ -406,6 +407,7 @@ def paths_taken(cfg: DictConfig, d: distributed.Dist) -> dict:
         "activation_checkpointing": bool(cfg.model.activation_checkpointing),
         "tf32": bool(cfg.precision.tf32) and d.device.type == "cuda",
         "cpu_huge_pages": check_huge_pages(cfg.trainer.cpu_huge_pages),
+        "cpu_keep_freed_memory": kept_freed_memory,
     }
 
 

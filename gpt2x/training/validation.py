@@ -47,7 +47,7 @@ def validation_loss_sum(
         if len(pos):
             x[: len(pos)], y[: len(pos)] = reader.read_windows(pos)
         with autocast_ctx():
-            _, loss = model(x.to(device), y.to(device), return_logits=False)
+            _, loss = model(x.to(device), y.to(device))
         if len(pos):  # the model's loss is the mean over the real (unpadded) tokens
             tokens = len(pos) * T
             totals[0] += loss.to(totals.dtype) * tokens

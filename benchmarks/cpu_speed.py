@@ -161,6 +161,13 @@ CANDIDATES = [
         NO_HUGE_PAGES,
     ),
     Candidate(
+        "chunked_2048",
+        "loss=chunked loss.chunk_size=2048 (1 chunk at B=8, T=256)",
+        CHUNKED,
+        ["loss.chunk_size=2048"],
+        NO_HUGE_PAGES,
+    ),
+    Candidate(
         "chunked_torch",
         "loss=chunked with torch's F.linear_cross_entropy (loss.kernel=torch, torch >= 2.13)",
         CHUNKED,

@@ -75,6 +75,16 @@ BASES = ["fused", "hf", "hf_tuned", "hf_thp"]
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
 
+# The process's memory settings (gpt2x/training/allocator.py), by name: (freed memory kept, huge
+# pages). The lecture runs with PyTorch's and glibc's defaults, every large buffer a fresh
+# mapping page-faulted anew every step; gpt2x keeps freed memory by default
+# (trainer.cpu_keep_freed_memory); cpu_fast adds huge pages (trainer.cpu_huge_pages). A gpt2x
+# configuration gets them as those two overrides, a peer through the same function
+# (--keep-freed-memory); huge pages through THP_MEM_ALLOC_ENABLE, what cpu_huge_pages sets, for
+# both (and =0 otherwise, whatever the caller's environment says).
+MEMORY = {"lecture": (False, False), "kept": (True, False), "tuned": (True, True)}
+
+
 @dataclass
 class Candidate:
     name: str
@@ -83,20 +93,18 @@ class Candidate:
     overrides: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     peer: str | None = None  # "hf" | "lecture": run by this file's worker, not gpt2x.train
-    peer_args: list[str] = field(default_factory=list)  # the worker's process settings
+    memory: str = "kept"  # a key of MEMORY: gpt2x's default
+
+    @property
+    def kept(self) -> bool:
+        return MEMORY[self.memory][0]
+
+    @property
+    def huge_pages(self) -> bool:
+        return MEMORY[self.memory][1]
 
 
 CHUNKED = "ladder/beyond/chunked"
-# The process's memory settings (gpt2x/training/allocator.py). The lecture runs with PyTorch's
-# and glibc's defaults: every large buffer a fresh mapping, page-faulted anew every step. gpt2x
-# keeps freed memory for reuse by default (trainer.cpu_keep_freed_memory); cpu_fast adds huge
-# pages (trainer.cpu_huge_pages). The peers get each setting the same way (--keep-freed-memory
-# calls the same function; THP_MEM_ALLOC_ENABLE=1 is what cpu_huge_pages sets).
-NO_HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "0"}
-HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}
-WITH_HUGE_PAGES = ["trainer.cpu_huge_pages=true"]
-NOT_KEPT = ["trainer.cpu_keep_freed_memory=false"]
-KEEP = ["--keep-freed-memory"]
 LECTURE = "bf16 autocast, compile, vocab 50304"
 AS_LECTURE = "freed memory not kept, no huge pages: PyTorch's and glibc's defaults"
 
@@ -107,26 +115,20 @@ CANDIDATES = [
     Candidate(
         "fused",
         "the lecture's fused rung (bf16, compile, flash, vocab 50304, fused AdamW), freed memory kept",
-        env=NO_HUGE_PAGES,
     ),
-    Candidate("fused_not_kept", f"fused, {AS_LECTURE}", overrides=NOT_KEPT, env=NO_HUGE_PAGES),
+    Candidate("fused_not_kept", f"fused, {AS_LECTURE}", memory="lecture"),
     Candidate(
-        "fused_thp",
-        "fused with huge pages too (trainer.cpu_huge_pages=true)",
-        overrides=WITH_HUGE_PAGES,
+        "fused_thp", "fused with huge pages too (trainer.cpu_huge_pages=true)", memory="tuned"
     ),
-    Candidate(
-        "fused_1thread", "fused, OMP_NUM_THREADS=1", env={**NO_HUGE_PAGES, "OMP_NUM_THREADS": "1"}
-    ),
+    Candidate("fused_1thread", "fused, OMP_NUM_THREADS=1", env={"OMP_NUM_THREADS": "1"}),
     # fp32 instead of bf16 autocast: on a CPU without bf16 matrix units (no AMX) bf16 matmuls
     # can be slower than fp32 ones; the same model, only the autocast dtype differs
-    Candidate(
-        "fused_fp32", "fused with precision=fp32", overrides=["precision=fp32"], env=NO_HUGE_PAGES
-    ),
+    Candidate("fused_fp32", "fused with precision=fp32", overrides=["precision=fp32"]),
     Candidate(
         "fused_fp32_thp",
         "fused with precision=fp32 and huge pages",
-        overrides=["precision=fp32", *WITH_HUGE_PAGES],
+        overrides=["precision=fp32"],
+        memory="tuned",
     ),
     # the ladder's first rung: the default run's settings (fp32, eager, naive attention, vocab
     # 50257) at the ladder's shape
@@ -134,116 +136,85 @@ CANDIDATES = [
         "fp32_rung",
         "the ladder's first rung (fp32, eager, naive attention, vocab 50257)",
         "ladder/fp32",
-        env=NO_HUGE_PAGES,
     ),
-    Candidate(
-        "fp32_rung_not_kept", f"fp32_rung, {AS_LECTURE}", "ladder/fp32", NOT_KEPT, NO_HUGE_PAGES
-    ),
-    Candidate("fp32_rung_thp", "fp32_rung with huge pages too", "ladder/fp32", WITH_HUGE_PAGES),
-    Candidate(
-        "chunked",
-        "loss=chunked: head + loss in compiled 512-row chunks (4)",
-        CHUNKED,
-        env=NO_HUGE_PAGES,
-    ),
+    Candidate("fp32_rung_not_kept", f"fp32_rung, {AS_LECTURE}", "ladder/fp32", memory="lecture"),
+    Candidate("fp32_rung_thp", "fp32_rung with huge pages too", "ladder/fp32", memory="tuned"),
+    Candidate("chunked", "loss=chunked: head + loss in compiled 512-row chunks (4)", CHUNKED),
     Candidate(
         "chunked_256",
         "loss=chunked loss.chunk_size=256 (8 chunks)",
         CHUNKED,
         ["loss.chunk_size=256"],
-        NO_HUGE_PAGES,
     ),
     Candidate(
         "chunked_1024",
         "loss=chunked loss.chunk_size=1024 (2 chunks)",
         CHUNKED,
         ["loss.chunk_size=1024"],
-        NO_HUGE_PAGES,
     ),
     Candidate(
         "chunked_2048",
         "loss=chunked loss.chunk_size=2048 (1 chunk at B=8, T=256)",
         CHUNKED,
         ["loss.chunk_size=2048"],
-        NO_HUGE_PAGES,
     ),
     Candidate(
         "chunked_torch",
         "loss=chunked with torch's F.linear_cross_entropy (loss.kernel=torch, torch >= 2.13)",
         CHUNKED,
         ["loss.kernel=torch"],
-        NO_HUGE_PAGES,
     ),
+    Candidate("chunked_fp32", "loss=chunked, precision=fp32", CHUNKED, ["precision=fp32"]),
+    Candidate("max_autotune", "chunked + compile_mode=max-autotune", "ladder/beyond/max_autotune"),
     Candidate(
-        "chunked_fp32", "loss=chunked, precision=fp32", CHUNKED, ["precision=fp32"], NO_HUGE_PAGES
+        "reduce_overhead", "chunked + compile_mode=reduce-overhead", "ladder/beyond/reduce_overhead"
     ),
-    Candidate(
-        "max_autotune",
-        "chunked + compile_mode=max-autotune",
-        "ladder/beyond/max_autotune",
-        env=NO_HUGE_PAGES,
-    ),
-    Candidate(
-        "reduce_overhead",
-        "chunked + compile_mode=reduce-overhead",
-        "ladder/beyond/reduce_overhead",
-        env=NO_HUGE_PAGES,
-    ),
-    Candidate("block", "chunked + compile_scope=block", "ladder/beyond/block", env=NO_HUGE_PAGES),
+    Candidate("block", "chunked + compile_scope=block", "ladder/beyond/block"),
     # the named preset a user picks, at the ladder's shape: `chunked` with attn=naive
     Candidate(
         "cpu_fast",
         "+experiment=cpu_fast, the named preset: chunked + attn=naive (compiled), freed memory kept, huge pages",
         "cpu_fast",
         ["+ladder_shape=nano_cpu"],
+        memory="tuned",
     ),
     Candidate(
         "cpu_fast_no_thp",
         "cpu_fast without huge pages (freed memory kept: gpt2x's default)",
         "cpu_fast",
-        ["+ladder_shape=nano_cpu", "trainer.cpu_huge_pages=false"],
-        NO_HUGE_PAGES,
+        ["+ladder_shape=nano_cpu"],
     ),
     Candidate(
         "cpu_fast_as_lecture",
         f"cpu_fast's kernels alone, {AS_LECTURE}",
         "cpu_fast",
-        ["+ladder_shape=nano_cpu", "trainer.cpu_huge_pages=false", *NOT_KEPT],
-        NO_HUGE_PAGES,
+        ["+ladder_shape=nano_cpu"],
+        memory="lecture",
     ),
     Candidate(
         "hf",
         f"transformers GPT2LMHeadModel in the lecture's settings ({LECTURE}, sdpa, fused AdamW), {AS_LECTURE}",
         peer="hf",
-        env=NO_HUGE_PAGES,
+        memory="lecture",
     ),
-    Candidate(
-        "hf_kept",
-        "hf with freed memory kept, as gpt2x's default",
-        peer="hf",
-        env=NO_HUGE_PAGES,
-        peer_args=KEEP,
-    ),
-    Candidate("hf_thp", "hf with huge pages only", peer="hf", env=HUGE_PAGES),
+    Candidate("hf_kept", "hf with freed memory kept, as gpt2x's default", peer="hf"),
     Candidate(
         "hf_tuned",
         "hf with freed memory kept and huge pages, as cpu_fast",
         peer="hf",
-        env=HUGE_PAGES,
-        peer_args=KEEP,
+        memory="tuned",
     ),
     Candidate(
         "lecture",
         f"the lecture's own train_gpt2.py (--lecture): its model, AdamW and loop, {LECTURE}, {AS_LECTURE}",
         peer="lecture",
-        env=NO_HUGE_PAGES,
+        memory="lecture",
     ),
     Candidate(
         "lecture_tuned",
         "lecture with freed memory kept and huge pages, as cpu_fast",
         peer="lecture",
-        env=HUGE_PAGES,
-        peer_args=KEEP,
+        memory="tuned",
     ),
 ]
 BY_NAME = {c.name: c for c in CANDIDATES}
@@ -260,6 +231,8 @@ def gpt2x_command(c: Candidate, steps: int, warmup: int, run_dir: Path, extra: l
         "gpt2x.train",
         f"+experiment={c.experiment}",
         *c.overrides,
+        f"trainer.cpu_keep_freed_memory={str(c.kept).lower()}",
+        f"trainer.cpu_huge_pages={str(c.huge_pages).lower()}",
         f"trainer.max_steps={warmup + steps}",
         f"trainer.warmup_steps_for_timing={warmup}",
         "logger=none",
@@ -282,7 +255,7 @@ def peer_command(c: Candidate, args, out: Path) -> list:
         str(args.warmup),
         "--worker-out",
         str(out),
-        *c.peer_args,
+        *(["--keep-freed-memory"] if c.kept else []),
         *(a for o in args.override for a in ("--override", o)),
     ]
 
@@ -306,7 +279,12 @@ def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
         cmd = peer_command(c, args, out)
     else:
         cmd = gpt2x_command(c, args.steps, args.warmup, run_dir, args.override)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **c.env}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "THP_MEM_ALLOC_ENABLE": "1" if c.huge_pages else "0",
+        **c.env,
+    }
     env.setdefault("WANDB_MODE", "offline")
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -316,6 +294,11 @@ def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
         "repeat": repeat,
         "wall_s": round(wall, 1),
         "command": shlex.join(cmd),
+        # what it was and the environment it set: a --json file describes itself, whatever
+        # later versions of this file call its configurations
+        "what": c.what,
+        "memory": c.memory,
+        "env": c.env,  # its own, beyond --threads and the memory setting
     }
     try:
         if c.peer:
@@ -561,7 +544,7 @@ def table(results: list[dict], names: list[str], args) -> str:
     ]
     for n in names:
         vals = per[n]
-        what = BY_NAME[n].what
+        what = described(results, n)
         if not vals:
             lines.append(
                 f"| {n} | {what} | 0/{args.repeats} | failed: {errors.get(n, '?')} | | |"
@@ -584,12 +567,23 @@ def table(results: list[dict], names: list[str], args) -> str:
     return "\n".join(lines)
 
 
+def described(results: list[dict], name: str) -> str:
+    """The configuration's line for the table: as its results recorded it, else as this version
+    of the file describes it (files written before results recorded it)."""
+    recorded = next((r["what"] for r in results if r["name"] == name and "what" in r), None)
+    if recorded:
+        return recorded
+    known = BY_NAME.get(name)
+    return known.what if known else "(not a configuration of this version of cpu_speed.py)"
+
+
 def machine_ceilings(results: list[dict]) -> dict[str, float]:
     """{"bf16"|"fp32": tokens/s at 100% of the measured matmul peak} from the gpt2x runs (every
     configuration has the same FLOPs per token; one thread's runs are left out)."""
     out: dict[str, float] = {}
     for r in results:
-        if r.get("ceiling_tokens_per_s") and BY_NAME[r["name"]].env.get("OMP_NUM_THREADS") is None:
+        own_env = r["env"] if "env" in r else getattr(BY_NAME.get(r["name"]), "env", {})
+        if r.get("ceiling_tokens_per_s") and own_env.get("OMP_NUM_THREADS") is None:
             out.setdefault(
                 "bf16" if r.get("precision") == "bf16" else "fp32", r["ceiling_tokens_per_s"]
             )

@@ -4,6 +4,7 @@ a training run in the module body) is loaded and trained by the `lecture` worker
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -117,3 +118,36 @@ def test_the_lecture_peer_needs_the_path(tmp_path, capsys):
     with_path, without = cpu_speed.default_configs(True), cpu_speed.default_configs(False)
     assert set(with_path) - set(without) == {"lecture", "lecture_tuned"}
     assert {"fused", "chunked", "cpu_fast", "hf", "hf_tuned"} <= set(without)
+
+
+def test_a_configurations_memory_setting_reaches_its_process_one_way():
+    """One name per setting (MEMORY): a gpt2x run gets it as its two trainer overrides and
+    THP_MEM_ALLOC_ENABLE, a peer as --keep-freed-memory and the same variable; never the
+    caller's environment."""
+    tuned, lecture = cpu_speed.BY_NAME["fused_thp"], cpu_speed.BY_NAME["fused_not_kept"]
+    assert tuned.kept and tuned.huge_pages and not lecture.kept and not lecture.huge_pages
+    cmd = cpu_speed.gpt2x_command(tuned, 2, 1, REPO / "x", [])
+    assert "trainer.cpu_keep_freed_memory=true" in cmd and "trainer.cpu_huge_pages=true" in cmd
+    cmd = cpu_speed.gpt2x_command(lecture, 2, 1, REPO / "x", [])
+    assert "trainer.cpu_keep_freed_memory=false" in cmd and "trainer.cpu_huge_pages=false" in cmd
+    args = argparse.Namespace(steps=2, warmup=1, override=[])
+    assert "--keep-freed-memory" in cpu_speed.peer_command(cpu_speed.BY_NAME["hf_tuned"], args, REPO)
+    assert "--keep-freed-memory" not in cpu_speed.peer_command(cpu_speed.BY_NAME["hf"], args, REPO)
+
+
+def test_a_json_file_describes_its_configurations_to_later_versions(tmp_path, capsys):
+    """--table-from shows what each row was when it ran (recorded in the file), so renamed or
+    redefined configurations keep their meaning; files from before that fall back to this
+    version's description, and a name it no longer has says so."""
+    rows = [
+        {"name": "fused", "repeat": 0, "tokens_per_s": 100.0, "what": "fused as it was then"},
+        {"name": "hf", "repeat": 0, "tokens_per_s": 90.0},
+        {"name": "gone", "repeat": 0, "tokens_per_s": 80.0, "env": {"OMP_NUM_THREADS": "1"}},
+    ]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(rows))
+    assert cpu_speed.main(["--table-from", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| fused | fused as it was then |" in out
+    assert f"| hf | {cpu_speed.BY_NAME['hf'].what} |" in out
+    assert "| gone | (not a configuration of this version of cpu_speed.py) |" in out

@@ -456,9 +456,6 @@ def run_peer(args) -> None:
     from gpt2x.config import register_configs
     from gpt2x.training.allocator import keep_freed_memory
 
-    # what gpt2x's setup does for trainer.cpu_keep_freed_memory on a CPU
-    keep_freed_memory(args.keep_freed_memory and args.device != "cuda")
-
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         # the fused rung's resolved shape, so a peer gets exactly the gpt2x configuration's sizes
@@ -466,6 +463,8 @@ def run_peer(args) -> None:
     t, o = cfg.trainer, cfg.optim
     torch.manual_seed(t.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # what gpt2x's setup does for trainer.cpu_keep_freed_memory: on the run's device only if CPU
+    keep_freed_memory(args.keep_freed_memory and device.type == "cpu")
     if args.worker == "lecture":
         model, loss_fn, opt = build_lecture(cfg, device, args.lecture)
     else:

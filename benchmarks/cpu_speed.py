@@ -32,8 +32,10 @@ How each is measured:
   project does not ship) runs this file with `--worker lecture`: the file's own GPT and
   GPTConfig (only its imports, classes and functions are executed: the rest of the file is its
   training run), its configure_optimizers(weight_decay, learning_rate, device_type) and its loop
-  (bf16 autocast around `logits, loss = model(x, y)`, torch.compile, clip 1.0, the lr set per
-  step), at the same shape with vocab 50304, timed as `hf`.
+  (`model = torch.compile(model)`, bf16 autocast around `logits, loss = model(x, y)`, clip 1.0,
+  the lr set per step), at the same shape with vocab 50304, timed as `hf`. Its AdamW is fused
+  only on CUDA (its own rule); its compiled model returns the logits beside the loss, which
+  `hf` (forward + loss compiled, the loss alone returned) does not.
 - Memory is a process setting (gpt2x/training/allocator.py): the lecture runs with PyTorch's
   and glibc's defaults (every large buffer page-faulted afresh every step); gpt2x keeps freed
   memory for reuse by default (trainer.cpu_keep_freed_memory), cpu_fast adds huge pages
@@ -49,6 +51,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -69,8 +72,9 @@ from gpt2x import stats  # noqa: E402
 
 # the ratios' references: the lecture's last single-process rung in gpt2x; the lecture's settings
 # on Hugging Face's model (the peer) as the lecture runs it, and with the process settings of
-# cpu_fast (freed memory kept, huge pages); hf_thp: committed runs before freed memory was kept
-BASES = ["fused", "hf", "hf_tuned", "hf_thp"]
+# cpu_fast (freed memory kept, huge pages); the lecture's own code (with --lecture); hf_thp:
+# committed runs before freed memory was kept
+BASES = ["fused", "hf", "hf_tuned", "lecture", "hf_thp"]
 # /proc/cpuinfo flags that decide whether bf16 matmuls are fast (AMX) or emulated
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
@@ -270,6 +274,10 @@ def ceiling(record: dict) -> float | None:
     return peak / flops if peak and flops else None
 
 
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+
+
 def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
     """Run one configuration once in a fresh process; its tokens/s, or the reason it failed."""
     run_dir = scratch / f"{c.name}_r{repeat}"
@@ -300,6 +308,8 @@ def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
         "memory": c.memory,
         "env": c.env,  # its own, beyond --threads and the memory setting
     }
+    if c.peer == "lecture":  # which version of the lecture's file (this project never ships it)
+        result["lecture_sha256"] = file_sha256(args.lecture)
     try:
         if c.peer:
             summary = json.loads(out.read_text())
@@ -389,11 +399,13 @@ def build_hf(cfg, device):
 def load_lecture(path: str | os.PathLike) -> dict:
     """The namespace of the lecture's train_gpt2.py with its GPT and GPTConfig, without running
     the script: only its imports, classes and functions are executed (the rest of the file is
-    its training run). An import that fails (e.g. its hellaswag.py, not beside the file) is
-    skipped: the model does not need it. SystemExit (one line) if GPT or GPTConfig is missing."""
+    its training run). An import that fails is skipped with a line on stderr: the model does not
+    need it (its hellaswag.py may be absent, or fetch the GPT-2 encoding from the network when
+    imported). SystemExit (one line) if GPT or GPTConfig is missing."""
     path = Path(path).expanduser()
     try:
-        tree = ast.parse(path.read_text(), filename=str(path))
+        source = path.read_text()
+        tree = ast.parse(source, filename=str(path))
     except (OSError, SyntaxError, UnicodeDecodeError) as e:
         raise SystemExit(f"cpu_speed.py: --lecture {path}: cannot read it ({e})") from None
     # a module of its own (dataclasses look their module up); configure_optimizers prints on the
@@ -410,9 +422,15 @@ def load_lecture(path: str | os.PathLike) -> dict:
             code = compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec")
             try:
                 exec(code, namespace)
-            except ImportError:
+            except Exception as e:
                 if not isinstance(node, (ast.Import, ast.ImportFrom)):
                     raise
+                line = ast.get_source_segment(source, node) or ast.unparse(node)
+                print(
+                    f"cpu_speed.py: skipped the lecture's `{line}` ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:120] if str(e) else ''}): the model does not need it",
+                    file=sys.stderr,
+                )
     finally:
         sys.path.remove(str(path.parent))
     missing = [n for n in ("GPT", "GPTConfig") if not isinstance(namespace.get(n), type)]
@@ -424,8 +442,10 @@ def load_lecture(path: str | os.PathLike) -> dict:
     return namespace
 
 
-def build_lecture(cfg, device, path):
-    """The lecture's GPT at the configuration's shape, its own configure_optimizers and loss."""
+def build_lecture(cfg, device, path, compile_model: bool):
+    """The lecture's GPT at the configuration's shape, its own configure_optimizers and loss,
+    compiled as its loop does: `model = torch.compile(model)`, then `logits, loss = model(x, y)`
+    (the compiled graph returns the logits too, so its backward takes a gradient for them)."""
     import torch
 
     lecture = load_lecture(path)
@@ -441,9 +461,11 @@ def build_lecture(cfg, device, path):
     model = lecture["GPT"](config).to(device).train()
     # positional: the third parameter was `device` in early versions, `device_type` later
     opt = model.configure_optimizers(o.weight_decay, o.lr, device.type)
+    forward = torch.compile(model) if compile_model else model
 
     def loss_fn(x, y):
-        return model(x, y)[1]
+        _logits, loss = forward(x, y)
+        return loss
 
     return model, loss_fn, opt
 
@@ -466,10 +488,10 @@ def run_peer(args) -> None:
     # what gpt2x's setup does for trainer.cpu_keep_freed_memory: on the run's device only if CPU
     keep_freed_memory(args.keep_freed_memory and device.type == "cpu")
     if args.worker == "lecture":
-        model, loss_fn, opt = build_lecture(cfg, device, args.lecture)
+        model, step_fn, opt = build_lecture(cfg, device, args.lecture, not args.eager)
     else:
         model, loss_fn, opt = build_hf(cfg, device)
-    step_fn = loss_fn if args.eager else torch.compile(loss_fn)
+        step_fn = loss_fn if args.eager else torch.compile(loss_fn)  # forward + loss
     times, first_ms = [], None
     for i, (x, y) in enumerate(hf_batches(cfg, args.warmup + args.steps)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -704,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         f"repeats, {args.warmup} warm-up + {args.steps} measured steps each, interleaved",
         flush=True,
     )
+    if args.lecture:
+        print(f"# --lecture {args.lecture}: sha256 {file_sha256(args.lecture)}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="gpt2x-cpu-speed-") as tmp:
         for repeat in range(args.repeats):  # A B C A B C ...: drift hits all alike

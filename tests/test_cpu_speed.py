@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from hellaswag import render_example  # the lecture's own module beside it; absent here
+from hellaswag import render_example  # the lecture's own module beside it (see HELLASWAG)
 
 
 @dataclass
@@ -67,6 +67,10 @@ class GPT(nn.Module):
 raise SystemExit("the stand-in's training run was executed")
 '''
 
+# build-nanogpt's hellaswag.py fetches the GPT-2 encoding when imported: offline, a
+# requests.ConnectionError (an OSError), not an ImportError
+HELLASWAG = 'raise OSError("Max retries exceeded with url: /gpt-2/encodings/main/vocab.bpe")\n'
+
 SHRINK = [
     "model.n_layer=1",
     "model.n_head=2",
@@ -80,12 +84,20 @@ SHRINK = [
 def test_the_lecture_worker_trains_the_files_own_model_with_its_optimizer(tmp_path, capsys):
     lecture = tmp_path / "train_gpt2.py"
     lecture.write_text(STAND_IN)
+    (tmp_path / "hellaswag.py").write_text(HELLASWAG)
     out = tmp_path / "lecture.json"
     overrides = [*SHRINK, f"paths.data_dir={tmp_path / 'no-data'}"]  # fixed random tokens
     args = ["--worker", "lecture", "--lecture", str(lecture), "--steps", "2", "--warmup", "1"]
     args += ["--worker-out", str(out), "--device", "cpu", "--eager"]
     assert cpu_speed.main([*args, *(a for o in overrides for a in ("--override", o))]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # the import that fails offline is skipped, and said so
+    assert (
+        "cpu_speed.py: skipped the lecture's `from hellaswag import render_example` (OSError: "
+        "Max retries exceeded with url: /gpt-2/encodings/main/vocab.bpe): the model does not "
+        "need it"
+    ) in captured.err
     # the fused rung's shape (vocab 50304) and the optimizer settings, through its own code
     assert "stand-in GPT: vocab_size=50304 n_embd=32" in printed
     assert "configure_optimizers(0.1, 0.0006, cpu)" in printed

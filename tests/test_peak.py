@@ -185,6 +185,26 @@ def test_cache_key_includes_thread_count(tmp_path, fake_probe, monkeypatch):
     assert key.startswith(peak.cpu_model_name())
 
 
+def test_a_capped_cpu_instruction_set_is_probed_and_cached_apart(tmp_path, fake_probe, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA (e.g. no AMX) changes what bf16 matmuls reach: the uncapped peak must
+    not be reused for it, nor its peak for the uncapped machine."""
+    path = tmp_path / "peak_flops.json"
+    for name in peak.CPU_ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    plain_key = peak.cache_key(CPU, torch.bfloat16)
+    peak.measured_peak(CPU, torch.bfloat16, path)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert peak.cpu_isa_limits() == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    capped_key = peak.cache_key(CPU, torch.bfloat16)
+    assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in capped_key and capped_key != plain_key
+    peak.measured_peak(CPU, torch.bfloat16, path)
+    assert len(fake_probe) == 2  # probed again under the cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    peak.measured_peak(CPU, torch.bfloat16, path)
+    assert len(fake_probe) == 2  # the uncapped value is still the cached one
+    assert json.loads(path.read_text()).keys() >= {plain_key, capped_key}
+
+
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"KEY": "fast"}', '{"KEY": -1}'])
 def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, fake_probe, content):
     path = tmp_path / "peak_flops.json"

@@ -756,6 +756,20 @@ def test_s_to_target_has_a_stated_tolerance(tmp_path):
     assert "within 1% of 4.0000 (--target-loss)" in md
 
 
+def test_the_header_says_when_the_cpus_instruction_set_was_capped(tmp_path):
+    capped = write_run(tmp_path / "abl", "01_fp32", "fp32", 100.0)
+    record = json.loads((capped / "record.json").read_text())
+    record["hardware"]["cpu_isa_limits"] = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    (capped / "record.json").write_text(json.dumps(record))
+    write_run(tmp_path / "abl", "02_bf16", "bf16", 50.0)
+    # the two runs ran on different machines in effect: two hardware lines, one naming the cap
+    assert header.build_header(load_runs(tmp_path / "abl"))["hardware"] == [
+        "NVIDIA H100 80GB HBM3 (cuda); CPU x86_64 x16; host node1; "
+        "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16",
+        "NVIDIA H100 80GB HBM3 (cuda); CPU x86_64 x16; host node1",
+    ]
+
+
 def test_ablation_header_names_the_shape_that_ran_and_each_repeat(tmp_path):
     two_repeat_ladder(tmp_path / "abl")
     runs = load_runs(tmp_path / "abl")

@@ -41,6 +41,8 @@ def build_header(runs: Sequence[Run], baseline: str | None = None) -> dict:
         if (h.get("device_count") or 1) > 1:
             dev += f" x{h['device_count']}"
         line = f"{dev} ({h.get('device')}); CPU {h.get('cpu')} x{h.get('cpu_count')}; host {h.get('hostname')}"
+        if h.get("cpu_isa_limits"):  # the CPU's kernels were capped to an older instruction set
+            line += "; " + ", ".join(f"{k}={v}" for k, v in h["cpu_isa_limits"].items())
         return line + _measured_peak(h.get("peak_flops"))
 
     def ver(r: Run) -> str | None:

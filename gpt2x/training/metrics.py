@@ -21,7 +21,7 @@ import torch
 
 from gpt2x import stats
 from gpt2x.measure import timed
-from gpt2x.training.peak import cpu_model_name, default_cache_path, device_name
+from gpt2x.training.peak import cpu_isa_limits, cpu_model_name, default_cache_path, device_name
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def hardware(device: torch.device, peaks: dict) -> dict:
         "cpu": cpu_model_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_isa_limits": cpu_isa_limits(),  # e.g. ONEDNN_MAX_CPU_ISA: a CPU made to act older
         "hostname": socket.gethostname(),
         "cuda": torch.version.cuda,
         "peak_flops": peaks,

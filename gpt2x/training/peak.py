@@ -95,6 +95,17 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# Environment variables that cap the instruction set of the CPU's kernels: oneDNN's (bf16
+# matmuls: AMX or not), ATen's and inductor's vector code, MKL's (fp32 matmuls). Set, they change
+# what the machine reaches, so they key the cached peak and are recorded with the hardware.
+CPU_ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_isa_limits() -> dict[str, str]:
+    """The CPU instruction-set caps this process runs under (empty: none, the usual case)."""
+    return {name: os.environ[name] for name in CPU_ISA_LIMITS if os.environ.get(name)}
+
+
 def device_name(device: torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -202,12 +213,13 @@ PROBED_AT = " | probed_at"  # <cache key> + this: when that peak was probed (sec
 
 
 def cache_key(device: torch.device, dtype: torch.dtype) -> str:
-    """What the measured peak depends on: the device, dtype, torch build, CPU thread count and
-    how it was probed."""
+    """What the measured peak depends on: the device, dtype, torch build, CPU thread count, the
+    CPU's instruction-set caps when set, and how it was probed."""
     dtype_name = str(dtype).removeprefix("torch.")
+    isa = "".join(f" | {k}={v}" for k, v in cpu_isa_limits().items())
     return (
         f"{device_name(device)} | {dtype_name} | torch {torch.__version__}"
-        f" | threads {torch.get_num_threads()} | probe {PROBE_VERSION}"
+        f" | threads {torch.get_num_threads()}{isa} | probe {PROBE_VERSION}"
     )
 
 

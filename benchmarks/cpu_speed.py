@@ -43,7 +43,11 @@ How each is measured:
   (`hf`), with gpt2x's default (`hf_kept`) and with cpu_fast's settings (`hf_tuned`), so every
   comparison can be made with the same process settings on both sides.
 Threads: every process gets OMP_NUM_THREADS=<--threads> (default: the machine's CPU count)
-unless its configuration sets its own. Prints a markdown table; --json writes the raw numbers.
+unless its configuration sets its own. Another CPU family's instruction set can be approximated
+on this one: `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/cpu_speed.py ...` runs
+every process without AMX (as a Xeon before Sapphire Rapids with avx512_bf16, or an AMD EPYC
+Zen 4); the header and each --json result say so, and gpt2x probes that cap's own matmul peak.
+Only the instruction set changes: caches, memory and core counts stay this machine's. Prints a markdown table; --json writes the raw numbers.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class Candidate:
     env: dict[str, str] = field(default_factory=dict)
     peer: str | None = None  # "hf" | "lecture": run by this file's worker, not gpt2x.train
     memory: str = "kept"  # a key of MEMORY: gpt2x's default
+    peer_fp32: bool = False  # a peer without its bf16 autocast (gpt2x rows say precision=fp32)
 
     @property
     def kept(self) -> bool:
@@ -189,6 +194,13 @@ CANDIDATES = [
         ["+ladder_shape=nano_cpu"],
     ),
     Candidate(
+        "cpu_fast_fp32",
+        "+experiment=cpu_fast precision=fp32: the choice on a CPU whose bf16 matmuls are slow",
+        "cpu_fast",
+        ["+ladder_shape=nano_cpu", "precision=fp32"],
+        memory="tuned",
+    ),
+    Candidate(
         "cpu_fast_as_lecture",
         f"cpu_fast's kernels alone, {AS_LECTURE}",
         "cpu_fast",
@@ -203,6 +215,13 @@ CANDIDATES = [
     ),
     Candidate("hf_kept", "hf with freed memory kept, as gpt2x's default", peer="hf"),
     Candidate(
+        "hf_fp32",
+        f"hf without bf16 autocast (fp32, compile, vocab 50304, sdpa, fused AdamW), {AS_LECTURE}",
+        peer="hf",
+        memory="lecture",
+        peer_fp32=True,
+    ),
+    Candidate(
         "hf_tuned",
         "hf with freed memory kept and huge pages, as cpu_fast",
         peer="hf",
@@ -213,6 +232,13 @@ CANDIDATES = [
         f"the lecture's own train_gpt2.py (--lecture): its model, AdamW and loop, {LECTURE}, {AS_LECTURE}",
         peer="lecture",
         memory="lecture",
+    ),
+    Candidate(
+        "lecture_fp32",
+        f"lecture without bf16 autocast (its fp32 rung + compile, vocab 50304), {AS_LECTURE}",
+        peer="lecture",
+        memory="lecture",
+        peer_fp32=True,
     ),
     Candidate(
         "lecture_tuned",
@@ -260,6 +286,7 @@ def peer_command(c: Candidate, args, out: Path) -> list:
         "--worker-out",
         str(out),
         *(["--keep-freed-memory"] if c.kept else []),
+        *(["--fp32"] if c.peer_fp32 else []),
         *(a for o in args.override for a in ("--override", o)),
     ]
 
@@ -313,6 +340,7 @@ def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
     try:
         if c.peer:
             summary = json.loads(out.read_text())
+            result["precision"] = "fp32" if c.peer_fp32 else "bf16"  # its share of a ceiling
         else:
             record = json.loads((run_dir / "record.json").read_text())
             summary = record["summary"]
@@ -497,7 +525,7 @@ def run_peer(args) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.fp32):
             loss = step_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -674,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", choices=["hf", "lecture"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--keep-freed-memory", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)  # no bf16 autocast
     # the worker's device (default: cuda where available); benchmarks/gpu/check.sh runs it there
     p.add_argument("--device", default="", help=argparse.SUPPRESS)
     p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)  # tests: no compile
@@ -728,11 +757,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.lecture:
         print(f"# --lecture {args.lecture}: sha256 {file_sha256(args.lecture)}", flush=True)
+    from gpt2x.training.peak import cpu_isa_limits  # imports torch: not for --table-from
+
+    capped = cpu_isa_limits()  # inherited by every process: a CPU made to act as an older one
+    if capped:
+        print(f"# CPU instruction set capped: {' '.join(f'{k}={v}' for k, v in capped.items())}")
     results = []
     with tempfile.TemporaryDirectory(prefix="gpt2x-cpu-speed-") as tmp:
         for repeat in range(args.repeats):  # A B C A B C ...: drift hits all alike
             for n in names:
                 r = measure_once(BY_NAME[n], args, Path(tmp), repeat)
+                if capped:
+                    r["cpu_isa_limits"] = capped
                 results.append(r)
                 shown = f"{r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else r["error"]
                 print(f"  repeat {repeat} {n}: {shown} ({r['wall_s']} s)", flush=True)

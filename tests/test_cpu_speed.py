@@ -8,7 +8,9 @@ import argparse
 import importlib.util
 import json
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -21,6 +23,7 @@ spec.loader.exec_module(cpu_speed)
 STAND_IN = '''
 """A stand-in for build-nanogpt's train_gpt2.py: the same interface, a one-layer model."""
 import math
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +54,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         pos = torch.arange(idx.size(1), device=idx.device)
         logits = self.lm_head(self.wte(idx) + self.wpe(pos))
+        print(f"stand-in logits: {logits.dtype}")
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
@@ -81,14 +85,15 @@ SHRINK = [
 ]
 
 
-def test_the_lecture_worker_trains_the_files_own_model_with_its_optimizer(tmp_path, capsys):
+@pytest.mark.parametrize("fp32", [False, True])
+def test_the_lecture_worker_trains_the_files_own_model_with_its_optimizer(tmp_path, capsys, fp32):
     lecture = tmp_path / "train_gpt2.py"
     lecture.write_text(STAND_IN)
     (tmp_path / "hellaswag.py").write_text(HELLASWAG)
     out = tmp_path / "lecture.json"
     overrides = [*SHRINK, f"paths.data_dir={tmp_path / 'no-data'}"]  # fixed random tokens
     args = ["--worker", "lecture", "--lecture", str(lecture), "--steps", "2", "--warmup", "1"]
-    args += ["--worker-out", str(out), "--device", "cpu", "--eager"]
+    args += ["--worker-out", str(out), "--device", "cpu", "--eager", *(["--fp32"] * fp32)]
     assert cpu_speed.main([*args, *(a for o in overrides for a in ("--override", o))]) == 0
     captured = capsys.readouterr()
     printed = captured.out
@@ -101,6 +106,8 @@ def test_the_lecture_worker_trains_the_files_own_model_with_its_optimizer(tmp_pa
     # the fused rung's shape (vocab 50304) and the optimizer settings, through its own code
     assert "stand-in GPT: vocab_size=50304 n_embd=32" in printed
     assert "configure_optimizers(0.1, 0.0006, cpu)" in printed
+    # bf16 autocast around the forward, as the lecture's loop; none for the fp32 peers
+    assert f"stand-in logits: torch.{'float32' if fp32 else 'bfloat16'}" in printed
     result = json.loads(out.read_text())
     assert len(result["steps_ms"]) == 2 and result["tokens_per_s"] > 0
     assert result["batch"] == [2, 32]
@@ -128,7 +135,12 @@ def test_the_lecture_peer_needs_the_path(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     # with the path, the lecture's peers join the default configurations
     with_path, without = cpu_speed.default_configs(True), cpu_speed.default_configs(False)
-    assert set(with_path) - set(without) == {"lecture", "lecture_tuned"}
+    assert set(with_path) - set(without) == {"lecture", "lecture_fp32", "lecture_tuned"}
+    # the fp32 peers ask their worker for no autocast; the others keep the lecture's bf16
+    args = argparse.Namespace(lecture=tmp_path / "t.py", steps=2, warmup=1, override=[])
+    for name in ("hf_fp32", "lecture_fp32", "hf", "lecture"):
+        cmd = cpu_speed.peer_command(cpu_speed.BY_NAME[name], args, tmp_path / "o.json")
+        assert ("--fp32" in cmd) == name.endswith("_fp32"), name
     assert {"fused", "chunked", "cpu_fast", "hf", "hf_tuned"} <= set(without)
 
 
@@ -163,3 +175,43 @@ def test_a_json_file_describes_its_configurations_to_later_versions(tmp_path, ca
     assert "| fused | fused as it was then |" in out
     assert f"| hf | {cpu_speed.BY_NAME['hf'].what} |" in out
     assert "| gone | (not a configuration of this version of cpu_speed.py) |" in out
+
+
+def test_each_row_is_a_share_of_its_own_precisions_ceiling(tmp_path, capsys):
+    """The ceilings come from gpt2x's runs (their records hold the measured peaks); a peer
+    without autocast is a share of the fp32 one, a bf16 peer of the bf16 one."""
+    rows = [
+        {"name": "cpu_fast", "repeat": 0, "tokens_per_s": 1000.0, "precision": "bf16",
+         "ceiling_tokens_per_s": 2000.0},
+        {"name": "cpu_fast_fp32", "repeat": 0, "tokens_per_s": 1500.0, "precision": "fp32",
+         "ceiling_tokens_per_s": 4000.0},
+        {"name": "hf", "repeat": 0, "tokens_per_s": 500.0, "precision": "bf16"},
+        {"name": "hf_fp32", "repeat": 0, "tokens_per_s": 1000.0, "precision": "fp32"},
+    ]
+    path = tmp_path / "shares.json"
+    path.write_text(json.dumps(rows))
+    assert cpu_speed.main(["--table-from", str(path)]) == 0
+    share = {
+        cells[1].strip(): cells[6].strip()
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and len(cells := line.split("|")) > 7
+    }
+    assert share["cpu_fast"] == "50%" and share["cpu_fast_fp32"] == "38%"
+    assert share["hf"] == "25%" and share["hf_fp32"] == "25%"
+
+
+@pytest.mark.parametrize("name", ["hf", "hf_fp32"])
+def test_a_peer_result_records_its_precision(tmp_path, monkeypatch, name):
+    """What puts a peer row against the fp32 or the bf16 ceiling (its worker is faked here: it
+    writes what a worker writes)."""
+
+    def fake_worker(cmd, **kwargs):
+        out = Path(cmd[cmd.index("--worker-out") + 1])
+        out.write_text(json.dumps({"tokens_per_s": 10.0, "median_ms": 1.0}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(cpu_speed.subprocess, "run", fake_worker)
+    args = argparse.Namespace(lecture=None, steps=2, warmup=1, override=[], threads=2)
+    result = cpu_speed.measure_once(cpu_speed.BY_NAME[name], args, tmp_path, 0)
+    assert result["precision"] == ("fp32" if name == "hf_fp32" else "bf16")
+    assert result["tokens_per_s"] == 10.0 and ("--fp32" in result["command"]) == (name != "hf")

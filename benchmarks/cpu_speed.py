@@ -222,6 +222,13 @@ CANDIDATES = [
         peer_fp32=True,
     ),
     Candidate(
+        "hf_fp32_tuned",
+        "hf_fp32 with freed memory kept and huge pages, as cpu_fast",
+        peer="hf",
+        memory="tuned",
+        peer_fp32=True,
+    ),
+    Candidate(
         "hf_tuned",
         "hf with freed memory kept and huge pages, as cpu_fast",
         peer="hf",

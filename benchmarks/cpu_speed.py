@@ -32,10 +32,12 @@ How each is measured:
   project does not ship) runs this file with `--worker lecture`: the file's own GPT and
   GPTConfig (only its imports, classes and functions are executed: the rest of the file is its
   training run), its configure_optimizers(weight_decay, learning_rate, device_type) and its loop
-  (`model = torch.compile(model)`, bf16 autocast around `logits, loss = model(x, y)`, clip 1.0,
-  the lr set per step), at the same shape with vocab 50304, timed as `hf`. Its AdamW is fused
-  only on CUDA (its own rule); its compiled model returns the logits beside the loss, which
-  `hf` (forward + loss compiled, the loss alone returned) does not.
+  in the lecture's best single-device setting: `model = torch.compile(model)` (the lecture's
+  compile step; build-nanogpt's final file ships `use_compile = False` because compile
+  interfered with its HellaSwag eval and sampling), bf16 autocast around `logits, loss =
+  model(x, y)`, clip 1.0, the lr set per step, at the same shape with vocab 50304, timed as
+  `hf`. Its AdamW is fused only on CUDA (its own rule); its compiled model returns the logits
+  beside the loss, which `hf` (forward + loss compiled, the loss alone returned) does not.
 - Memory is a process setting (gpt2x/training/allocator.py): the lecture runs with PyTorch's
   and glibc's defaults (every large buffer page-faulted afresh every step); gpt2x keeps freed
   memory for reuse by default (trainer.cpu_keep_freed_memory), cpu_fast adds huge pages
@@ -45,9 +47,11 @@ How each is measured:
 Threads: every process gets OMP_NUM_THREADS=<--threads> (default: the machine's CPU count)
 unless its configuration sets its own. Another CPU family's instruction set can be approximated
 on this one: `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/cpu_speed.py ...` runs
-every process without AMX (as a Xeon before Sapphire Rapids with avx512_bf16, or an AMD EPYC
-Zen 4); the header and each --json result say so, and gpt2x probes that cap's own matmul peak.
-Only the instruction set changes: caches, memory and core counts stay this machine's. Prints a markdown table; --json writes the raw numbers.
+oneDNN's kernels (the bf16 matmuls) without AMX in every process, as on a Xeon with
+avx512_bf16 and no AMX or an AMD EPYC Zen 4; the header, each --json result and
+--table-from say so, and gpt2x probes that cap's own matmul peak. Only oneDNN is capped:
+inductor's and ATen's vector code (ATEN_CPU_CAPABILITY), MKL's fp32 matmuls, caches, memory
+and core counts stay this machine's. Prints a markdown table; --json writes the raw numbers.
 """
 
 from __future__ import annotations
@@ -76,9 +80,10 @@ from gpt2x import stats  # noqa: E402
 
 # the ratios' references: the lecture's last single-process rung in gpt2x; the lecture's settings
 # on Hugging Face's model (the peer) as the lecture runs it, and with the process settings of
-# cpu_fast (freed memory kept, huge pages); the lecture's own code (with --lecture); hf_thp:
-# committed runs before freed memory was kept
-BASES = ["fused", "hf", "hf_tuned", "lecture", "hf_thp"]
+# cpu_fast (freed memory kept, huge pages); the lecture's own code (with --lecture); the peer
+# without bf16 autocast (the reference of the fp32 rows); hf_thp: committed runs before freed
+# memory was kept
+BASES = ["fused", "hf", "hf_tuned", "lecture", "hf_fp32", "hf_thp"]
 # /proc/cpuinfo flags that decide whether bf16 matmuls are fast (AMX) or emulated
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
@@ -285,7 +290,12 @@ def peer_command(c: Candidate, args, out: Path) -> list:
         __file__,
         "--worker",
         c.peer,
-        *(["--lecture", str(args.lecture)] if c.peer == "lecture" else []),
+        # absolute: the worker runs in the repository, not where the path was typed
+        *(
+            ["--lecture", str(Path(args.lecture).expanduser().resolve())]
+            if c.peer == "lecture"
+            else []
+        ),
         "--steps",
         str(args.steps),
         "--warmup",
@@ -479,8 +489,9 @@ def load_lecture(path: str | os.PathLike) -> dict:
 
 def build_lecture(cfg, device, path, compile_model: bool):
     """The lecture's GPT at the configuration's shape, its own configure_optimizers and loss,
-    compiled as its loop does: `model = torch.compile(model)`, then `logits, loss = model(x, y)`
-    (the compiled graph returns the logits too, so its backward takes a gradient for them)."""
+    compiled as the lecture's compile step does: `model = torch.compile(model)`, then `logits,
+    loss = model(x, y)` (the compiled graph returns the logits too, so its backward takes a
+    gradient for them)."""
     import torch
 
     lecture = load_lecture(path)
@@ -633,6 +644,22 @@ def described(results: list[dict], name: str) -> str:
     return known.what if known else "(not a configuration of this version of cpu_speed.py)"
 
 
+def provenance(results: list[dict]) -> list[str]:
+    """Header lines a --json file carries in its results: the lecture file's sha256, the CPU
+    instruction-set caps the run was made under."""
+    lines = [
+        f"# --lecture file sha256 {h}"
+        for h in sorted({r["lecture_sha256"] for r in results if r.get("lecture_sha256")})
+    ]
+    for caps in {
+        json.dumps(r["cpu_isa_limits"], sort_keys=True) for r in results if r.get("cpu_isa_limits")
+    }:
+        lines.append(
+            f"# CPU instruction set capped: {' '.join(f'{k}={v}' for k, v in json.loads(caps).items())}"
+        )
+    return lines
+
+
 def machine_ceilings(results: list[dict]) -> dict[str, float]:
     """{"bf16"|"fp32": tokens/s at 100% of the measured matmul peak} from the gpt2x runs (every
     configuration has the same FLOPs per token; one thread's runs are left out)."""
@@ -727,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(Path(args.table_from).read_text())
         names = list(dict.fromkeys(r["name"] for r in results))
         args.repeats = 1 + max(r["repeat"] for r in results)
+        for line in provenance(results):  # what the header of the run said of it
+            print(line)
         print(table(results, names, args))
         print_ceilings(results, args.threads)
         return 0

@@ -185,7 +185,10 @@ def test_cache_key_includes_thread_count(tmp_path, fake_probe, monkeypatch):
     assert key.startswith(peak.cpu_model_name())
 
 
-def test_a_capped_cpu_instruction_set_is_probed_and_cached_apart(tmp_path, fake_probe, monkeypatch):
+@pytest.mark.parametrize("cap", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_a_capped_cpu_instruction_set_is_probed_and_cached_apart(
+    tmp_path, fake_probe, monkeypatch, cap
+):
     """ONEDNN_MAX_CPU_ISA (e.g. no AMX) changes what bf16 matmuls reach: the uncapped peak must
     not be reused for it, nor its peak for the uncapped machine."""
     path = tmp_path / "peak_flops.json"
@@ -193,15 +196,20 @@ def test_a_capped_cpu_instruction_set_is_probed_and_cached_apart(tmp_path, fake_
         monkeypatch.delenv(name, raising=False)
     plain_key = peak.cache_key(CPU, torch.bfloat16)
     peak.measured_peak(CPU, torch.bfloat16, path)
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    assert peak.cpu_isa_limits() == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    monkeypatch.setenv(cap, "AVX512_CORE_BF16")
+    assert peak.cpu_isa_limits() == {cap: "AVX512_CORE_BF16"}
     capped_key = peak.cache_key(CPU, torch.bfloat16)
-    assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in capped_key and capped_key != plain_key
+    assert f"{cap}=AVX512_CORE_BF16" in capped_key and capped_key != plain_key
+    # and the run record says so (record.json's hardware)
+    from gpt2x.training.metrics import hardware
+
+    assert hardware(CPU, {})["cpu_isa_limits"] == {cap: "AVX512_CORE_BF16"}
     peak.measured_peak(CPU, torch.bfloat16, path)
     assert len(fake_probe) == 2  # probed again under the cap
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.delenv(cap)
     peak.measured_peak(CPU, torch.bfloat16, path)
     assert len(fake_probe) == 2  # the uncapped value is still the cached one
+    assert hardware(CPU, {})["cpu_isa_limits"] == {}
     assert json.loads(path.read_text()).keys() >= {plain_key, capped_key}
 
 
@@ -303,3 +311,18 @@ def test_an_mfu_over_100_percent_names_the_stale_cache(caplog, monkeypatch, tmp_
     assert stale.mfu_measured == pytest.approx(2.0)
     (msg,) = [r.getMessage() for r in caplog.records]
     assert "200%" in msg and str(tmp_path / "peak_flops.json") in msg
+
+
+def test_the_slow_bf16_hint_is_for_cpus_whose_bf16_is_slower():
+    from gpt2x.training.precision import slow_bf16_hint
+
+    bf16, fp32 = SimpleNamespace(dtype="bf16"), SimpleNamespace(dtype="fp32")
+    slow = {"measured_bf16": 0.2e12, "measured_fp32": 0.37e12}
+    fast = {"measured_bf16": 1.25e12, "measured_fp32": 0.35e12}
+    assert slow_bf16_hint(bf16, CPU, slow).startswith("bf16 matmuls on this CPU reach 0.20")
+    assert slow_bf16_hint(bf16, CPU, fast) is None  # AMX: bf16 is the faster one
+    close = {"measured_bf16": 0.95e12, "measured_fp32": 1e12}
+    assert slow_bf16_hint(bf16, CPU, close) is None  # within probe noise: no advice
+    assert slow_bf16_hint(fp32, CPU, slow) is None  # already fp32
+    assert slow_bf16_hint(bf16, torch.device("cuda"), slow) is None  # a GPU's peaks say nothing of it
+    assert slow_bf16_hint(bf16, CPU, {"measured_bf16": None, "measured_fp32": 1.0}) is None

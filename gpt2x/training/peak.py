@@ -3,7 +3,8 @@
 The spec peak is the datasheet's dense bf16 tensor FLOP/s, looked up by the exact
 `torch.cuda.get_device_name()` string (a substring match confuses L4 with L40 and gives a MIG
 slice the whole GPU). The measured peak is the best square-matmul throughput this machine
-reaches, probed once and cached per (device, dtype, torch version, thread count); it exists on
+reaches, probed once and cached per (device, dtype, torch version, thread count, CPU
+instruction-set caps such as ONEDNN_MAX_CPU_ISA); it exists on
 every device, the CPU and MIG slices included, and is what the hardware really sustains. A
 probe on a busy machine reads low (and MFU against it high), so when it was probed is kept with
 it, said at the start of a run and recorded (`probed_at`); delete the cache to probe again.
@@ -98,7 +99,12 @@ def cpu_model_name() -> str:
 # Environment variables that cap the instruction set of the CPU's kernels: oneDNN's (bf16
 # matmuls: AMX or not), ATen's and inductor's vector code, MKL's (fp32 matmuls). Set, they change
 # what the machine reaches, so they key the cached peak and are recorded with the hardware.
-CPU_ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+CPU_ISA_LIMITS = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",  # oneDNN's older name for the same cap
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
 
 
 def cpu_isa_limits() -> dict[str, str]:

@@ -48,6 +48,22 @@ def setup_precision(precision_cfg, device: torch.device) -> None:
         torch.set_float32_matmul_precision("highest")
 
 
+def slow_bf16_hint(precision_cfg, device: torch.device, peaks: dict) -> str | None:
+    """One line when a CPU run asked for bf16 on a CPU whose measured bf16 matmuls are clearly
+    slower than its fp32 ones (no bf16 matrix units, e.g. no AMX), where fp32 steps are likely
+    faster. Not within 10%: where the two are close (avx512_bf16 without AMX) probe noise alone
+    would flip it."""
+    bf16, fp32 = peaks.get("measured_bf16"), peaks.get("measured_fp32")
+    if device.type != "cpu" or Dtype(precision_cfg.dtype) is not Dtype.bf16 or not bf16 or not fp32:
+        return None
+    if bf16 >= 0.9 * fp32:
+        return None
+    return (
+        f"bf16 matmuls on this CPU reach {bf16 / 1e12:.2f} TFLOP/s, fp32 ones "
+        f"{fp32 / 1e12:.2f} (measured): precision=fp32 is likely faster here"
+    )
+
+
 def autocast(precision_cfg, device: torch.device) -> contextlib.AbstractContextManager:
     """The context for forward + loss: autocast for bf16/fp16, nothing for fp32."""
     dtype = Dtype(precision_cfg.dtype)

@@ -42,7 +42,7 @@ from gpt2x.training.hellaswag import HellaSwagError, hellaswag_path, load_exampl
 from gpt2x.training.metrics import hardware
 from gpt2x.training.optim import build_optimizer
 from gpt2x.training.peak import peak_record
-from gpt2x.training.precision import grad_scaler, setup_precision, torch_dtype
+from gpt2x.training.precision import grad_scaler, setup_precision, slow_bf16_hint, torch_dtype
 from gpt2x.training.preemption import StopSignals
 from gpt2x.training.turns import Turns
 from gpt2x.training.validation import val_reader
@@ -145,6 +145,8 @@ def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
         "measured": max(probed["measured_bf16"], probed["measured_fp32"]),
         **probed,
     }
+    if hint := slow_bf16_hint(cfg.precision, d.device, probed):
+        log.warning(hint)
 
     run_dir = Path(cfg.paths.run_dir)
     hellaswag_file = find_hellaswag(cfg, d)

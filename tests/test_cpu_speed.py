@@ -224,3 +224,21 @@ def test_a_peer_result_records_its_precision(tmp_path, monkeypatch, name):
     result = cpu_speed.measure_once(cpu_speed.BY_NAME[name], args, tmp_path, 0)
     assert result["precision"] == ("fp32" if name == "hf_fp32" else "bf16")
     assert result["tokens_per_s"] == 10.0 and ("--fp32" in shlex.split(result["command"])) == (name != "hf")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "model-cpu.json",
+        "model-cpu-lecture.json",
+        "model-cpu-no-amx.json",
+        "model-cpu-2026-12-04-before-kept-memory.json",
+    ],
+)
+def test_the_committed_tables_rebuild_from_their_raw_numbers(raw, capsys):
+    """benchmarks/model-cpu.md shows `cpu_speed.py --table-from <raw>` verbatim for these runs:
+    a change to the table's arithmetic or to a configuration's recorded meaning shows here."""
+    assert cpu_speed.main(["--table-from", str(REPO / "benchmarks" / raw)]) == 0
+    rebuilt = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    page = set((REPO / "benchmarks" / "model-cpu.md").read_text().splitlines())
+    assert len(rebuilt) > 3 and [line for line in rebuilt if line not in page] == []

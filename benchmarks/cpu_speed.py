@@ -108,6 +108,7 @@ class Candidate:
     peer: str | None = None  # "hf" | "lecture": run by this file's worker, not gpt2x.train
     memory: str = "kept"  # a key of MEMORY: gpt2x's default
     peer_fp32: bool = False  # a peer without its bf16 autocast (gpt2x rows say precision=fp32)
+    peer_eager: bool = False  # a peer without torch.compile
 
     @property
     def kept(self) -> bool:
@@ -246,6 +247,14 @@ CANDIDATES = [
         memory="lecture",
     ),
     Candidate(
+        "lecture_eager",
+        "lecture as its final file ships (use_compile = False): eager, bf16 autocast, vocab 50304, "
+        f"{AS_LECTURE}",
+        peer="lecture",
+        memory="lecture",
+        peer_eager=True,
+    ),
+    Candidate(
         "lecture_fp32",
         f"lecture without bf16 autocast (its fp32 rung + compile, vocab 50304), {AS_LECTURE}",
         peer="lecture",
@@ -304,6 +313,7 @@ def peer_command(c: Candidate, args, out: Path) -> list:
         str(out),
         *(["--keep-freed-memory"] if c.kept else []),
         *(["--fp32"] if c.peer_fp32 else []),
+        *(["--eager"] if c.peer_eager else []),
         *(a for o in args.override for a in ("--override", o)),
     ]
 
@@ -739,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)  # no bf16 autocast
     # the worker's device (default: cuda where available); benchmarks/gpu/check.sh runs it there
     p.add_argument("--device", default="", help=argparse.SUPPRESS)
-    p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)  # tests: no compile
+    p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)  # no torch.compile
     args = p.parse_args(argv)
     if args.worker:
         if args.worker == "lecture" and not args.lecture:

@@ -136,12 +136,15 @@ def test_the_lecture_peer_needs_the_path(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     # with the path, the lecture's peers join the default configurations
     with_path, without = cpu_speed.default_configs(True), cpu_speed.default_configs(False)
-    assert set(with_path) - set(without) == {"lecture", "lecture_fp32", "lecture_tuned"}
+    assert set(with_path) - set(without) == {
+        "lecture", "lecture_eager", "lecture_fp32", "lecture_tuned"
+    }
     # the fp32 peers ask their worker for no autocast; the others keep the lecture's bf16
     args = argparse.Namespace(lecture=tmp_path / "t.py", steps=2, warmup=1, override=[])
-    for name in ("hf_fp32", "lecture_fp32", "hf", "lecture"):
+    for name in ("hf_fp32", "lecture_fp32", "hf", "lecture", "lecture_eager"):
         cmd = cpu_speed.peer_command(cpu_speed.BY_NAME[name], args, tmp_path / "o.json")
         assert ("--fp32" in cmd) == name.endswith("_fp32"), name
+        assert ("--eager" in cmd) == name.endswith("_eager"), name  # as build-nanogpt ships
     assert {"fused", "chunked", "cpu_fast", "hf", "hf_tuned"} <= set(without)
 
 

@@ -234,6 +234,7 @@ def test_a_peer_result_records_its_precision(tmp_path, monkeypatch, name):
     [
         "model-cpu.json",
         "model-cpu-lecture.json",
+        "model-cpu-lecture-eager.json",
         "model-cpu-no-amx.json",
         "model-cpu-2026-12-04-before-kept-memory.json",
     ],

@@ -188,7 +188,7 @@ CANDIDATES = [
     # the named preset a user picks, at the ladder's shape: `chunked` with attn=naive
     Candidate(
         "cpu_fast",
-        "+experiment=cpu_fast, the named preset: chunked + attn=naive (compiled), freed memory kept, huge pages",
+        "+experiment=cpu_fast, the named preset: chunked + attn=naive (compiled), precision=auto, freed memory kept, huge pages",
         "cpu_fast",
         ["+ladder_shape=nano_cpu"],
         memory="tuned",
@@ -201,7 +201,7 @@ CANDIDATES = [
     ),
     Candidate(
         "cpu_fast_fp32",
-        "+experiment=cpu_fast precision=fp32: the choice on a CPU whose bf16 matmuls are slow",
+        "+experiment=cpu_fast precision=fp32: what its precision=auto takes where bf16 matmuls measure slower",
         "cpu_fast",
         ["+ladder_shape=nano_cpu", "precision=fp32"],
         memory="tuned",

@@ -36,6 +36,10 @@ class Dtype(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    # precision=auto: bf16 or fp32, whichever this machine's measured matmuls run faster; set
+    # to one of them when the run starts (gpt2x.training.precision.resolve_auto), so nothing
+    # after that, the record and checkpoints included, ever sees "auto"
+    auto = "auto"
 
 
 class AttnImpl(str, Enum):

@@ -251,6 +251,28 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows(run_dir)]
 
 
+def slow_bf16_peaks(cache_dir: Path, threads: int | None = None) -> Path:
+    """A matmul-peak cache (GPT2X_CACHE) saying this CPU's bf16 matmuls reach 0.1 TFLOP/s and
+    its fp32 ones 0.3 (a CPU without AMX), for runs with `threads` torch threads (default:
+    this process'): precision=auto takes fp32 there, and a bf16 run says fp32 is faster."""
+    import json
+
+    import torch
+
+    from gpt2x.training import peak
+
+    real = torch.get_num_threads
+    try:
+        if threads is not None:
+            torch.get_num_threads = lambda: threads
+        keys = [peak.cache_key(torch.device("cpu"), dt) for dt in (torch.bfloat16, torch.float32)]
+    finally:
+        torch.get_num_threads = real
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cache_dir) / "peak_flops.json").write_text(json.dumps(dict(zip(keys, (0.1e12, 0.3e12)))))
+    return Path(cache_dir)
+
+
 # ---------------------------------------------------------------------------------------------
 # coverage: every option of every config group ran somewhere in the suite. Derived from what
 # the tests ran, not from a list: the choices of every config composed in a test process

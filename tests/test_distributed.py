@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, TORCHRUN_2, clean_env, losses, run_cli
+from conftest import TINY, TORCHRUN_2, clean_env, losses, run_cli, slow_bf16_peaks
 from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR
@@ -135,14 +135,20 @@ def reference(tmp_path_factory, data_root) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, data_root) -> Path:
-    """torchrun, 2 ranks, DDP; the run folder comes from Hydra's default (not forced)."""
+    """torchrun, 2 ranks, DDP; the run folder comes from Hydra's default (not forced). With
+    precision=auto on a CPU whose measured bf16 matmuls are the slower (a prepared peak cache
+    for the ranks' one thread): rank 0 takes fp32 and every rank must follow it, or the run
+    would not match the fp32 reference."""
     tmp = tmp_path_factory.mktemp("ddp")
+    cache = slow_bf16_peaks(tmp / "cache", threads=1)  # torchrun's ranks: OMP_NUM_THREADS=1
     torchrun(
         tmp,
         *COMMON,
         "parallel=ddp",
+        "precision=auto",
         f"paths.data_dir={data_root}",
         f"paths.output_dir={tmp / 'out'}",
+        env={"GPT2X_CACHE": str(cache)},
     )
     return only_run_dir(tmp / "out" / "runs")
 
@@ -155,6 +161,8 @@ def test_ddp_writes_one_run_folder_with_one_record(ddp_run):
     # the folder is named by torchrun's TORCHELASTIC_RUN_ID (a uuid), the same on every rank
     assert re.fullmatch(r"torchrun-[0-9a-f-]{36}", ddp_run.name)
     assert_one_run_record(ddp_run, world_size=2, accum=2)
+    precision = json.loads((ddp_run / "record.json").read_text())["config"]["precision"]
+    assert (precision["name"], precision["dtype"]) == ("auto", "fp32")
     assert (ddp_run / "train_rank1.log").exists()  # rank 1's log (warnings only) is its own
     assert (ddp_run / "sample.txt").read_text()
 

@@ -31,6 +31,7 @@ from conftest import (
     losses,
     record,
     run_cli,
+    slow_bf16_peaks,
 )
 from hydra import compose, initialize_config_dir
 from matrix_cases import (
@@ -288,17 +289,11 @@ def test_data_hf_on_a_local_jsonl_after_prepare(tmp_path):
     assert rec["config"]["data"]["name"] == "hf"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "auto"])
 def test_precision_option_runs(precision, tmp_path, data_root, caplog, monkeypatch):
     # a CPU whose bf16 matmuls are slower than its fp32 ones (no AMX): its cached peaks
-    from gpt2x.training import peak
-
-    monkeypatch.setenv("GPT2X_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
-    slow_bf16 = {peak.cache_key(torch.device("cpu"), torch.bfloat16): 0.1e12,
-                 peak.cache_key(torch.device("cpu"), torch.float32): 0.3e12}
-    (tmp_path / "cache" / "peak_flops.json").write_text(json.dumps(slow_bf16))
-    with caplog.at_level(logging.WARNING):
+    monkeypatch.setenv("GPT2X_CACHE", str(slow_bf16_peaks(tmp_path / "cache")))
+    with caplog.at_level(logging.INFO):
         run_dir = run_here(
             tmp_path / "run",
             data_root,
@@ -308,6 +303,14 @@ def test_precision_option_runs(precision, tmp_path, data_root, caplog, monkeypat
         )
     rec = assert_completed(run_dir, 2)
     assert rec["config"]["precision"]["name"] == precision
+    # auto took fp32 there, and the record says what ran, never "auto"
+    expected = {"fp32": "fp32", "tf32": "fp32", "bf16": "bf16", "auto": "fp32"}[precision]
+    assert rec["config"]["precision"]["dtype"] == expected
+    chose = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision=auto")]
+    assert chose == (
+        ["precision=auto: fp32 (measured matmul peaks: bf16 0.10, fp32 0.30 TFLOP/s)"]
+        if precision == "auto" else []
+    )
     no_op = [r.getMessage() for r in caplog.records if "no-op on cpu" in r.getMessage()]
     # tf32 says it is a no-op; bf16 (which keeps tf32=true for its fp32 matmuls) does not
     assert len(no_op) == (precision == "tf32")

@@ -36,9 +36,10 @@ def setup_precision(precision_cfg, device: torch.device) -> None:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.set_float32_matmul_precision("high")
-        elif dtype is Dtype.fp32:
+        elif dtype is Dtype.fp32 and precision_cfg.name != "auto":
             # said only where TF32 is what was asked for (precision=tf32); bf16/fp16 keep the
-            # flag for the few fp32 matmuls outside autocast, which nobody asked about
+            # flag for the few fp32 matmuls outside autocast, and precision=auto for its fp32
+            # choice on a GPU: nobody asked about them here
             log.warning(
                 "precision.tf32=true is a no-op on %s (TF32 is a CUDA feature)", device.type
             )
@@ -48,15 +49,23 @@ def setup_precision(precision_cfg, device: torch.device) -> None:
         torch.set_float32_matmul_precision("highest")
 
 
+def faster_dtype(bf16_flops: float | None, fp32_flops: float | None) -> Dtype:
+    """precision=auto's rule: bf16 unless this machine's measured bf16 matmul peak is clearly
+    (over 10%) below its fp32 one, as on a CPU without bf16 matrix units (no AMX). Within 10%
+    bf16 stays: probe noise alone would flip the choice, and bf16 halves activation memory."""
+    if bf16_flops and fp32_flops and bf16_flops < 0.9 * fp32_flops:
+        return Dtype.fp32
+    return Dtype.bf16
+
+
 def slow_bf16_hint(precision_cfg, device: torch.device, peaks: dict) -> str | None:
-    """One line when a CPU run asked for bf16 on a CPU whose measured bf16 matmuls are clearly
-    slower than its fp32 ones (no bf16 matrix units, e.g. no AMX), where fp32 steps are likely
-    faster. Not within 10%: where the two are close (avx512_bf16 without AMX) probe noise alone
-    would flip it."""
+    """One line when a CPU run asked for bf16 where precision=auto would take fp32: the
+    measured bf16 matmuls are clearly slower than the fp32 ones, and fp32 steps likely
+    faster."""
     bf16, fp32 = peaks.get("measured_bf16"), peaks.get("measured_fp32")
-    if device.type != "cpu" or Dtype(precision_cfg.dtype) is not Dtype.bf16 or not bf16 or not fp32:
+    if device.type != "cpu" or Dtype(precision_cfg.dtype) is not Dtype.bf16:
         return None
-    if bf16 >= 0.9 * fp32:
+    if faster_dtype(bf16, fp32) is Dtype.bf16:
         return None
     return (
         f"bf16 matmuls on this CPU reach {bf16 / 1e12:.2f} TFLOP/s, fp32 ones "

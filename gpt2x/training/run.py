@@ -24,6 +24,7 @@ from gpt2x.checkpoint import Checkpointer, TrainState
 from gpt2x.config import (
     AttnImpl,
     ConfigError,
+    Dtype,
     grad_accum_steps,
     is_rank_zero,
     to_container,
@@ -41,8 +42,14 @@ from gpt2x.training.float8 import check_float8, convert_to_float8
 from gpt2x.training.hellaswag import HellaSwagError, hellaswag_path, load_examples
 from gpt2x.training.metrics import hardware
 from gpt2x.training.optim import build_optimizer
-from gpt2x.training.peak import peak_record
-from gpt2x.training.precision import grad_scaler, setup_precision, slow_bf16_hint, torch_dtype
+from gpt2x.training.peak import measured_peak, peak_record
+from gpt2x.training.precision import (
+    faster_dtype,
+    grad_scaler,
+    setup_precision,
+    slow_bf16_hint,
+    torch_dtype,
+)
 from gpt2x.training.preemption import StopSignals
 from gpt2x.training.turns import Turns
 from gpt2x.training.validation import val_reader
@@ -94,6 +101,7 @@ def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
     request_huge_pages(cfg.trainer.cpu_huge_pages)  # before this process's first allocation
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
     kept = keep_freed_memory(cfg.trainer.cpu_keep_freed_memory and d.device.type == "cpu")
+    resolve_auto_precision(cfg, d)  # before anything reads the precision
     claim_run_folder(cfg, d)
     adopt_pretrained_shape(cfg, d)
     preflight_checks(cfg, d)
@@ -186,7 +194,9 @@ def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
         "accum=%d -> %d tokens/step | data %s",
         cfg.model.name,
         raw_model.num_params(non_embedding=False) / 1e6,
-        cfg.precision.name,
+        # precision=auto says what it became
+        cfg.precision.name
+        + (f" ({Dtype(cfg.precision.dtype).value})" if cfg.precision.name == "auto" else ""),
         cfg.attn.impl.value,
         cfg.loss.impl.value,
         cfg.compile,
@@ -267,6 +277,26 @@ class RunFolderCheck(Callback):
             sys.exit(2)
         if moved:
             print(moved, file=sys.stderr)
+
+
+def resolve_auto_precision(cfg: DictConfig, d: distributed.Dist) -> None:
+    """precision=auto becomes bf16 or fp32 (gpt2x.training.precision.faster_dtype on this
+    device's measured matmul peaks, probed once per machine and cached): rank 0 decides, every
+    rank takes its choice. The record, checkpoints and every later reader see only the result."""
+    if Dtype(cfg.precision.dtype) is not Dtype.auto:
+        return
+    choice = None
+    if d.is_main:
+        bf16 = measured_peak(d.device, torch.bfloat16)
+        fp32 = measured_peak(d.device, torch.float32)
+        choice = faster_dtype(bf16, fp32).value
+        log.info(
+            "precision=auto: %s (measured matmul peaks: bf16 %.2f, fp32 %.2f TFLOP/s)",
+            choice,
+            bf16 / 1e12,
+            fp32 / 1e12,
+        )
+    cfg.precision.dtype = distributed.from_main(choice, d)
 
 
 def preflight_checks(cfg: DictConfig, d: distributed.Dist) -> None:

@@ -37,8 +37,8 @@ class Dtype(str, Enum):
     bf16 = "bf16"
     fp16 = "fp16"
     # precision=auto: bf16 or fp32, whichever this machine's measured matmuls run faster; set
-    # to one of them when the run starts (gpt2x.training.precision.resolve_auto), so nothing
-    # after that, the record and checkpoints included, ever sees "auto"
+    # to one of them when the run starts (gpt2x.training.run.resolve_auto_precision), so the
+    # trainer, the record and checkpoints see only the result
     auto = "auto"
 
 

@@ -251,10 +251,12 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows(run_dir)]
 
 
-def slow_bf16_peaks(cache_dir: Path, threads: int | None = None) -> Path:
-    """A matmul-peak cache (GPT2X_CACHE) saying this CPU's bf16 matmuls reach 0.1 TFLOP/s and
-    its fp32 ones 0.3 (a CPU without AMX), for runs with `threads` torch threads (default:
-    this process'): precision=auto takes fp32 there, and a bf16 run says fp32 is faster."""
+def cached_peaks(
+    cache_dir: Path, bf16_tflops: float, fp32_tflops: float, threads: int | None = None
+) -> Path:
+    """A matmul-peak cache (for GPT2X_CACHE) saying what this CPU's bf16 and fp32 matmuls reach,
+    for runs with `threads` torch threads (default: this process'). bf16 0.1 and fp32 0.3 is a
+    CPU without AMX: precision=auto takes fp32 there, and a bf16 run says fp32 is faster."""
     import json
 
     import torch
@@ -269,7 +271,8 @@ def slow_bf16_peaks(cache_dir: Path, threads: int | None = None) -> Path:
     finally:
         torch.get_num_threads = real
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cache_dir) / "peak_flops.json").write_text(json.dumps(dict(zip(keys, (0.1e12, 0.3e12)))))
+    peaks = (bf16_tflops * 1e12, fp32_tflops * 1e12)
+    (Path(cache_dir) / "peak_flops.json").write_text(json.dumps(dict(zip(keys, peaks))))
     return Path(cache_dir)
 
 

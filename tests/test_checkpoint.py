@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, record, rows, run_cli, tiny_cfg
+from conftest import REPO, TINY, cached_peaks, record, rows, run_cli, tiny_cfg
 
 from gpt2x import checkpoint
 from gpt2x.checkpoint import CheckpointError
@@ -109,6 +109,29 @@ def test_crash_then_resume_auto_continues_bit_identically(
     assert rec["resumed_from"]["step"] == 6
     assert rec["resumed_from"]["checkpoint"].endswith("step_000006")
     assert ckpts(run_dir) == ["step_000006", "step_000008"]  # keep_last=2; final save
+
+
+def test_an_auto_precision_run_keeps_its_precision_when_resumed(
+    tmp_path, data_root, monkeypatch, caplog
+):
+    """precision=auto decides once per run: on a machine where fp32 measured faster the run
+    takes fp32; resumed on one where bf16 does, it continues in fp32 (its checkpoint's), while a
+    fresh run there takes bf16."""
+    short = ["trainer.sample_tokens=0", "trainer.eval_every=0", "precision=auto"]
+    monkeypatch.setenv("GPT2X_CACHE", str(cached_peaks(tmp_path / "no_amx", 0.1, 0.3)))
+    run_training(tiny_cfg(tmp_path / "first", data_root, *short, "trainer.max_steps=2"))
+    assert record(tmp_path / "first")["config"]["precision"]["dtype"] == "fp32"
+
+    monkeypatch.setenv("GPT2X_CACHE", str(cached_peaks(tmp_path / "amx", 0.3, 0.1)))
+    resume = f"trainer.resume={tmp_path / 'first'}"
+    with caplog.at_level(logging.INFO, logger="gpt2x.train"):
+        run_training(
+            tiny_cfg(tmp_path / "resumed", data_root, *short, "trainer.max_steps=3", resume)
+        )
+    assert record(tmp_path / "resumed")["config"]["precision"]["dtype"] == "fp32"
+    assert "precision=auto: fp32, the resumed checkpoint's" in caplog.messages
+    run_training(tiny_cfg(tmp_path / "fresh", data_root, *short, "trainer.max_steps=1"))
+    assert record(tmp_path / "fresh")["config"]["precision"]["dtype"] == "bf16"
 
 
 def test_resume_from_a_path_in_another_run_folder(tmp_path, data_root, reference):
@@ -462,7 +485,10 @@ def test_sample_export_evaluate_from_a_checkpoint(small_run, tmp_path):
 
     out = tmp_path / "hf"
     run_cli(
-        "gpt2x.export", f"checkpoint={small_run}/checkpoints/step_000002", f"out={out}", cwd=tmp_path
+        "gpt2x.export",
+        f"checkpoint={small_run}/checkpoints/step_000002",
+        f"out={out}",
+        cwd=tmp_path,
     )
     from transformers import GPT2LMHeadModel
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, TORCHRUN_2, clean_env, losses, run_cli, slow_bf16_peaks
+from conftest import TINY, TORCHRUN_2, cached_peaks, clean_env, losses, run_cli
 from hydra import compose, initialize_config_dir
 
 from gpt2x import CONF_DIR
@@ -137,10 +137,10 @@ def reference(tmp_path_factory, data_root) -> Path:
 def ddp_run(tmp_path_factory, data_root) -> Path:
     """torchrun, 2 ranks, DDP; the run folder comes from Hydra's default (not forced). With
     precision=auto on a CPU whose measured bf16 matmuls are the slower (a prepared peak cache
-    for the ranks' one thread): rank 0 takes fp32 and every rank must follow it, or the run
-    would not match the fp32 reference."""
+    for the ranks' one thread): rank 0 takes fp32 and hands it to rank 1 (which would fail on
+    an unresolved "auto"), and the run must match the fp32 reference."""
     tmp = tmp_path_factory.mktemp("ddp")
-    cache = slow_bf16_peaks(tmp / "cache", threads=1)  # torchrun's ranks: OMP_NUM_THREADS=1
+    cache = cached_peaks(tmp / "cache", 0.1, 0.3, threads=1)  # ranks: OMP_NUM_THREADS=1
     torchrun(
         tmp,
         *COMMON,

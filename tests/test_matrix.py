@@ -25,13 +25,13 @@ from conftest import (
     REPO,
     TINY,
     TORCHRUN_2,
+    cached_peaks,
     clean_env,
     cli_train,
     conf_groups,
     losses,
     record,
     run_cli,
-    slow_bf16_peaks,
 )
 from hydra import compose, initialize_config_dir
 from matrix_cases import (
@@ -292,7 +292,7 @@ def test_data_hf_on_a_local_jsonl_after_prepare(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "auto"])
 def test_precision_option_runs(precision, tmp_path, data_root, caplog, monkeypatch):
     # a CPU whose bf16 matmuls are slower than its fp32 ones (no AMX): its cached peaks
-    monkeypatch.setenv("GPT2X_CACHE", str(slow_bf16_peaks(tmp_path / "cache")))
+    monkeypatch.setenv("GPT2X_CACHE", str(cached_peaks(tmp_path / "cache", 0.1, 0.3)))
     with caplog.at_level(logging.INFO):
         run_dir = run_here(
             tmp_path / "run",

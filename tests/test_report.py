@@ -883,3 +883,18 @@ def test_report_of_several_folders_never_writes_into_one_of_them(tmp_path, monke
     assert sorted(p.name for p in a.iterdir()) == ["eval.jsonl", "metrics.jsonl", "record.json"]
     (out,) = (tmp_path / "outputs" / "reports").iterdir()
     assert (out / "ablation.md").is_file() and str(out.relative_to(tmp_path)) in capsys.readouterr().out
+
+
+def test_a_precision_auto_run_hashes_as_what_was_asked_for():
+    """A repeat whose record was written from the composed config (it failed before choosing)
+    and repeats that chose bf16 or fp32 are one configuration: precision=auto. Other precisions
+    keep their dtype in the hash."""
+    from gpt2x.record.folder import config_hash
+
+    def cfg(name: str, dtype: str) -> dict:
+        return {"model": {"n_layer": 1}, "precision": {"name": name, "dtype": dtype, "tf32": True}}
+
+    auto = {config_hash(cfg("auto", d)) for d in ("auto", "bf16", "fp32")}
+    assert len(auto) == 1
+    assert config_hash(cfg("bf16", "bf16")) != config_hash(cfg("bf16", "fp32"))
+    assert config_hash(cfg("bf16", "bf16")) not in auto

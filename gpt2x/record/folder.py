@@ -104,8 +104,13 @@ def now() -> str:
 
 
 def config_hash(config: dict) -> str:
-    """Hash of what determines a run's result (paths and logging excluded)."""
+    """Hash of what determines a run's result (paths and logging excluded). precision=auto's
+    dtype is left out: the config asked for "auto", whatever a machine made of it (a repeat
+    that failed before choosing is the same configuration as those that chose)."""
     relevant = {k: v for k, v in config.items() if k not in ("paths", "logger")}
+    precision = relevant.get("precision")
+    if isinstance(precision, dict) and precision.get("name") == "auto":
+        relevant["precision"] = {k: v for k, v in precision.items() if k != "dtype"}
     canonical = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

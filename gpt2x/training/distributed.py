@@ -476,15 +476,6 @@ def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return all_reduce_sum(value, d) / d.world_size
 
 
-def from_main(value, d: Dist):
-    """Rank 0's `value` (any picklable object) on every rank: one decision for all of them."""
-    if not d.is_distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(d: Dist) -> None:
     if d.is_distributed:
         dist.barrier()

@@ -101,12 +101,12 @@ def setup(cfg: DictConfig, turns: Turns | None = None) -> Run:
     request_huge_pages(cfg.trainer.cpu_huge_pages)  # before this process's first allocation
     d = distributed.setup(cfg.parallel, cfg.trainer.device)
     kept = keep_freed_memory(cfg.trainer.cpu_keep_freed_memory and d.device.type == "cpu")
-    resolve_auto_precision(cfg, d)  # before anything reads the precision
     claim_run_folder(cfg, d)
     adopt_pretrained_shape(cfg, d)
-    preflight_checks(cfg, d)
     # the checkpoint trainer.resume names, verified before anything is written or read
     resume_from = checkpoint.resolve_resume(cfg.trainer.resume, cfg.paths.run_dir, d)
+    resolve_auto_precision(cfg, d, resume_from)  # before anything reads the precision
+    preflight_checks(cfg, d)
     seed_everything(cfg.trainer.seed)
     t = cfg.trainer
 
@@ -279,24 +279,30 @@ class RunFolderCheck(Callback):
             print(moved, file=sys.stderr)
 
 
-def resolve_auto_precision(cfg: DictConfig, d: distributed.Dist) -> None:
-    """precision=auto becomes bf16 or fp32 (gpt2x.training.precision.faster_dtype on this
-    device's measured matmul peaks, probed once per machine and cached): rank 0 decides, every
-    rank takes its choice. The record, checkpoints and every later reader see only the result."""
+def resolve_auto_precision(cfg: DictConfig, d: distributed.Dist, resume_from: Path | None) -> None:
+    """precision=auto becomes bf16 or fp32: the resumed checkpoint's (a run keeps its precision
+    when it continues, on any machine), else gpt2x.training.precision.faster_dtype of this
+    device's measured matmul peaks (probed once per machine, cached). Rank 0 decides, every rank
+    takes its choice; the trainer, the record and checkpoints see only the result."""
     if Dtype(cfg.precision.dtype) is not Dtype.auto:
         return
     choice = None
     if d.is_main:
-        bf16 = measured_peak(d.device, torch.bfloat16)
-        fp32 = measured_peak(d.device, torch.float32)
-        choice = faster_dtype(bf16, fp32).value
-        log.info(
-            "precision=auto: %s (measured matmul peaks: bf16 %.2f, fp32 %.2f TFLOP/s)",
-            choice,
-            bf16 / 1e12,
-            fp32 / 1e12,
-        )
-    cfg.precision.dtype = distributed.from_main(choice, d)
+        resumed = resume_from and checkpoint.read_config(resume_from).get("precision", {})
+        if resumed and resumed.get("dtype") in (Dtype.bf16.value, Dtype.fp32.value):
+            choice = resumed["dtype"]
+            log.info("precision=auto: %s, the resumed checkpoint's", choice)
+        else:
+            bf16 = measured_peak(d.device, torch.bfloat16)
+            fp32 = measured_peak(d.device, torch.float32)
+            choice = faster_dtype(bf16, fp32).value
+            log.info(
+                "precision=auto: %s (measured matmul peaks: bf16 %.2f, fp32 %.2f TFLOP/s)",
+                choice,
+                bf16 / 1e12,
+                fp32 / 1e12,
+            )
+    cfg.precision.dtype = checkpoint.store.broadcast(choice, d)
 
 
 def preflight_checks(cfg: DictConfig, d: distributed.Dist) -> None:

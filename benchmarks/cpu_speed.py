@@ -363,7 +363,7 @@ def measure_once(c: Candidate, args, scratch: Path, repeat: int) -> dict:
         "env": c.env,  # its own, beyond --threads and the memory setting
     }
     if c.peer == "lecture":  # which version of the lecture's file (this project never ships it)
-        result["lecture_sha256"] = file_sha256(args.lecture)
+        result["lecture_sha256"] = args.lecture_sha256
     try:
         if c.peer:
             summary = json.loads(out.read_text())
@@ -654,20 +654,17 @@ def described(results: list[dict], name: str) -> str:
     return known.what if known else "(not a configuration of this version of cpu_speed.py)"
 
 
+def caps_line(caps: dict[str, str]) -> str:
+    """The header line of a run made under CPU instruction-set caps (e.g. ONEDNN_MAX_CPU_ISA)."""
+    return f"# CPU instruction set capped: {' '.join(f'{k}={v}' for k, v in caps.items())}"
+
+
 def provenance(results: list[dict]) -> list[str]:
     """Header lines a --json file carries in its results: the lecture file's sha256, the CPU
     instruction-set caps the run was made under."""
-    lines = [
-        f"# --lecture file sha256 {h}"
-        for h in sorted({r["lecture_sha256"] for r in results if r.get("lecture_sha256")})
-    ]
-    for caps in {
-        json.dumps(r["cpu_isa_limits"], sort_keys=True) for r in results if r.get("cpu_isa_limits")
-    }:
-        lines.append(
-            f"# CPU instruction set capped: {' '.join(f'{k}={v}' for k, v in json.loads(caps).items())}"
-        )
-    return lines
+    shas = sorted({r["lecture_sha256"] for r in results if r.get("lecture_sha256")})
+    caps = {tuple(r["cpu_isa_limits"].items()) for r in results if r.get("cpu_isa_limits")}
+    return [f"# --lecture file sha256 {h}" for h in shas] + [caps_line(dict(c)) for c in sorted(caps)]
 
 
 def machine_ceilings(results: list[dict]) -> dict[str, float]:
@@ -801,13 +798,14 @@ def main(argv: list[str] | None = None) -> int:
         f"repeats, {args.warmup} warm-up + {args.steps} measured steps each, interleaved",
         flush=True,
     )
+    args.lecture_sha256 = file_sha256(args.lecture) if args.lecture else None  # read once
     if args.lecture:
-        print(f"# --lecture {args.lecture}: sha256 {file_sha256(args.lecture)}", flush=True)
+        print(f"# --lecture {args.lecture}: sha256 {args.lecture_sha256}", flush=True)
     from gpt2x.training.peak import cpu_isa_limits  # imports torch: not for --table-from
 
     capped = cpu_isa_limits()  # inherited by every process: a CPU made to act as an older one
     if capped:
-        print(f"# CPU instruction set capped: {' '.join(f'{k}={v}' for k, v in capped.items())}")
+        print(caps_line(capped))
     results = []
     with tempfile.TemporaryDirectory(prefix="gpt2x-cpu-speed-") as tmp:
         for repeat in range(args.repeats):  # A B C A B C ...: drift hits all alike

@@ -7,6 +7,11 @@
 # skips sections in order, and DIR is flat with at most 8 files.
 #
 #   bash benchmarks/gpu/rehearse.sh        # about 4-5 minutes on 2 quiet cores
+#
+# CI rehearses with this machine's Python 3.11 and torch 2.13.0 (the CPU build on its disk). The
+# GPU machine has Python 3.12 and torch 2.11: to rehearse with exactly those (a CUDA build of
+# torch from PyPI, about 4.6 GB in the venv; it runs on the CPU), by hand:
+#   REHEARSE_PYTHON=python3.12 REHEARSE_TORCH=2.11.0 bash benchmarks/gpu/rehearse.sh
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 gpu=$repo/benchmarks/gpu
@@ -14,9 +19,10 @@ t0=$(date +%s)
 bash "$gpu/wheels.sh"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/gpt2x-rehearse.XXXXXX")
-python3 -m venv "$tmp/venv"
+"${REHEARSE_PYTHON:-python3}" -m venv "$tmp/venv"
 py=$tmp/venv/bin/python
-"$py" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+"$py" -m pip install -q --disable-pip-version-check "torch==${REHEARSE_TORCH:-2.13.0}"
+"$py" -c 'import sys, torch; print("rehearse.sh: Python", sys.version.split()[0], "torch", torch.__version__)'
 # what gpt2x's GPU check imports that the GPU machine has; pinned where its version is known
 "$py" -m pip install -q --disable-pip-version-check numpy pyyaml packaging "tiktoken==0.14.0" \
     "transformers==5.17.0" "safetensors==0.8.0" matplotlib rich pytest

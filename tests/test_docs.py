@@ -102,6 +102,7 @@ HOW: dict[str, object] = {
     "python -m gpt2x.ablate ladder=gpt2_124m repeats=3": Compose(GPU),
     "python -m gpt2x.report outputs/ablations/<folder>": Journey("ablate"),
     "bash benchmarks/gpu/check.sh --out DIR": Covered("tests/test_gpu_check.py"),
+    "bash benchmarks/gpu/check.sh --part beyond --out DIR": Covered("tests/test_gpu_check.py"),
     "python -m gpt2x.prepare data=fineweb_edu": Journey("pretrained"),
     "torchrun --standalone --nproc_per_node=8 -m gpt2x.train +experiment=reproduce/gpt2_124m": (
         Compose(GPU, world_size=8)

@@ -5,8 +5,10 @@ says what ran, and the data files are found without importing the packages that 
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -32,17 +34,27 @@ summary = load("summary")
 
 
 def check_sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    # PYTHON: this interpreter (check.sh's default, python3 on PATH, may lack torch)
     return subprocess.run(
-        ["bash", str(GPU / "check.sh"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        ["bash", str(GPU / "check.sh"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable},
     )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check really runs")
-def test_without_cuda_it_says_so_in_one_line_and_exits_3(tmp_path):
-    proc = check_sh("--out", str(tmp_path / "report"), cwd=tmp_path)
+@pytest.mark.parametrize("part", [[], ["--part", "beyond"]], ids=["lecture", "beyond"])
+def test_without_cuda_it_says_so_in_one_line_and_exits_3(tmp_path, part):
+    # (every part runs for real on the CPU in benchmarks/gpu/rehearse.sh, which CI runs)
+    proc = check_sh(*part, "--out", str(tmp_path / "report"), cwd=tmp_path)
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert proc.stdout == "no CUDA GPU here (torch.cuda.is_available() is False): nothing to check\n"
+    assert (
+        proc.stdout == "no CUDA GPU here (torch.cuda.is_available() is False): nothing to check\n"
+    )
     assert not (tmp_path / "report").exists()  # nothing installed, nothing run
 
 
@@ -52,6 +64,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_3(tmp_path):
         ([], "--out DIR is required"),
         (["--out", "x", "--budget", "7m"], "--budget '7m' must be whole seconds"),
         (["--out", "x", "--fast"], "unknown argument '--fast'"),
+        (["--out", "x", "--part", "lecture,speed"], "--part 'lecture,speed': each of lecture"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(tmp_path, args, message):
@@ -65,13 +78,15 @@ def fake_check(tmp_path, monkeypatch):
     'hang' (it runs until its time limit)."""
     clock = [1000.0]
     monkeypatch.setattr(check, "time", SimpleNamespace(time=lambda: clock[0]))
-    monkeypatch.setattr(check, "check_imports", lambda: [])
+    monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
     monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
 
     def make(budget: float, takes: dict[str, float | str]) -> tuple:
         out = tmp_path / f"out{budget:g}"
         out.mkdir()
-        args = SimpleNamespace(out=out, budget=budget, started=clock[0], rehearse=False)
+        args = SimpleNamespace(
+            out=out, budget=budget, started=clock[0], rehearse=False, parts=["lecture"]
+        )
         c = check.Check(args)
         ran = []
 
@@ -88,7 +103,7 @@ def fake_check(tmp_path, monkeypatch):
 
             return run
 
-        for name in check.SECTIONS:
+        for name in check.PARTS["lecture"]:
             setattr(c, name, section(name))
         return c, out, ran
 
@@ -127,7 +142,11 @@ def test_the_budget_skips_sections_in_order(fake_check):
 def test_a_section_that_overruns_is_stopped_and_the_rest_skipped(fake_check):
     c, out, ran = fake_check(400, {"tests": 30, "ladder": "hang"})
     assert c.run() == 1
-    assert statuses(out) == ["passed", "timed out", *["skipped: the budget ran out during ladder"] * 2]
+    assert statuses(out) == [
+        "passed",
+        "timed out",
+        *["skipped: the budget ran out during ladder"] * 2,
+    ]
     assert json.loads((out / "summary.json").read_text())["status"] == "FAILED"
 
 
@@ -137,6 +156,101 @@ def test_a_tiny_budget_runs_nothing_and_says_so(fake_check):
     assert statuses(out)[0].startswith("skipped: needs about 45 s")
     assert json.loads((out / "summary.json").read_text())["status"] == "NOTHING RAN (budget)"
     assert not (out / "runs.tar.gz").exists()
+
+
+def memory_check(tmp_path, monkeypatch, outcome):
+    """A device-mode Check of --part memory whose ablations write the rows `outcome(rung, B)`
+    gives ('completed', or a failure's error text) to ablation.csv, as gpt2x.ablate does."""
+    monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
+    monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
+    out = tmp_path / "out"
+    args = SimpleNamespace(out=out, budget=400, started=None, rehearse=False, parts=["memory"])
+    out.mkdir()
+    c = check.Check(args)
+    calls = []
+
+    def ablate(name, selection, batch, timeout, folder=None, extra=()):
+        assert selection[0] == "ladder=beyond_gpt2_124m"  # the rungs' names are its
+        rungs = selection[1].removeprefix("rungs=[").removesuffix("]").split(",")
+        calls.append((batch, rungs, extra))
+        (c.runs / folder).mkdir(parents=True)
+        with open(c.runs / folder / "ablation.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["name", "status", "error", "peak_mem_gb", "tokens_per_s"])
+            w.writeheader()
+            for rung in rungs:
+                error = outcome(rung, batch)
+                status = "completed" if error == "completed" else "failed"
+                per_row = 0.9 if "chunked" in rung else 1.4  # GB per micro batch row
+                mem = f"{batch * per_row:.1f}" if status == "completed" else ""
+                w.writerow(
+                    dict(
+                        name=f"ladder/{rung}",
+                        status=status,
+                        error="" if status == "completed" else error,
+                        peak_mem_gb=mem,
+                        tokens_per_s="1000",
+                    )
+                )
+        return 0 if all(outcome(r, batch) == "completed" for r in rungs) else 1
+
+    c.ablate = ablate
+    return c, out, calls
+
+
+def test_memory_finds_each_losses_largest_batch_up_to_its_first_out_of_memory(
+    tmp_path, monkeypatch
+):
+    oom = "CUDA out of memory at micro_batch_size={} (Tried to allocate 12.3 GiB)"
+
+    def outcome(rung, batch):
+        limit = 256 if rung == "beyond/chunked" else 128
+        return "completed" if batch <= limit else oom.format(batch)
+
+    c, out, calls = memory_check(tmp_path, monkeypatch, outcome)
+    assert c.run() == 0
+    # both losses until plain runs out at 192, then chunked alone until it runs out at 384
+    assert [(b, rungs) for b, rungs, _ in calls] == [
+        (64, ["fused", "beyond/chunked"]),
+        (128, ["fused", "beyond/chunked"]),
+        (192, ["fused", "beyond/chunked"]),
+        (256, ["beyond/chunked"]),
+        (384, ["beyond/chunked"]),
+    ]
+    assert all(extra == ("compile=false",) for _, _, extra in calls)
+    memory = {m["loss"]: m for m in json.loads((out / "summary.json").read_text())["memory"]}
+    assert (memory["plain"]["largest"], memory["plain"]["limit"]) == (128, "out of memory at B=192")
+    assert (memory["chunked"]["largest"], memory["chunked"]["limit"]) == (
+        256,
+        "out of memory at B=384",
+    )
+    assert [t["batch"] for t in memory["chunked"]["tried"]] == [64, 128, 192, 256, 384]
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# GPU check, --part memory: PASSED")
+    assert "| plain | 128 | out of memory at B=192 | 179.2 |" in md
+    assert "| chunked | 256 | out of memory at B=384 | 230.4 |" in md
+    assert "| plain | 192 | failed |  | 1,000 | CUDA out of memory at micro_batch_size=192" in md
+
+
+def test_memory_fails_on_a_failure_that_is_not_out_of_memory(tmp_path, monkeypatch):
+    def outcome(rung, batch):
+        if rung == "fused" and batch == 128:
+            return "RuntimeError: shape mismatch"
+        return "completed"
+
+    c, out, calls = memory_check(tmp_path, monkeypatch, outcome)
+    assert c.run() == 1
+    result = json.loads((out / "summary.json").read_text())
+    assert (
+        result["sections"][0]["status"]
+        == "plain failed at B=128, not out of memory (see the table)"
+    )
+    memory = {m["loss"]: m for m in result["memory"]}
+    assert memory["plain"]["limit"] == "B=128 failed: RuntimeError: shape mismatch"
+    # chunked went on to the largest size tried, which fits
+    assert (memory["chunked"]["largest"], memory["chunked"]["limit"]) == (
+        512,
+        "every size tried fits",
+    )
 
 
 def test_a_stopped_section_leaves_no_process_behind(tmp_path):
@@ -213,14 +327,72 @@ def test_summary_shows_every_rung_the_checks_and_the_peer():
     }
     md = summary.render(result)
     assert md.startswith("# GPU check: PASSED")
-    assert "| peak FLOP/s (gpt2x.training.peak) | spec dense bf16 989.0 TFLOP/s; measured bf16 790.0" in md
-    assert "| fused | completed | 45.2 | 362,000 | 1.04x | 41.2% | 50.0% | 12.3 | 31.0 |  |" in md
-    assert "| ddp | n/a |  |  |  |  |  |  |  | parallel=ddp is not available on one process |" in md
+    assert (
+        "| peak FLOP/s (gpt2x.training.peak) | spec dense bf16 989.0 TFLOP/s; measured bf16 790.0"
+        in md
+    )
+    assert (
+        "| fused | completed | 45.2 | 90 | 362,000 | 1.04x | 41.2% | 50.0% | 12.3 | 31.0 |  |" in md
+    )
+    assert (
+        "| ddp | n/a |  |  |  |  |  |  |  |  | parallel=ddp is not available on one process |" in md
+    )
+    # the B=64 row: no lecture step time beside it (the lecture's 90 ms is at B=16)
+    assert "| fused | completed | 45.2 |  | 400,000 | 1.04x | 48.1% |" in md
     assert "MFU against the spec peak: 48.1% (reference: about 50% at this setting)." in md
     assert "gpt2x / HF tokens/s: 1.25x (one run each)." in md
     assert "| test_tf32 | passed |  |" in md
     rehearsal = summary.render({**result, "rehearsal": True})
     assert "Nothing here is a GPU number." in rehearsal
+
+
+def test_summary_shows_the_beyond_ladder_against_its_baseline():
+    rows = [
+        dict(
+            name="ladder/fused",
+            status="completed",
+            median_ms="45.0",
+            tokens_per_s="364000",
+            speedup_vs_baseline="1.0",
+            loss_vs_baseline="0.0",
+            mfu="0.41",
+            peak_mem_gb="20.1",
+            compile_s="30",
+        ),
+        dict(
+            name="ladder/beyond/chunked",
+            status="completed",
+            median_ms="43.2",
+            tokens_per_s="379000",
+            speedup_vs_baseline="1.04",
+            noise="True",
+            loss_vs_baseline="-0.0001",
+            mfu="0.43",
+            peak_mem_gb="14.2",
+            compile_s="33",
+        ),
+        dict(
+            name="ladder/beyond/fp8",
+            status="n/a",
+            error="precision=fp8 needs torchao: pip install torchao",
+        ),
+    ]
+    md = summary.render({"status": "PASSED", "parts": ["beyond"], "beyond": rows})
+    assert md.startswith("# GPU check, --part beyond: PASSED")
+    assert (
+        "## The beyond ladder: GPT-2 124M, B=16, T=1024 (ckpt at 2x B), against the fused rung"
+        in md
+    )
+    assert "| fused | completed | 45.0 | 364,000 | 1.00x | +0.0000 | 41.0% | 20.1 | 30.0 |  |" in md
+    assert (
+        "| chunked | completed | 43.2 | 379,000 | 1.04x (within noise) | -0.0001 | 43.0% | 14.2 | "
+        "33.0 |  |"
+    ) in md
+    assert (
+        "| fp8 | n/a |  |  |  |  |  |  |  | precision=fp8 needs torchao: pip install torchao |"
+        in md
+    )
+    assert "## The ladder" not in md  # the lecture part did not run
 
 
 def test_junit_cases(tmp_path):

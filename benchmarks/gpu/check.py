@@ -1,8 +1,9 @@
 """The GPU check's sections, in order, each only while the time budget allows it.
 
-    bash benchmarks/gpu/check.sh --out DIR [--budget SECONDS] [--rehearse]   # starts this file
+    bash benchmarks/gpu/check.sh --out DIR [--part PARTS] [--budget SECONDS] [--rehearse]
 
-check.sh installs .whl/ and sets PYTHONPATH first; run this file through it. Sections:
+check.sh installs .whl/ and sets PYTHONPATH first; run this file through it. The sections of
+--part lecture (the default; the first command on a GPU):
 
   tests      python3 -m pytest -m cuda tests/test_cuda.py (in-process CUDA checks)
   ladder     python3 -m gpt2x.ablate ladder=gpt2_124m (fp32 -> fused, B=16, T=1024; ddp is n/a
@@ -10,6 +11,20 @@ check.sh installs .whl/ and sets PYTHONPATH first; run this file through it. Sec
   fused_b64  the fused rung at B=64, T=1024: the lecture's final setting, MFU against ~50%
   hf_peer    transformers' GPT2LMHeadModel at the same setting (sdpa, bf16, compile, fused
              AdamW; benchmarks/cpu_speed.py's worker), gpt2x's peer
+
+of --part beyond (for the time after it, or the next lease):
+
+  beyond     python3 -m gpt2x.ablate ladder=beyond_gpt2_124m, the rungs one GPU can run: fused
+             (the baseline), chunked, reduce_overhead (CUDA graphs), block, ckpt (B=32), fp8,
+             muon; max_autotune is left out (its autotuning alone would take the budget)
+
+and of --part memory:
+
+  memory     the largest micro batch that fits at T=1024, loss=plain (the fused rung) against
+             loss=chunked, eager (a compile per batch size would take the budget): micro
+             batches from 64 up, each loss until its first out-of-memory
+
+--part takes several, comma-separated, run in the order given (e.g. lecture,memory).
 
 Before each section its estimated cost (ESTIMATES, seconds) is compared with what is left of the
 budget: a section that does not fit is skipped, and so is every later one (said in summary.md);
@@ -74,25 +89,74 @@ ENTRY_POINTS = [
     ("transformers", "GPT2LMHeadModel"),
 ]
 
-SECTIONS = ["tests", "ladder", "fused_b64", "hf_peer"]
+PARTS = {
+    "lecture": ["tests", "ladder", "fused_b64", "hf_peer"],
+    "beyond": ["beyond"],
+    "memory": ["memory"],
+}
+# what a part imports besides MODULES (the fp8 rung's float8 training is torchao's)
+PART_MODULES = {"beyond": [("torchao", "torchao")]}
 TITLES = {
     "tests": "in-process CUDA checks (tests/test_cuda.py)",
     "ladder": "the lecture's ladder fp32 -> fused, GPT-2 124M",
     "fused_b64": "the fused rung at the lecture's final batch",
     "hf_peer": "Hugging Face GPT2LMHeadModel there too (sdpa, bf16, compile, fused AdamW)",
+    "beyond": "the beyond ladder on one GPU: fused, chunked, reduce_overhead, block, ckpt (2x B), "
+    "fp8, muon",
+    "memory": "the largest micro batch that fits, loss=plain vs loss=chunked (fused rung, eager)",
 }
+# the beyond ladder's rungs one GPU runs (ddp and fsdp need 2+; max_autotune's autotuning
+# alone would take the budget), in the ladder's order: the first is the baseline
+BEYOND_RUNGS = [
+    "fused",
+    "beyond/chunked",
+    "beyond/reduce_overhead",
+    "beyond/block",
+    "beyond/ckpt",
+    "beyond/fp8",
+    "beyond/muon",
+]
+# the memory section: the rung of each loss, and the micro batches tried, smallest first
+MEMORY_RUNGS = {"plain": "fused", "chunked": "beyond/chunked"}
+MEMORY_BATCHES = {"device": [64, 128, 192, 256, 384, 512], "rehearse": [2, 4]}
 # seconds each section is expected to take: on one H200 (estimated before any run there:
 # compiles dominate, ~40 s cold per compiled graph) and rehearsed on a 2-core CPU (measured).
 # summary.md reports each section's real wall time next to its estimate.
 ESTIMATES = {
-    "device": {"tests": 45, "ladder": 210, "fused_b64": 50, "hf_peer": 55},
-    "rehearse": {"tests": 40, "ladder": 150, "fused_b64": 35, "hf_peer": 40},
+    "device": {
+        "tests": 45,
+        "ladder": 210,
+        "fused_b64": 50,
+        "hf_peer": 55,
+        "beyond": 330,
+        "memory": 150,
+    },
+    "rehearse": {
+        "tests": 40,
+        "ladder": 150,
+        "fused_b64": 35,
+        "hf_peer": 40,
+        "beyond": 200,
+        "memory": 60,
+    },
 }
 RESERVE_S = 10  # kept back for summary.md and the archive
 # measured/warm-up steps: a stable median on the GPU (each rung also profiles 1 extra step)
 STEPS = {
-    "device": {"ladder": (30, 5), "fused_b64": (20, 5), "hf_peer": (20, 5)},
-    "rehearse": {"ladder": (2, 1), "fused_b64": (2, 1), "hf_peer": (2, 1)},
+    "device": {
+        "ladder": (30, 5),
+        "fused_b64": (20, 5),
+        "hf_peer": (20, 5),
+        "beyond": (15, 5),
+        "memory": (2, 1),
+    },
+    "rehearse": {
+        "ladder": (2, 1),
+        "fused_b64": (2, 1),
+        "hf_peer": (2, 1),
+        "beyond": (2, 1),
+        "memory": (1, 1),
+    },
 }
 RUNG_TIMEOUT_S = {"device": 150, "rehearse": 300}  # one rung, inside the section's own limit
 # the rehearsal's model: tiny, the shapes' other settings as on the GPU
@@ -123,10 +187,11 @@ class Log:
 # ----------------------------------------------------------------------------- imports
 
 
-def check_imports() -> list[str]:
-    """'module (distribution)' for everything missing, [] when all import."""
+def check_imports(extra: list[tuple[str, str]] = ()) -> list[str]:
+    """'module (distribution)' for everything missing (MODULES and `extra`), [] when all
+    import."""
     missing = []
-    for module, dist in MODULES:
+    for module, dist in [*MODULES, *extra]:
         try:
             importlib.import_module(module)
         except ImportError as e:
@@ -253,6 +318,8 @@ class Check:
         self.started = float(args.started or time.time())
         self.rehearse = bool(args.rehearse)
         self.mode = "rehearse" if self.rehearse else "device"
+        self.parts = list(args.parts)
+        self.sections = [name for part in self.parts for name in PARTS[part]]
         self.work = Path(tempfile.mkdtemp(prefix="gpt2x-check-"))
         self.runs = self.work / "runs"
         self.runs.mkdir()
@@ -269,18 +336,33 @@ class Check:
             "status": None,
             "budget_s": self.budget,
             "rehearsal": self.rehearse,
+            "parts": self.parts,
             "sections": [],
             "tests": [],
             "ladder": [],
             "fused_b64": None,
             "hf_peer": None,
+            "beyond": [],
+            "memory": None,
             "peaks": None,
             "shapes": {
-                name: f"B={BATCH[self.mode][key]}, T={32 if self.rehearse else 1024}"
+                name: f"B={BATCH[self.mode][key]}, T={self.seq_len}"
                 + (" (tiny model)" if self.rehearse else "")
-                for name, key in (("ladder", "ladder"), ("fused_b64", "big"), ("hf_peer", "big"))
+                for name, key in (
+                    ("ladder", "ladder"),
+                    ("fused_b64", "big"),
+                    ("hf_peer", "big"),
+                    ("beyond", "ladder"),
+                )
             },
         }
+        self.result["shapes"]["memory"] = f"T={self.seq_len}" + (
+            " (tiny model)" if self.rehearse else ""
+        )
+
+    @property
+    def seq_len(self) -> int:
+        return 32 if self.rehearse else 1024
 
     def left(self) -> float:
         return self.budget - (time.time() - self.started) - RESERVE_S
@@ -317,7 +399,17 @@ class Check:
             return "timed out"
         return "passed" if rc == 0 else f"failed (pytest exit {rc})"
 
-    def ablate(self, name: str, selection: list[str], batch: int, timeout: float) -> int:
+    def ablate(
+        self,
+        name: str,
+        selection: list[str],
+        batch: int | None,
+        timeout: float,
+        folder: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> int:
+        """gpt2x.ablate into runs/<folder or name>, STEPS[name]; batch None keeps each rung's
+        own micro batch (the ckpt rung doubles the shape's)."""
         steps, warmup = STEPS[self.mode][name]
         cmd = [
             sys.executable,
@@ -328,16 +420,17 @@ class Check:
             f"warmup={warmup}",
             "repeats=1",
             "nproc=1",  # one GPU: a ddp rung is n/a (the rehearsal says so too)
-            f"out={self.runs / name}",
+            f"out={self.runs / (folder or name)}",
             f"timeout={RUNG_TIMEOUT_S[self.mode]}",
             "quiet=true",
             "--",
             "ladder_shape=gpt2_124m",
-            f"trainer.micro_batch_size={batch}",
+            *([f"trainer.micro_batch_size={batch}"] if batch is not None else []),
             "logger=none",
             "trainer.progress=log",
             f"paths.data_dir={self.data}",
             *(TINY if self.rehearse else []),
+            *extra,
         ]
         rc, timed_out = run_command(cmd, self.log, timeout, self.work, self.env)
         return -1 if timed_out else rc
@@ -386,6 +479,69 @@ class Check:
             self.result["hf_peer"] = json.loads((folder / "hf.json").read_text())
         return status_of(-1 if timed_out else rc, "failed")
 
+    def beyond(self, timeout: float) -> str:
+        selection = [
+            "ladder=beyond_gpt2_124m",
+            "rungs=[" + ",".join(BEYOND_RUNGS) + "]",
+            "interleave=runs",
+        ]
+        # on the GPU each rung keeps its own B (the shape's 16, ckpt's 32); the rehearsal's tiny B
+        batch = BATCH[self.mode]["ladder"] if self.rehearse else None
+        rc = self.ablate("beyond", selection, batch, timeout)
+        self.result["beyond"] = read_rows(self.runs / "beyond")
+        self.result["peaks"] = self.result["peaks"] or read_peaks(self.runs / "beyond")
+        return status_of(rc, "a rung failed (see the table)")
+
+    def memory(self, timeout: float) -> str:
+        """Micro batches from the smallest up, both losses' rungs in one ablation per batch; a
+        loss drops out at its first out-of-memory. Any other failure fails the section."""
+        deadline = time.time() + timeout
+        tried: dict[str, list[dict]] = {loss: [] for loss in MEMORY_RUNGS}
+        fits = dict(MEMORY_RUNGS)  # the losses still fitting
+        status = "passed"
+        for batch in MEMORY_BATCHES[self.mode]:
+            if not fits:
+                break
+            folder = f"memory/b{batch}"
+            selection = [
+                "ladder=beyond_gpt2_124m",  # names its rungs: fused, beyond/chunked
+                "rungs=[" + ",".join(fits.values()) + "]",
+                "profile=false",
+            ]
+            rc = self.ablate(
+                "memory", selection, batch, deadline - time.time(), folder, ("compile=false",)
+            )
+            rows = {row.get("name"): row for row in read_rows(self.runs / folder)}
+            if not rows:  # the ablation itself failed (its error is in check.log)
+                status = (
+                    "timed out" if rc == -1 else f"gpt2x.ablate failed at B={batch} (exit {rc})"
+                )
+                break
+            for loss, rung in list(fits.items()):
+                row = rows.get(f"ladder/{rung}") or {"status": "no row", "error": ""}
+                error = str(row.get("error") or "")
+                tried[loss].append(
+                    {
+                        "batch": batch,
+                        "status": row.get("status"),
+                        "peak_mem_gb": row.get("peak_mem_gb"),
+                        "tokens_per_s": row.get("tokens_per_s"),
+                        "error": error,
+                    }
+                )
+                if row.get("status") != "completed":
+                    del fits[loss]
+                    if "out of memory" not in error and status == "passed":
+                        status = f"{loss} failed at B={batch}, not out of memory (see the table)"
+            if rc == -1:
+                status = "timed out"
+                break
+        self.result["memory"] = [
+            {"loss": loss, "rung": MEMORY_RUNGS[loss], "tried": rows, **largest_fit(rows)}
+            for loss, rows in tried.items()
+        ]
+        return status
+
     # the whole check ----------------------------------------------------------------------
 
     def run(self) -> int:
@@ -394,7 +550,7 @@ class Check:
             f"gpu check{' (rehearsal on the CPU)' if self.rehearse else ''}: budget "
             f"{self.budget:.0f} s, work folder {self.work}, report in {self.out}"
         )
-        missing = check_imports()
+        missing = check_imports([m for part in self.parts for m in PART_MODULES.get(part, [])])
         if missing:
             line = (
                 "gpu check: cannot import " + "; ".join(missing) + ": run bash "
@@ -412,9 +568,11 @@ class Check:
             "ladder": self.ladder,
             "fused_b64": self.fused_b64,
             "hf_peer": self.hf_peer,
+            "beyond": self.beyond,
+            "memory": self.memory,
         }
         skipping = None  # once a section is skipped for the budget, every later one is too
-        for name in SECTIONS:
+        for name in self.sections:
             estimate = ESTIMATES[self.mode][name]
             left = self.left()
             shape = self.result["shapes"].get(name)
@@ -461,6 +619,20 @@ class Check:
         self.log(text)
         self.log(f"gpu check: {self.result['status']} in {self.result['wall_s']:.0f} s; {self.out}")
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def largest_fit(tried: list[dict]) -> dict:
+    """{largest: the largest micro batch that completed or None, limit: why it is the largest
+    (the next one's out-of-memory, or that it was the largest tried)}."""
+    done = [t["batch"] for t in tried if t["status"] == "completed"]
+    stopped = next((t for t in tried if t["status"] != "completed"), None)
+    if stopped is None:
+        limit = "every size tried fits" if tried else "nothing ran"
+    elif "out of memory" in stopped["error"]:
+        limit = f"out of memory at B={stopped['batch']}"
+    else:
+        limit = f"B={stopped['batch']} {stopped['status']}: {stopped['error'] or 'no reason'}"
+    return {"largest": max(done) if done else None, "limit": limit}
 
 
 def status_of(rc: int, failure: str) -> str:
@@ -513,7 +685,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=420.0)
     p.add_argument("--started", type=float, default=None, help="epoch seconds check.sh began")
     p.add_argument("--rehearse", action="store_true")
+    p.add_argument("--part", default="lecture", help=f"comma-separated, of {', '.join(PARTS)}")
     args = p.parse_args(argv)
+    args.parts = [part.strip() for part in args.part.split(",") if part.strip()]
+    unknown = [part for part in args.parts if part not in PARTS]
+    if unknown or not args.parts:
+        print(
+            f"check.py: --part {args.part!r}: choose from {', '.join(PARTS)} (comma-separated)",
+            file=sys.stderr,
+        )
+        return 2
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         print(f"check.py: --out {out} is not empty; give a new or empty folder", file=sys.stderr)

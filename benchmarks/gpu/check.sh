@@ -2,7 +2,7 @@
 # The GPU check: do gpt2x's options run, and run right, on this machine's CUDA GPU, and how fast
 # is the lecture's ladder on it? Made for a machine with no network (benchmarks/gpu/README.md).
 #
-#   bash benchmarks/gpu/check.sh --out DIR [--budget SECONDS] [--rehearse]
+#   bash benchmarks/gpu/check.sh --out DIR [--part PARTS] [--budget SECONDS] [--rehearse]
 #
 # 1. installs the wheels in .whl/ (bash benchmarks/gpu/wheels.sh fills it where PyPI is
 #    reachable) with pip --no-index into a folder outside the checkout, and puts that folder and
@@ -11,6 +11,9 @@
 #    the gpt2_124m ladder (B=16, T=1024), the fused rung at B=64 and Hugging Face's
 #    GPT2LMHeadModel at the same setting, each only while --budget (default 420 s, this whole
 #    command) allows it;
+#    (--part lecture, the default); --part beyond: the beyond ladder's single-GPU rungs
+#    (chunked, reduce_overhead, block, ckpt, fp8, muon against fused); --part memory: the
+#    largest micro batch that fits, loss=plain vs loss=chunked; comma-separated, in that order;
 # 3. DIR gets at most 8 plain files: summary.md, summary.json, check.log, pytest.xml, runs.tar.gz.
 #
 # --rehearse runs every section on the CPU with a tiny model (CI runs it in a fresh venv).
@@ -22,15 +25,17 @@ started=$(date +%s)
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 PY=${PYTHON:-python3}
-usage="usage: bash benchmarks/gpu/check.sh --out DIR [--budget SECONDS] [--rehearse]"
+usage="usage: bash benchmarks/gpu/check.sh --out DIR [--part lecture|beyond|memory[,...]] [--budget SECONDS] [--rehearse]"
 
-out="" budget=420 rehearse=""
+out="" budget=420 rehearse="" part=lecture
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
         --out=*) out=${1#--out=}; shift ;;
         --budget) budget=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
         --budget=*) budget=${1#--budget=}; shift ;;
+        --part) part=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
+        --part=*) part=${1#--part=}; shift ;;
         --rehearse) rehearse=--rehearse; shift ;;
         -h|--help) echo "$usage"; exit 0 ;;
         *) echo "check.sh: unknown argument '$1'; $usage" >&2; exit 2 ;;
@@ -40,6 +45,14 @@ if [ -z "$out" ]; then
     echo "check.sh: --out DIR is required (where summary.md and the logs go); $usage" >&2
     exit 2
 fi
+for p in ${part//,/ }; do
+    case "$p" in
+        lecture|beyond|memory) ;;
+        *) echo "check.sh: --part '$part': each of lecture, beyond, memory (comma-separated)" >&2
+           exit 2 ;;
+    esac
+done
+[ -n "${part//,/}" ] || { echo "check.sh: --part is empty; $usage" >&2; exit 2; }
 case "$budget" in
     ''|*[!0-9]*) echo "check.sh: --budget '$budget' must be whole seconds, e.g. --budget 420" >&2
                  exit 2 ;;
@@ -71,4 +84,4 @@ fi
 # the checkout first: its gpt2x, importable from the temporary folders the checks run in
 export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "$PY" "$here/check.py" --out "$out" --budget "$budget" --started "$started" $rehearse
+exec "$PY" "$here/check.py" --out "$out" --budget "$budget" --part "$part" --started "$started" $rehearse

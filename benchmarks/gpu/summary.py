@@ -2,7 +2,8 @@
 
 Pure functions of the result: the machine, every section's status and wall time, every check,
 the ladder table (ms/step, tokens/s, MFU against the spec and the measured peak, memory,
-compile seconds), the fused rung at B=64 and Hugging Face's model beside it.
+compile seconds), the fused rung at B=64 and Hugging Face's model beside it; for the later
+parts, the beyond ladder against its baseline and the largest micro batch of each loss.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ from pathlib import Path
 
 # the lecture's final setting (B=64, T=1024), the reference for the B=64 rung's MFU
 REFERENCE_MFU = 0.50
+# the lecture's published step times on one A100 at B=16, T=1024, rung by rung: beside the
+# ladder for reading, not a baseline (another GPU)
+LECTURE_A100_MS = {
+    "fp32": 1000,
+    "tf32": 333,
+    "bf16": 300,
+    "compile": 130,
+    "flash": 96,
+    "vocab": 93,
+    "fused": 90,
+}
 
 
 def junit_cases(xml_path: Path) -> list[dict]:
@@ -51,13 +63,14 @@ def _flops(value) -> str:
 
 
 LADDER_HEADER = [
-    "| rung | status | ms/step | tokens/s | vs previous | MFU (spec) | MFU (measured peak) | "
-    "peak memory GB | compile s | note |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    "| rung | status | ms/step | lecture's A100 ms | tokens/s | vs previous | MFU (spec) | "
+    "MFU (measured peak) | peak memory GB | compile s | note |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
 ]
 
 
-def ladder_row(row: dict) -> str:
+def ladder_row(row: dict, lecture: bool = True) -> str:
+    """One rung; `lecture`: beside it the lecture's A100 step time (at B=16 only)."""
     name = str(row.get("name", "")).removeprefix("ladder/")
     vs = _fmt(row.get("speedup_vs_prev"), ".2f", suffix="x")
     if str(row.get("noise")).lower() == "true":
@@ -66,6 +79,7 @@ def ladder_row(row: dict) -> str:
         name,
         str(row.get("status", "")),
         _fmt(row.get("median_ms"), ",.1f"),
+        _fmt(LECTURE_A100_MS.get(name) if lecture else None),
         _fmt(row.get("tokens_per_s")),
         vs,
         _fmt(row.get("mfu"), ".1f", 100, "%"),
@@ -77,10 +91,71 @@ def ladder_row(row: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+BEYOND_HEADER = [
+    "| rung | status | ms/step | tokens/s | vs fused | loss vs fused | MFU (spec) | "
+    "peak memory GB | compile s | note |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+]
+
+
+def beyond_row(row: dict) -> str:
+    vs = _fmt(row.get("speedup_vs_baseline"), ".2f", suffix="x")
+    if vs and str(row.get("noise")).lower() == "true":
+        vs += " (within noise)"
+    cells = [
+        str(row.get("name", "")).removeprefix("ladder/").removeprefix("beyond/"),
+        str(row.get("status", "")),
+        _fmt(row.get("median_ms"), ",.1f"),
+        _fmt(row.get("tokens_per_s")),
+        vs,
+        _fmt(row.get("loss_vs_baseline"), "+.4f"),
+        _fmt(row.get("mfu"), ".1f", 100, "%"),
+        _fmt(row.get("peak_mem_gb"), ".1f"),
+        _fmt(row.get("compile_s"), ".1f"),
+        str(row.get("error") or "").replace("|", "/"),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def memory_lines(memory: list[dict], shape: str) -> list[str]:
+    lines = [
+        "",
+        f"## The largest micro batch that fits, {shape}: loss=plain vs loss=chunked",
+        "",
+        "The fused rung's settings (bf16, flash, vocab 50304, fused AdamW) without torch.compile; "
+        "micro batches from the smallest up, each loss until its first failure.",
+        "",
+        "| loss | largest B that fits | why not more | peak memory GB there |",
+        "|---|---:|---|---:|",
+    ]
+    for m in memory:
+        at = next((t for t in m["tried"] if t["batch"] == m.get("largest")), {})
+        lines.append(
+            f"| {m['loss']} | {m.get('largest') or 'none'} | {m.get('limit', '')} | "
+            f"{_fmt(at.get('peak_mem_gb'), '.1f')} |"
+        )
+    lines += [
+        "",
+        "| loss | B | status | peak memory GB | tokens/s | note |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for m in memory:
+        for t in m["tried"]:
+            note = str(t.get("error") or "").replace("|", "/")[:160]
+            lines.append(
+                f"| {m['loss']} | {t['batch']} | {t.get('status')} | "
+                f"{_fmt(t.get('peak_mem_gb'), '.1f')} | {_fmt(t.get('tokens_per_s'))} | {note} |"
+            )
+    return lines
+
+
 def render(result: dict) -> str:
     env = result.get("environment") or {}
     rehearsal = bool(result.get("rehearsal"))
     title = "GPU check rehearsal (on the CPU, tiny model)" if rehearsal else "GPU check"
+    parts = result.get("parts") or ["lecture"]
+    if parts != ["lecture"]:
+        title += f", --part {','.join(parts)}"
     lines = [f"# {title}: {result.get('status')}", ""]
     if rehearsal:
         lines += [
@@ -130,13 +205,21 @@ def render(result: dict) -> str:
     ladder = result.get("ladder") or []
     if ladder:
         shape = shapes.get("ladder", "B=16, T=1024")
-        lines += ["", f"## The ladder: GPT-2 124M, {shape}", "", *LADDER_HEADER]
+        lines += [
+            "",
+            f"## The ladder: GPT-2 124M, {shape}",
+            "",
+            "Beside each rung, the lecture's published step time on one A100 at B=16, T=1024 "
+            "(another GPU: for reading, not a baseline).",
+            "",
+            *LADDER_HEADER,
+        ]
         lines += [ladder_row(r) for r in ladder]
     big = result.get("fused_b64")
     if big:
         shape = shapes.get("fused_b64", "B=64, T=1024")
         lines += ["", f"## The fused rung at {shape} (the lecture's final setting: B=64)", ""]
-        lines += [*LADDER_HEADER, ladder_row(big)]
+        lines += [*LADDER_HEADER, ladder_row(big, lecture=False)]
         mfu = _num(big.get("mfu"))
         if mfu is not None:
             lines += [
@@ -167,6 +250,18 @@ def render(result: dict) -> str:
         ours, theirs = _num((big or {}).get("tokens_per_s")), _num(hf.get("tokens_per_s"))
         if ours and theirs:
             lines += ["", f"gpt2x / HF tokens/s: {ours / theirs:.2f}x (one run each)."]
+    beyond = result.get("beyond") or []
+    if beyond:
+        shape = shapes.get("beyond", "B=16, T=1024")
+        lines += [
+            "",
+            f"## The beyond ladder: GPT-2 124M, {shape} (ckpt at 2x B), against the fused rung",
+            "",
+            *BEYOND_HEADER,
+        ]
+        lines += [beyond_row(r) for r in beyond]
+    if result.get("memory"):
+        lines += memory_lines(result["memory"], shapes.get("memory", "T=1024"))
     archive = result.get("archive")
     lines += ["", "## Files", ""]
     if archive:

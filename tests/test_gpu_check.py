@@ -253,6 +253,50 @@ def test_memory_fails_on_a_failure_that_is_not_out_of_memory(tmp_path, monkeypat
     )
 
 
+def test_chunk_runs_the_plain_loss_then_each_chunk_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
+    monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
+    out = tmp_path / "out"
+    out.mkdir()
+    args = SimpleNamespace(out=out, budget=400, started=None, rehearse=False, parts=["chunk"])
+    c = check.Check(args)
+    calls = []
+    ms = {None: 50.0, 512: 55.0, 2048: 48.0, 8192: 47.0, 16384: 49.0}
+
+    def ablate(name, selection, batch, timeout, folder=None, extra=()):
+        calls.append((selection[1], batch, folder, extra))
+        size = int(extra[0].split("=")[1]) if extra else None
+        (c.runs / folder).mkdir(parents=True)
+        with open(c.runs / folder / "ablation.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["name", "status", "median_ms", "tokens_per_s", "peak_mem_gb"])
+            w.writeheader()
+            rung = selection[1].removeprefix("rungs=[").removesuffix("]")
+            w.writerow(
+                dict(
+                    name=f"ladder/{rung}",
+                    status="completed",
+                    median_ms=ms[size],
+                    tokens_per_s=16384 / ms[size] * 1000,
+                    peak_mem_gb=20.0 if size is None else 15.0,
+                )
+            )
+        return 0
+
+    c.ablate = ablate
+    assert c.run() == 0
+    assert calls == [
+        ("rungs=[fused]", 16, "chunk/plain", ()),
+        *(
+            ("rungs=[beyond/chunked]", 16, f"chunk/c{n}", (f"loss.chunk_size={n}",))
+            for n in (512, 2048, 8192, 16384)
+        ),
+    ]
+    md = (out / "summary.md").read_text()
+    assert "| plain |  | completed | 50.0 | 327,680 | 1.00x | 20.0 |" in md
+    assert "| chunked | 512 | completed | 55.0 | 297,891 | 0.91x | 15.0 |" in md
+    assert "| chunked | 8192 | completed | 47.0 | 348,596 | 1.06x | 15.0 |" in md
+
+
 def test_a_stopped_section_leaves_no_process_behind(tmp_path):
     """At the budget's end the section's whole tree goes, also a child in a session of its own
     (as ablate starts its rungs): nothing keeps the GPU busy after the check."""

@@ -24,6 +24,12 @@ and of --part memory:
              loss=chunked, eager (a compile per batch size would take the budget): micro
              batches from 64 up, each loss until its first out-of-memory
 
+and of --part chunk:
+
+  chunk      loss=chunked's chunk size on the GPU, compiled, B=16, T=1024 (16,384 rows): the
+             plain loss (the fused rung), then chunks of 512 (the default, chosen on a CPU),
+             2048, 8192 and 16384 rows (one chunk)
+
 --part takes several, comma-separated, run in the order given (e.g. lecture,memory).
 
 Before each section its estimated cost (ESTIMATES, seconds) is compared with what is left of the
@@ -93,6 +99,7 @@ PARTS = {
     "lecture": ["tests", "ladder", "fused_b64", "hf_peer"],
     "beyond": ["beyond"],
     "memory": ["memory"],
+    "chunk": ["chunk"],
 }
 # what a part imports besides MODULES (the fp8 rung's float8 training is torchao's)
 PART_MODULES = {"beyond": [("torchao", "torchao")]}
@@ -104,6 +111,7 @@ TITLES = {
     "beyond": "the beyond ladder on one GPU: fused, chunked, reduce_overhead, block, ckpt (2x B), "
     "fp8, muon",
     "memory": "the largest micro batch that fits, loss=plain vs loss=chunked (fused rung, eager)",
+    "chunk": "loss=chunked's chunk size against the plain loss (fused rung, compiled)",
 }
 # the beyond ladder's rungs one GPU runs (ddp and fsdp need 2+; max_autotune's autotuning
 # alone would take the budget), in the ladder's order: the first is the baseline
@@ -119,6 +127,8 @@ BEYOND_RUNGS = [
 # the memory section: the rung of each loss, and the micro batches tried, smallest first
 MEMORY_RUNGS = {"plain": "fused", "chunked": "beyond/chunked"}
 MEMORY_BATCHES = {"device": [64, 128, 192, 256, 384, 512], "rehearse": [2, 4]}
+# the chunk section: rows per chunk (None: the plain loss), of B x T = 16,384 rows on the GPU
+CHUNK_SIZES = {"device": [None, 512, 2048, 8192, 16384], "rehearse": [None, 16, 64]}
 # seconds each section is expected to take: on one H200 (estimated before any run there:
 # compiles dominate, ~40 s cold per compiled graph) and rehearsed on a 2-core CPU (measured).
 # summary.md reports each section's real wall time next to its estimate.
@@ -129,7 +139,8 @@ ESTIMATES = {
         "fused_b64": 50,
         "hf_peer": 55,
         "beyond": 330,
-        "memory": 150,
+        "memory": 200,
+        "chunk": 260,
     },
     "rehearse": {
         "tests": 40,
@@ -138,6 +149,7 @@ ESTIMATES = {
         "hf_peer": 40,
         "beyond": 200,
         "memory": 60,
+        "chunk": 90,
     },
 }
 RESERVE_S = 10  # kept back for summary.md and the archive
@@ -149,6 +161,7 @@ STEPS = {
         "hf_peer": (20, 5),
         "beyond": (15, 5),
         "memory": (2, 1),
+        "chunk": (20, 5),
     },
     "rehearse": {
         "ladder": (2, 1),
@@ -156,6 +169,7 @@ STEPS = {
         "hf_peer": (2, 1),
         "beyond": (2, 1),
         "memory": (1, 1),
+        "chunk": (2, 1),
     },
 }
 RUNG_TIMEOUT_S = {"device": 150, "rehearse": 300}  # one rung, inside the section's own limit
@@ -344,6 +358,7 @@ class Check:
             "hf_peer": None,
             "beyond": [],
             "memory": None,
+            "chunk": [],
             "peaks": None,
             "shapes": {
                 name: f"B={BATCH[self.mode][key]}, T={self.seq_len}"
@@ -353,6 +368,7 @@ class Check:
                     ("fused_b64", "big"),
                     ("hf_peer", "big"),
                     ("beyond", "ladder"),
+                    ("chunk", "ladder"),
                 )
             },
         }
@@ -542,6 +558,29 @@ class Check:
         ]
         return status
 
+    def chunk(self, timeout: float) -> str:
+        """The fused rung (plain loss), then beyond/chunked at each chunk size, one ablation
+        each (a chunk size is an override, not a rung of its own)."""
+        deadline = time.time() + timeout
+        status = "passed"
+        self.result["chunk"] = []
+        for size in CHUNK_SIZES[self.mode]:
+            rung, folder = (
+                ("fused", "chunk/plain") if size is None else ("beyond/chunked", f"chunk/c{size}")
+            )
+            extra = () if size is None else (f"loss.chunk_size={size}",)
+            selection = ["ladder=beyond_gpt2_124m", f"rungs=[{rung}]"]
+            batch = BATCH[self.mode]["ladder"]
+            rc = self.ablate("chunk", selection, batch, deadline - time.time(), folder, extra)
+            rows = read_rows(self.runs / folder)
+            row = rows[0] if rows else {"status": f"no table (gpt2x.ablate exit {rc})"}
+            self.result["chunk"].append({"chunk_size": size, **row})
+            if rc == -1:
+                return "timed out"
+            if row.get("status") != "completed" and status == "passed":
+                status = f"{'plain' if size is None else f'chunk {size}'} {row.get('status')}"
+        return status
+
     # the whole check ----------------------------------------------------------------------
 
     def run(self) -> int:
@@ -570,6 +609,7 @@ class Check:
             "hf_peer": self.hf_peer,
             "beyond": self.beyond,
             "memory": self.memory,
+            "chunk": self.chunk,
         }
         skipping = None  # once a section is skipped for the budget, every later one is too
         for name in self.sections:

@@ -13,7 +13,8 @@
 #    command) allows it;
 #    (--part lecture, the default); --part beyond: the beyond ladder's single-GPU rungs
 #    (chunked, reduce_overhead, block, ckpt, fp8, muon against fused); --part memory: the
-#    largest micro batch that fits, loss=plain vs loss=chunked; comma-separated, in that order;
+#    largest micro batch that fits, loss=plain vs loss=chunked; --part chunk: loss=chunked's
+#    chunk size against the plain loss; comma-separated, in the order given;
 # 3. DIR gets at most 8 plain files: summary.md, summary.json, check.log, pytest.xml, runs.tar.gz.
 #
 # --rehearse runs every section on the CPU with a tiny model (CI runs it in a fresh venv).
@@ -25,7 +26,7 @@ started=$(date +%s)
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 PY=${PYTHON:-python3}
-usage="usage: bash benchmarks/gpu/check.sh --out DIR [--part lecture|beyond|memory[,...]] [--budget SECONDS] [--rehearse]"
+usage="usage: bash benchmarks/gpu/check.sh --out DIR [--part lecture|beyond|memory|chunk[,...]] [--budget SECONDS] [--rehearse]"
 
 out="" budget=420 rehearse="" part=lecture
 while [ $# -gt 0 ]; do
@@ -47,8 +48,8 @@ if [ -z "$out" ]; then
 fi
 for p in ${part//,/ }; do
     case "$p" in
-        lecture|beyond|memory) ;;
-        *) echo "check.sh: --part '$part': each of lecture, beyond, memory (comma-separated)" >&2
+        lecture|beyond|memory|chunk) ;;
+        *) echo "check.sh: --part '$part': each of lecture, beyond, memory, chunk (comma-separated)" >&2
            exit 2 ;;
     esac
 done

@@ -27,7 +27,9 @@ py=$tmp/venv/bin/python
 "$py" -m pip install -q --disable-pip-version-check numpy pyyaml packaging "tiktoken==0.14.0" \
     "transformers==5.17.0" "safetensors==0.8.0" matplotlib rich pytest
 # newer releases here can pull packages the GPU machine does not have (pydantic through typer,
-# tzdata through python-dateutil): removed, so nothing outside its list can be imported
+# tzdata through python-dateutil): removed, so nothing outside its list can be imported. From
+# outside the checkout: its gpt2x.egg-info would read as an installed gpt2x.
+cd "$tmp"
 "$py" - "$gpu/device-packages.txt" <<'PY'
 import re, subprocess, sys
 from importlib import metadata
@@ -48,13 +50,14 @@ PY
 echo "rehearse.sh: venv ready in $(($(date +%s) - t0)) s"
 
 export PATH="$tmp/venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-cd "$tmp"  # outside the checkout
+# (still in $tmp, outside the checkout)
 out=$tmp/x
 # every section must run here: a budget well over the CPU's few minutes (the GPU machine's
 # default, 420 s, is for the GPU; the budget logic is rehearsed just below)
 bash "$gpu/check.sh" --rehearse --budget 1200 --out "$out"
-# the later parts: the beyond ladder's single-GPU rungs, the largest micro batch of each loss
-bash "$gpu/check.sh" --rehearse --part beyond,memory --budget 1200 --out "$tmp/z"
+# the later parts: the beyond ladder's single-GPU rungs, the largest micro batch of each loss,
+# the chunk sizes
+bash "$gpu/check.sh" --rehearse --part beyond,memory,chunk --budget 1200 --out "$tmp/z"
 # a tiny budget: every section skipped, the first for the budget, the rest after it
 bash "$gpu/check.sh" --rehearse --budget 1 --out "$tmp/y" >"$tmp/y.log"
 "$py" - "$out" "$tmp/y" "$tmp/z" <<'PY'
@@ -77,8 +80,10 @@ assert all(s == "skipped: tests was skipped for the budget" for s in skipped[1:]
 part2 = json.loads((later / "summary.json").read_text())
 assert part2["status"] == "PASSED", part2["status"]
 assert [(s["name"], s["status"]) for s in part2["sections"]] == [
-    ("beyond", "passed"), ("memory", "passed")
+    ("beyond", "passed"), ("memory", "passed"), ("chunk", "passed")
 ], part2["sections"]
+chunks = [(r["chunk_size"], r["status"]) for r in part2["chunk"]]
+assert chunks == [(None, "completed"), (16, "completed"), (64, "completed")], chunks
 rungs = {r["name"]: r["status"] for r in part2["beyond"]}
 assert rungs.pop("ladder/beyond/fp8") == "n/a", part2["beyond"]  # a CUDA GPU's option
 assert set(rungs.values()) == {"completed"} and len(rungs) == 6, part2["beyond"]

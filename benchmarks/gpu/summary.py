@@ -149,6 +149,32 @@ def memory_lines(memory: list[dict], shape: str) -> list[str]:
     return lines
 
 
+def chunk_lines(chunk: list[dict], shape: str) -> list[str]:
+    plain = next((_num(r.get("tokens_per_s")) for r in chunk if r.get("chunk_size") is None), None)
+    lines = [
+        "",
+        f"## loss=chunked's chunk size, {shape}: against the plain loss",
+        "",
+        "The fused rung (compiled) with the plain loss, then with loss=chunked at each chunk size "
+        "(rows per chunk); one run each.",
+        "",
+        "| loss | rows per chunk | status | ms/step | tokens/s | vs plain | peak memory GB | "
+        "compile s | note |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in chunk:
+        size = r.get("chunk_size")
+        tokens = _num(r.get("tokens_per_s"))
+        vs = f"{tokens / plain:.2f}x" if tokens and plain else ""
+        lines.append(
+            f"| {'plain' if size is None else 'chunked'} | {'' if size is None else size} | "
+            f"{r.get('status', '')} | {_fmt(r.get('median_ms'), ',.1f')} | {_fmt(tokens)} | {vs} | "
+            f"{_fmt(r.get('peak_mem_gb'), '.1f')} | {_fmt(r.get('compile_s'), '.1f')} | "
+            f"{str(r.get('error') or '').replace('|', '/')} |"
+        )
+    return lines
+
+
 def render(result: dict) -> str:
     env = result.get("environment") or {}
     rehearsal = bool(result.get("rehearsal"))
@@ -262,6 +288,8 @@ def render(result: dict) -> str:
         lines += [beyond_row(r) for r in beyond]
     if result.get("memory"):
         lines += memory_lines(result["memory"], shapes.get("memory", "T=1024"))
+    if result.get("chunk"):
+        lines += chunk_lines(result["chunk"], shapes.get("chunk", "B=16, T=1024"))
     archive = result.get("archive")
     lines += ["", "## Files", ""]
     if archive:

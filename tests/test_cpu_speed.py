@@ -1,6 +1,7 @@
 """benchmarks/cpu_speed.py's peers without the lecture's file: a stand-in with the interface of
-build-nanogpt's train_gpt2.py (GPTConfig, GPT(config) -> (logits, loss), configure_optimizers,
-a training run in the module body) is loaded and trained by the `lecture` worker in-process."""
+build-nanogpt's train_gpt2.py (tests/data/lecture_stand_in: GPTConfig, GPT(config) -> (logits,
+loss), configure_optimizers, a training run in the module body) is loaded and trained by the
+`lecture` worker in-process."""
 
 from __future__ import annotations
 
@@ -21,60 +22,10 @@ cpu_speed = importlib.util.module_from_spec(spec)
 sys.modules["cpu_speed"] = cpu_speed  # its dataclasses look their module up
 spec.loader.exec_module(cpu_speed)
 
-STAND_IN = '''
-"""A stand-in for build-nanogpt's train_gpt2.py: the same interface, a one-layer model."""
-import math
-import subprocess
-from dataclasses import dataclass
+# a stand-in for build-nanogpt's train_gpt2.py and, beside it, its hellaswag.py (which fails
+# to import offline); benchmarks/gpu/rehearse.sh runs the GPU check's lecture_code section on it
+STAND_IN = REPO / "tests" / "data" / "lecture_stand_in" / "train_gpt2.py"
 
-import torch
-import torch.nn as nn
-from torch.nn import functional as F
-
-from hellaswag import render_example  # the lecture's own module beside it (see HELLASWAG)
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-
-
-class GPT(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        print(f"stand-in GPT: vocab_size={config.vocab_size} n_embd={config.n_embd}")
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight
-
-    def forward(self, idx, targets=None):
-        pos = torch.arange(idx.size(1), device=idx.device)
-        logits = self.lm_head(self.wte(idx) + self.wpe(pos))
-        print(f"stand-in logits: {logits.dtype}")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
-        if master_process:  # a global of the lecture's script body
-            print(f"configure_optimizers({weight_decay}, {learning_rate}, {device_type})")
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        rest = [p for p in self.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
-
-
-# the script's training run: loading the model must never execute it
-raise SystemExit("the stand-in's training run was executed")
-'''
-
-# build-nanogpt's hellaswag.py fetches the GPT-2 encoding when imported: offline, a
-# requests.ConnectionError (an OSError), not an ImportError
-HELLASWAG = 'raise OSError("Max retries exceeded with url: /gpt-2/encodings/main/vocab.bpe")\n'
 
 SHRINK = [
     "model.n_layer=1",
@@ -88,9 +39,7 @@ SHRINK = [
 
 @pytest.mark.parametrize("fp32", [False, True])
 def test_the_lecture_worker_trains_the_files_own_model_with_its_optimizer(tmp_path, capsys, fp32):
-    lecture = tmp_path / "train_gpt2.py"
-    lecture.write_text(STAND_IN)
-    (tmp_path / "hellaswag.py").write_text(HELLASWAG)
+    lecture = STAND_IN  # beside it, its hellaswag.py that fails to import offline
     out = tmp_path / "lecture.json"
     overrides = [*SHRINK, f"paths.data_dir={tmp_path / 'no-data'}"]  # fixed random tokens
     args = ["--worker", "lecture", "--lecture", str(lecture), "--steps", "2", "--warmup", "1"]

@@ -85,7 +85,12 @@ def fake_check(tmp_path, monkeypatch):
         out = tmp_path / f"out{budget:g}"
         out.mkdir()
         args = SimpleNamespace(
-            out=out, budget=budget, started=clock[0], rehearse=False, parts=["lecture"]
+            out=out,
+            budget=budget,
+            started=clock[0],
+            rehearse=False,
+            parts=["lecture"],
+            lecture=None,
         )
         c = check.Check(args)
         ran = []
@@ -164,7 +169,9 @@ def memory_check(tmp_path, monkeypatch, outcome):
     monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
     monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
     out = tmp_path / "out"
-    args = SimpleNamespace(out=out, budget=400, started=None, rehearse=False, parts=["memory"])
+    args = SimpleNamespace(
+        out=out, budget=400, started=None, rehearse=False, parts=["memory"], lecture=None
+    )
     out.mkdir()
     c = check.Check(args)
     calls = []
@@ -258,7 +265,9 @@ def test_chunk_runs_the_plain_loss_then_each_chunk_size(tmp_path, monkeypatch):
     monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
     out = tmp_path / "out"
     out.mkdir()
-    args = SimpleNamespace(out=out, budget=400, started=None, rehearse=False, parts=["chunk"])
+    args = SimpleNamespace(
+        out=out, budget=400, started=None, rehearse=False, parts=["chunk"], lecture=None
+    )
     c = check.Check(args)
     calls = []
     ms = {None: 50.0, 512: 55.0, 2048: 48.0, 8192: 47.0, 16384: 49.0}
@@ -295,6 +304,95 @@ def test_chunk_runs_the_plain_loss_then_each_chunk_size(tmp_path, monkeypatch):
     assert "| plain |  | completed | 50.0 | 327,680 | 1.00x | 20.0 |" in md
     assert "| chunked | 512 | completed | 55.0 | 297,891 | 0.91x | 15.0 |" in md
     assert "| chunked | 8192 | completed | 47.0 | 348,596 | 1.06x | 15.0 |" in md
+
+
+def test_without_the_lectures_file_its_section_is_na_not_a_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
+    monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
+    out = tmp_path / "out"
+    out.mkdir()
+    missing = tmp_path / ".lecture" / "train_gpt2.py"
+    args = SimpleNamespace(
+        out=out, budget=400, started=None, rehearse=False, parts=["beyond"], lecture=missing
+    )
+    c = check.Check(args)
+    c.beyond = lambda left: "passed"
+    assert c.run() == 0
+    result = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in result["sections"]] == ["lecture_code", "beyond"]
+    assert result["sections"][0]["status"] == (
+        f"n/a: no {missing} (put build-nanogpt's train_gpt2.py there and carry .lecture; "
+        "benchmarks/gpu/README.md)"
+    )
+    assert result["status"] == "PASSED" and result["lecture_code"] is None
+
+
+def test_a_peer_stopped_at_its_own_limit_fails_without_ending_the_check(tmp_path, monkeypatch):
+    """The lecture's file (or the HF peer) gets one rung's limit, not the rest of the budget:
+    stopped there, it fails and the later sections still run."""
+    monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
+    monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
+    limits = []
+
+    def hangs(cmd, log, timeout, cwd, env):
+        limits.append(timeout)
+        return -9, True
+
+    monkeypatch.setattr(check, "run_command", hangs)
+    lecture = tmp_path / "train_gpt2.py"
+    lecture.write_text("# build-nanogpt's file\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = SimpleNamespace(
+        out=out, budget=400, started=None, rehearse=False, parts=["beyond"], lecture=lecture
+    )
+    c = check.Check(args)
+    c.beyond = lambda left: "passed"
+    assert c.run() == 1
+    assert limits == [check.RUNG_TIMEOUT_S["device"]]
+    assert statuses(out) == ["failed (stopped at one rung's 150 s limit)", "passed"]
+
+
+def test_summary_puts_the_lectures_code_beside_gpt2x():
+    beyond = [
+        dict(
+            name="ladder/fused",
+            status="completed",
+            median_ms="45.0",
+            tokens_per_s="364000",
+            peak_mem_gb="20.1",
+            compile_s="30",
+        ),
+        dict(
+            name="ladder/beyond/chunked",
+            status="completed",
+            median_ms="40.0",
+            tokens_per_s="409600",
+            peak_mem_gb="14.2",
+            compile_s="33",
+        ),
+        dict(name="ladder/beyond/fp8", status="failed", tokens_per_s=""),
+    ]
+    lecture = {
+        "median_ms": 52.0,
+        "tokens_per_s": 315077.0,
+        "peak_mem_gb": 22.0,
+        "compile_seconds": 41.0,
+        "sha256": "6a033ddc" + "0" * 56,
+    }
+    md = summary.render(
+        {"status": "PASSED", "parts": ["beyond"], "beyond": beyond, "lecture_code": lecture}
+    )
+    assert "## The lecture's own train_gpt2.py beside gpt2x, B=16, T=1024" in md
+    assert "build-nanogpt's file (sha256 6a033ddc00000000...)" in md
+    assert "| the lecture's train_gpt2.py | 52.0 | 315,077 | 1.00x | 22.0 | 41.0 |" in md
+    assert (
+        "| gpt2x fused (the beyond ladder's baseline) | 45.0 | 364,000 | 1.16x | 20.1 | 30.0 |"
+        in md
+    )
+    assert (
+        "| gpt2x beyond/chunked (the fastest beyond rung) | 40.0 | 409,600 | 1.30x | 14.2 |" in md
+    )
 
 
 def test_a_stopped_section_leaves_no_process_behind(tmp_path):

@@ -14,6 +14,10 @@ check.sh installs .whl/ and sets PYTHONPATH first; run this file through it. The
 
 of --part beyond (for the time after it, or the next lease):
 
+  lecture_code  the lecture's own train_gpt2.py (--lecture FILE, default .lecture/train_gpt2.py:
+             never in the repository, carried beside the checkout) at B=16, T=1024 in its best
+             single-GPU setting (bf16 autocast, torch.compile, its fused AdamW;
+             benchmarks/cpu_speed.py's lecture worker); n/a without the file
   beyond     python3 -m gpt2x.ablate ladder=beyond_gpt2_124m, the rungs one GPU can run: fused
              (the baseline), chunked, reduce_overhead (CUDA graphs), block, ckpt (B=32), fp8,
              muon; max_autotune is left out (its autotuning alone would take the budget)
@@ -44,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -97,7 +102,7 @@ ENTRY_POINTS = [
 
 PARTS = {
     "lecture": ["tests", "ladder", "fused_b64", "hf_peer"],
-    "beyond": ["beyond"],
+    "beyond": ["lecture_code", "beyond"],
     "memory": ["memory"],
     "chunk": ["chunk"],
 }
@@ -108,6 +113,7 @@ TITLES = {
     "ladder": "the lecture's ladder fp32 -> fused, GPT-2 124M",
     "fused_b64": "the fused rung at the lecture's final batch",
     "hf_peer": "Hugging Face GPT2LMHeadModel there too (sdpa, bf16, compile, fused AdamW)",
+    "lecture_code": "the lecture's own train_gpt2.py (bf16, compile, its fused AdamW)",
     "beyond": "the beyond ladder on one GPU: fused, chunked, reduce_overhead, block, ckpt (2x B), "
     "fp8, muon",
     "memory": "the largest micro batch that fits, loss=plain vs loss=chunked (fused rung, eager)",
@@ -138,6 +144,7 @@ ESTIMATES = {
         "ladder": 210,
         "fused_b64": 50,
         "hf_peer": 55,
+        "lecture_code": 55,
         "beyond": 330,
         "memory": 200,
         "chunk": 260,
@@ -147,6 +154,7 @@ ESTIMATES = {
         "ladder": 150,
         "fused_b64": 35,
         "hf_peer": 40,
+        "lecture_code": 40,
         "beyond": 200,
         "memory": 60,
         "chunk": 90,
@@ -159,6 +167,7 @@ STEPS = {
         "ladder": (30, 5),
         "fused_b64": (20, 5),
         "hf_peer": (20, 5),
+        "lecture_code": (20, 5),
         "beyond": (15, 5),
         "memory": (2, 1),
         "chunk": (20, 5),
@@ -167,6 +176,7 @@ STEPS = {
         "ladder": (2, 1),
         "fused_b64": (2, 1),
         "hf_peer": (2, 1),
+        "lecture_code": (2, 1),
         "beyond": (2, 1),
         "memory": (1, 1),
         "chunk": (2, 1),
@@ -333,6 +343,7 @@ class Check:
         self.rehearse = bool(args.rehearse)
         self.mode = "rehearse" if self.rehearse else "device"
         self.parts = list(args.parts)
+        self.lecture = Path(args.lecture).expanduser().absolute() if args.lecture else None
         self.sections = [name for part in self.parts for name in PARTS[part]]
         self.work = Path(tempfile.mkdtemp(prefix="gpt2x-check-"))
         self.runs = self.work / "runs"
@@ -356,6 +367,7 @@ class Check:
             "ladder": [],
             "fused_b64": None,
             "hf_peer": None,
+            "lecture_code": None,
             "beyond": [],
             "memory": None,
             "chunk": [],
@@ -367,6 +379,7 @@ class Check:
                     ("ladder", "ladder"),
                     ("fused_b64", "big"),
                     ("hf_peer", "big"),
+                    ("lecture_code", "ladder"),
                     ("beyond", "ladder"),
                     ("chunk", "ladder"),
                 )
@@ -465,13 +478,15 @@ class Check:
         self.result["peaks"] = self.result["peaks"] or read_peaks(self.runs / "fused_b64")
         return status_of(rc, "the rung failed")
 
-    def hf_peer(self, timeout: float) -> str:
-        steps, warmup = STEPS[self.mode]["hf_peer"]
-        folder = self.runs / "hf_peer"
+    def peer(self, name: str, worker: str, batch: int, timeout: float, *extra: str) -> str:
+        """benchmarks/cpu_speed.py's peer worker (`hf` or `lecture`) at the gpt2_124m shape with
+        micro batch `batch`: its result into self.result[name]."""
+        steps, warmup = STEPS[self.mode][name]
+        folder = self.runs / name
         folder.mkdir()
         overrides = [
             "ladder_shape=gpt2_124m",
-            f"trainer.micro_batch_size={BATCH[self.mode]['big']}",
+            f"trainer.micro_batch_size={batch}",
             f"paths.data_dir={self.data}",  # the ladder's prepared tokens
             *(TINY if self.rehearse else []),
         ]
@@ -479,7 +494,8 @@ class Check:
             sys.executable,
             str(REPO / "benchmarks" / "cpu_speed.py"),
             "--worker",
-            "hf",
+            worker,
+            *extra,
             "--device",
             "cpu" if self.rehearse else "cuda",
             "--steps",
@@ -487,13 +503,41 @@ class Check:
             "--warmup",
             str(warmup),
             "--worker-out",
-            str(folder / "hf.json"),
+            str(folder / f"{worker}.json"),
             *(a for o in overrides for a in ("--override", o)),
         ]
-        rc, timed_out = run_command(cmd, self.log, timeout, folder, self.env)
+        # one rung's limit too: a peer that hangs (say, a lecture import reaching for the
+        # network) must not take the later sections' budget
+        limit = RUNG_TIMEOUT_S[self.mode]
+        rc, timed_out = run_command(cmd, self.log, min(timeout, limit), folder, self.env)
         with contextlib.suppress(OSError, ValueError):
-            self.result["hf_peer"] = json.loads((folder / "hf.json").read_text())
+            self.result[name] = json.loads((folder / f"{worker}.json").read_text())
+        if timed_out and limit < timeout:  # its own limit, not the budget: the rest can run
+            return f"failed (stopped at one rung's {limit} s limit)"
         return status_of(-1 if timed_out else rc, "failed")
+
+    def hf_peer(self, timeout: float) -> str:
+        return self.peer("hf_peer", "hf", BATCH[self.mode]["big"], timeout)
+
+    def lecture_code(self, timeout: float) -> str:
+        if self.lecture is None or not self.lecture.is_file():
+            return (
+                f"n/a: no {self.lecture or 'lecture file'} (put build-nanogpt's train_gpt2.py "
+                "there and carry .lecture; benchmarks/gpu/README.md)"
+            )
+        sha = hashlib.sha256(self.lecture.read_bytes()).hexdigest()
+        self.log(f"lecture file {self.lecture}: sha256 {sha}")
+        status = self.peer(
+            "lecture_code",
+            "lecture",
+            BATCH[self.mode]["ladder"],
+            timeout,
+            "--lecture",
+            str(self.lecture),
+        )
+        if self.result["lecture_code"]:
+            self.result["lecture_code"]["sha256"] = sha
+        return status
 
     def beyond(self, timeout: float) -> str:
         selection = [
@@ -607,6 +651,7 @@ class Check:
             "ladder": self.ladder,
             "fused_b64": self.fused_b64,
             "hf_peer": self.hf_peer,
+            "lecture_code": self.lecture_code,
             "beyond": self.beyond,
             "memory": self.memory,
             "chunk": self.chunk,
@@ -637,7 +682,8 @@ class Check:
             if entry["status"] == "timed out":
                 skipping = f"skipped: the budget ran out during {name}"
         ran = [s for s in self.result["sections"] if s["seconds"] is not None]
-        bad = [s for s in ran if s["status"] != "passed"]
+        # n/a: a section this run cannot have (the lecture's file not carried), not a failure
+        bad = [s for s in ran if s["status"] != "passed" and not s["status"].startswith("n/a")]
         self.result["status"] = "FAILED" if bad else "PASSED" if ran else "NOTHING RAN (budget)"
         self.finish()
         return 1 if bad else 0
@@ -726,6 +772,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--started", type=float, default=None, help="epoch seconds check.sh began")
     p.add_argument("--rehearse", action="store_true")
     p.add_argument("--part", default="lecture", help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument(
+        "--lecture",
+        default=str(REPO / ".lecture" / "train_gpt2.py"),
+        help="build-nanogpt's train_gpt2.py, for the lecture_code section of --part beyond",
+    )
     args = p.parse_args(argv)
     args.parts = [part.strip() for part in args.part.split(",") if part.strip()]
     unknown = [part for part in args.parts if part not in PARTS]

@@ -11,8 +11,10 @@
 #    the gpt2_124m ladder (B=16, T=1024), the fused rung at B=64 and Hugging Face's
 #    GPT2LMHeadModel at the same setting, each only while --budget (default 420 s, this whole
 #    command) allows it;
-#    (--part lecture, the default); --part beyond: the beyond ladder's single-GPU rungs
-#    (chunked, reduce_overhead, block, ckpt, fp8, muon against fused); --part memory: the
+#    (--part lecture, the default); --part beyond: the lecture's own train_gpt2.py (--lecture
+#    FILE, default .lecture/train_gpt2.py, carried beside the checkout; n/a without it) and the
+#    beyond ladder's single-GPU rungs (chunked, reduce_overhead, block, ckpt, fp8, muon against
+#    fused); --part memory: the
 #    largest micro batch that fits, loss=plain vs loss=chunked; --part chunk: loss=chunked's
 #    chunk size against the plain loss; comma-separated, in the order given;
 # 3. DIR gets at most 8 plain files: summary.md, summary.json, check.log, pytest.xml, runs.tar.gz.
@@ -26,9 +28,9 @@ started=$(date +%s)
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 PY=${PYTHON:-python3}
-usage="usage: bash benchmarks/gpu/check.sh --out DIR [--part lecture|beyond|memory|chunk[,...]] [--budget SECONDS] [--rehearse]"
+usage="usage: bash benchmarks/gpu/check.sh --out DIR [--part lecture|beyond|memory|chunk[,...]] [--lecture FILE] [--budget SECONDS] [--rehearse]"
 
-out="" budget=420 rehearse="" part=lecture
+out="" budget=420 rehearse="" part=lecture lecture=$repo/.lecture/train_gpt2.py
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
@@ -37,6 +39,8 @@ while [ $# -gt 0 ]; do
         --budget=*) budget=${1#--budget=}; shift ;;
         --part) part=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
         --part=*) part=${1#--part=}; shift ;;
+        --lecture) lecture=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
+        --lecture=*) lecture=${1#--lecture=}; shift ;;
         --rehearse) rehearse=--rehearse; shift ;;
         -h|--help) echo "$usage"; exit 0 ;;
         *) echo "check.sh: unknown argument '$1'; $usage" >&2; exit 2 ;;
@@ -85,4 +89,5 @@ fi
 # the checkout first: its gpt2x, importable from the temporary folders the checks run in
 export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "$PY" "$here/check.py" --out "$out" --budget "$budget" --part "$part" --started "$started" $rehearse
+exec "$PY" "$here/check.py" --out "$out" --budget "$budget" --part "$part" \
+    --lecture "$lecture" --started "$started" $rehearse

@@ -57,7 +57,9 @@ out=$tmp/x
 bash "$gpu/check.sh" --rehearse --budget 1200 --out "$out"
 # the later parts: the beyond ladder's single-GPU rungs, the largest micro batch of each loss,
 # the chunk sizes
-bash "$gpu/check.sh" --rehearse --part beyond,memory,chunk --budget 1200 --out "$tmp/z"
+# (the lecture's code: the tests' stand-in for build-nanogpt's train_gpt2.py)
+bash "$gpu/check.sh" --rehearse --part beyond,memory,chunk --budget 1200 --out "$tmp/z" \
+    --lecture "$repo/tests/data/lecture_stand_in/train_gpt2.py"
 # a tiny budget: every section skipped, the first for the budget, the rest after it
 bash "$gpu/check.sh" --rehearse --budget 1 --out "$tmp/y" >"$tmp/y.log"
 "$py" - "$out" "$tmp/y" "$tmp/z" <<'PY'
@@ -80,8 +82,9 @@ assert all(s == "skipped: tests was skipped for the budget" for s in skipped[1:]
 part2 = json.loads((later / "summary.json").read_text())
 assert part2["status"] == "PASSED", part2["status"]
 assert [(s["name"], s["status"]) for s in part2["sections"]] == [
-    ("beyond", "passed"), ("memory", "passed"), ("chunk", "passed")
+    ("lecture_code", "passed"), ("beyond", "passed"), ("memory", "passed"), ("chunk", "passed")
 ], part2["sections"]
+assert part2["lecture_code"]["tokens_per_s"] > 0, part2["lecture_code"]
 chunks = [(r["chunk_size"], r["status"]) for r in part2["chunk"]]
 assert chunks == [(None, "completed"), (16, "completed"), (64, "completed")], chunks
 rungs = {r["name"]: r["status"] for r in part2["beyond"]}

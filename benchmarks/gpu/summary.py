@@ -149,6 +149,39 @@ def memory_lines(memory: list[dict], shape: str) -> list[str]:
     return lines
 
 
+def lecture_code_lines(lecture: dict, beyond: list[dict], shape: str) -> list[str]:
+    """The lecture's own code beside gpt2x's fused rung and its fastest beyond rung (the
+    beyond ladder of the same command, the same shape)."""
+    lines = [
+        "",
+        f"## The lecture's own train_gpt2.py beside gpt2x, {shape}",
+        "",
+        f"build-nanogpt's file (sha256 {str(lecture.get('sha256', ''))[:16]}...), its model, "
+        "AdamW and loop as its best single-GPU setting runs them (bf16 autocast, torch.compile); "
+        "one run each.",
+        "",
+        "| code | ms/step | tokens/s | vs the lecture's code | peak memory GB | compile s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    theirs = _num(lecture.get("tokens_per_s"))
+    done = [r for r in beyond if r.get("status") == "completed" and _num(r.get("tokens_per_s"))]
+    fastest = max(done, key=lambda r: _num(r["tokens_per_s"]), default=None)
+    rows = [("the lecture's train_gpt2.py", lecture, "compile_seconds")]
+    if done:
+        rows.append(("gpt2x fused (the beyond ladder's baseline)", done[0], "compile_s"))
+    if fastest is not None and fastest is not done[0]:
+        name = str(fastest.get("name", "")).removeprefix("ladder/")
+        rows.append((f"gpt2x {name} (the fastest beyond rung)", fastest, "compile_s"))
+    for label, r, compile_key in rows:
+        ours = _num(r.get("tokens_per_s"))
+        vs = f"{ours / theirs:.2f}x" if ours and theirs else ""
+        lines.append(
+            f"| {label} | {_fmt(r.get('median_ms'), ',.1f')} | {_fmt(ours)} | {vs} | "
+            f"{_fmt(r.get('peak_mem_gb'), '.1f')} | {_fmt(r.get(compile_key), '.1f')} |"
+        )
+    return lines
+
+
 def chunk_lines(chunk: list[dict], shape: str) -> list[str]:
     plain = next((_num(r.get("tokens_per_s")) for r in chunk if r.get("chunk_size") is None), None)
     lines = [
@@ -277,6 +310,9 @@ def render(result: dict) -> str:
         if ours and theirs:
             lines += ["", f"gpt2x / HF tokens/s: {ours / theirs:.2f}x (one run each)."]
     beyond = result.get("beyond") or []
+    if result.get("lecture_code"):
+        shape = shapes.get("lecture_code", "B=16, T=1024")
+        lines += lecture_code_lines(result["lecture_code"], beyond, shape)
     if beyond:
         shape = shapes.get("beyond", "B=16, T=1024")
         lines += [

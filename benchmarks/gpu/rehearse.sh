@@ -6,7 +6,7 @@
 # folder outside the checkout. Proves the wheel set is complete, every import works, the budget
 # skips sections in order, and DIR is flat with at most 8 files.
 #
-#   bash benchmarks/gpu/rehearse.sh        # about 4-5 minutes on 2 quiet cores
+#   bash benchmarks/gpu/rehearse.sh        # about 10 minutes on 2 quiet cores
 #
 # CI rehearses with this machine's Python 3.11 and torch 2.13.0 (the CPU build on its disk). The
 # GPU machine has Python 3.12 and torch 2.11: to rehearse with exactly those (a CUDA build of

@@ -11,9 +11,9 @@ logits are one fused pass over the chunk instead of separate elementwise ops.
 The whole computation is one operator (`gpt2x::chunked_cross_entropy`, as torch's own
 linear_cross_entropy is): a compiled model calls it as a single node and it runs chunk by chunk
 as written here. (Traced into the model's graph instead, the compiler ran every chunk's matmul
-first and kept every chunk's weight gradient: memory growing with the number of chunks.) Its
-chunk-sized buffers are kept from one call to the next (`_Workspace`): a fresh 50 MB buffer per
-chunk costs its page faults every time on a CPU. Works on any torch with torch.compile
+first and kept every chunk's weight gradient: memory growing with the number of chunks.) On a
+CPU its chunk-sized buffers are kept from one call to the next (`_Workspace`): a fresh 50 MB
+buffer per chunk costs its page faults every time there. Works on any torch with torch.compile
 (torch >= 2.6); torch's `F.linear_cross_entropy` (torch >= 2.13) runs its chunks as eager ops.
 """
 
@@ -84,14 +84,23 @@ class _Workspace:
 _workspace: _Workspace | None = None  # the last shape's (one model trains at a time)
 
 
+def _new_workspace(key: tuple, weight: Tensor, dtype: torch.dtype, chunk: int) -> _Workspace:
+    empty = functools.partial(torch.empty, dtype=dtype, device=weight.device)
+    rows = (chunk, weight.size(0))
+    return _Workspace(key, empty(weight.shape), empty(rows), empty(rows), empty(weight.shape))
+
+
 def _get_workspace(weight: Tensor, dtype: torch.dtype, chunk: int) -> _Workspace:
+    """The call's buffers: kept from call to call on a CPU only. On a GPU the caching allocator
+    already reuses freed blocks, and a buffer kept past the call would be left in a CUDA graph's
+    private pool (compile mode reduce-overhead), untracked: torch's cudagraph checks stop there."""
     global _workspace
     key = (weight.device, dtype, tuple(weight.shape), chunk)
+    if weight.device.type != "cpu":
+        return _new_workspace(key, weight, dtype, chunk)
     if _workspace is None or _workspace.key != key:
         _workspace = None  # free the old buffers first
-        empty = functools.partial(torch.empty, dtype=dtype, device=weight.device)
-        rows = (chunk, weight.size(0))
-        _workspace = _Workspace(key, empty(weight.shape), empty(rows), empty(rows), empty(weight.shape))
+        _workspace = _new_workspace(key, weight, dtype, chunk)
     return _workspace
 
 

@@ -386,18 +386,26 @@ def breakdown_steps_at(start: int, max_steps: int, warmup: int, n: int) -> range
 
 def profiled_step(run: Run, step: int, breakdowns: list) -> dict:
     """train_step under torch.profiler (every rank: the step holds collectives); a profiler
-    that cannot run here is reported once, never fatal."""
+    that cannot run here, or a breakdown that fails, is reported once, never fatal (the step
+    runs, profiled or not); the step's own failure stays the step's."""
     out: dict = {}
 
     def one_step() -> None:
+        out["started"] = True
         out["row"] = train_step(run, step)
 
     try:
         breakdowns.append(profile_steps(one_step, 1, run.dist.device))
-    except ProfilingUnavailable as e:
+    except Exception as e:  # noqa: BLE001 - a breakdown that fails must not fail the run
+        if "started" in out and "row" not in out:
+            raise  # the step itself failed (out of memory, NaN, ...): not the profiler's
+        if isinstance(e, ProfilingUnavailable):
+            reason = str(e)
+        else:
+            reason = f"the step-time breakdown failed: {error_line(e)}"
         if run.dist.is_main and not run.record.data.get("breakdown_error"):
-            log.warning("no step-time breakdown: %s", e)
-            run.record.update(breakdown_error=str(e))
+            log.warning("no step-time breakdown: %s", reason)
+            run.record.update(breakdown_error=reason)
     return out["row"] if "row" in out else train_step(run, step)
 
 

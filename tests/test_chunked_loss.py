@@ -129,6 +129,21 @@ def test_never_holds_more_than_one_chunk_of_logits():
     assert chunked_loss._workspace.logits.shape == (8, V)
 
 
+def test_buffers_are_kept_across_calls_on_a_cpu_only():
+    """On a GPU (here the meta device stands in for any non-CPU one) every call takes fresh
+    buffers from the caching allocator: kept ones would sit in a CUDA graph's private pool."""
+    cpu = torch.empty(V, C)
+    assert chunked_loss._get_workspace(cpu, torch.float32, 8) is chunked_loss._get_workspace(
+        cpu, torch.float32, 8
+    )
+    kept = chunked_loss._workspace
+    gpu = torch.empty(V, C, device="meta")
+    first = chunked_loss._get_workspace(gpu, torch.bfloat16, 8)
+    second = chunked_loss._get_workspace(gpu, torch.bfloat16, 8)
+    assert first is not second and first.logits.shape == (8, V) and first.logits.is_meta
+    assert chunked_loss._workspace is kept  # the CPU's buffers untouched
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "kernel,bf16",

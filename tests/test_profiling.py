@@ -20,6 +20,7 @@ from gpt2x.training.profiling import (
     ProfilingUnavailable,
     _breakdown,
     categorize,
+    device_kernels,
     profile_steps,
 )
 
@@ -355,3 +356,85 @@ def test_plot_from_a_real_breakdown(tmp_path):
     b = profile_steps(lambda: a @ a, 2, CPU)
     heights = bar_heights(plots.breakdown_figure([{"name": "mm", "breakdown": b.to_dict()}]))
     assert sum(h[0] for h in heights.values()) == pytest.approx(b.step_ms)
+
+
+def test_kernels_come_from_kinetos_raw_events():
+    """device_kernels reads Kineto's raw events (torch 2.11's FunctionEvent has no
+    linked_correlation_id): kernels and copies with their launching op's id and us; the GPU
+    copies of record_function ranges left out; the runtime calls named."""
+
+    def raw(name, device, linked, start_ns=0, end_ns=0, annotation=False):
+        return SimpleNamespace(
+            name=lambda: name,
+            device_type=lambda: device,
+            linked_correlation_id=lambda: linked,
+            start_ns=lambda: start_ns,
+            end_ns=lambda: end_ns,
+            is_user_annotation=lambda: annotation,
+        )
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    kernels, runtime = device_kernels(
+        [
+            raw("aten::mm", cpu, 0),
+            raw("cudaLaunchKernel", cpu, 7),
+            raw("sm90_xmma_gemm_bf16", cuda, 7, 1_000, 3_500),
+            raw("Optimizer.step#AdamW.step", cuda, 9, 0, 9_000, annotation=True),
+            raw("Memcpy HtoD (Pinned -> Device)", cuda, 4, 10_000, 10_200),
+        ]
+    )
+    assert kernels == [("sm90_xmma_gemm_bf16", 7, 2.5), ("Memcpy HtoD (Pinned -> Device)", 4, 0.2)]
+    assert runtime == {"cudaLaunchKernel"}
+
+
+def test_a_runtime_call_sharing_an_ops_id_launches_nothing():
+    # cudaLaunchKernel's own id comes from CUPTI's counter: equal to another op's id, it must
+    # not take that op's kernels (it is visited after its parent, in whatever order)
+    t = CudaTrace()
+    mm = t.op("aten::mm", [("sm90_xmma_gemm_bf16", 2000.0)])
+    launch = SimpleNamespace(name="cudaLaunchKernel", id=mm.id, cpu_children=[])
+    softmax = t.op("aten::_log_softmax", [("softmax_warp_forward", 300.0)], children=[launch])
+    roots = [t.op(STEP_MARK, children=[mm, softmax])]
+    b = _breakdown(
+        roots, 3.0, 1, "cuda:0", kernels=t.kernels, runtime=frozenset({"cudaLaunchKernel"})
+    )
+    assert b.categories["matmul"] == pytest.approx(2.0)
+    assert b.categories["loss"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("when", ["after the step", "before the step", "the step itself"])
+def test_a_failing_breakdown_never_fails_the_run(monkeypatch, when):
+    from gpt2x import train
+
+    steps = []
+
+    def step(run, n):
+        steps.append(n)
+        if when == "the step itself":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"loss": 1.0}
+
+    def profile(step_fn, n, device):
+        if when != "before the step":
+            step_fn()
+        raise AttributeError("'FunctionEvent' object has no attribute 'linked_correlation_id'")
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "profile_steps", profile)
+    data: dict = {}
+    run = SimpleNamespace(
+        dist=SimpleNamespace(device=torch.device("cpu"), is_main=True),
+        record=SimpleNamespace(data=data, update=lambda **kw: data.update(kw)),
+    )
+    breakdowns: list = []
+    if when == "the step itself":
+        with pytest.raises(RuntimeError, match="out of memory"):
+            train.profiled_step(run, 5, breakdowns)
+        assert "breakdown_error" not in data
+        return
+    assert train.profiled_step(run, 5, breakdowns) == {"loss": 1.0}
+    assert steps == [5] and breakdowns == []  # the step ran once, profiled or not
+    assert data["breakdown_error"] == (
+        "the step-time breakdown failed: AttributeError: 'FunctionEvent' object has no "
+        "attribute 'linked_correlation_id'"
+    )

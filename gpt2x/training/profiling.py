@@ -177,19 +177,29 @@ def profile_steps(step_fn: Callable[[], None], steps: int, device: torch.device)
         prof.stop()
     events = prof.events()
     roots = [e for e in events if e.name == STEP_MARK]  # CPU: one thread, nothing overlaps
-    kernels = None
+    kernels, runtime = None, frozenset()
     if cuda:
         # backward launches from the autograd engine's own thread: every thread's ops count
         roots = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
-        # device-side events minus the GPU copies of record_function ranges (they span kernels)
-        kernels = [
-            (e.name, e.linked_correlation_id, e.time_range.elapsed_us())
-            for e in events
-            if e.device_type == DeviceType.CUDA and not e.is_user_annotation
-        ]
+        kernels, runtime = device_kernels(prof.profiler.kineto_results.events())
         if not kernels:
             raise ProfilingUnavailable("the profiler saw no CUDA kernels (CUPTI missing?)")
-    return _breakdown(roots, 1e3 * sum(walls) / steps, steps, str(device), kernels)
+    return _breakdown(roots, 1e3 * sum(walls) / steps, steps, str(device), kernels, runtime)
+
+
+def device_kernels(raw_events) -> tuple[list[tuple[str, int, float]], frozenset[str]]:
+    """From Kineto's raw events: each kernel and copy on the GPU as (name, correlation id of
+    the op that launched it, us), without the GPU copies of record_function ranges (they span
+    kernels); and the names of the CUDA runtime calls (cudaLaunchKernel, ...), CPU events
+    linked to an op whose own ids come from another counter. (torch 2.11's FunctionEvent has no
+    linked_correlation_id; the raw event has it in every supported torch.)"""
+    kernels, runtime = [], set()
+    for k in raw_events:
+        if k.device_type() == DeviceType.CUDA and not k.is_user_annotation():
+            kernels.append((k.name(), k.linked_correlation_id(), (k.end_ns() - k.start_ns()) / 1e3))
+        elif k.device_type() == DeviceType.CPU and k.linked_correlation_id() > 0:
+            runtime.add(k.name())
+    return kernels, frozenset(runtime)
 
 
 def _breakdown(
@@ -198,9 +208,11 @@ def _breakdown(
     steps: int,
     device: str,
     kernels: list[tuple[str, int, float]] | None = None,
+    runtime: frozenset[str] = frozenset(),
 ) -> Breakdown:
     """kernels None (CPU): each op's self CPU time. Else (CUDA): each kernel's (name,
-    correlation id, us) time, in the category of the CPU op that launched it."""
+    correlation id, us) time, in the category of the CPU op that launched it; the `runtime`
+    calls (cudaLaunchKernel, ...) launch nothing of their own (their ids may equal an op's)."""
     per_op: dict[tuple[str, str], float] = defaultdict(float)  # (name, category) -> us
     launcher: dict[int, tuple[str, str]] = {}  # correlation id -> (op name, category)
     stack: list[tuple[FunctionEvent, str | None]] = []
@@ -215,7 +227,7 @@ def _breakdown(
         cat = claim or categorize(event.name)
         if kernels is None:
             per_op[(event.name, cat)] += event.self_cpu_time_total
-        else:
+        elif event.name not in runtime:
             launcher[event.id] = (event.name, cat)
         inner = claim or (cat if cat in CLAIMING else None)
         stack.extend((c, inner) for c in event.cpu_children)

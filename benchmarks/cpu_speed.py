@@ -428,6 +428,9 @@ def build_hf(cfg, device):
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         attn_implementation="sdpa",
+        # no KV cache in training (the default builds one every forward; measured on the CPU,
+        # 3 alternated pairs: no difference in step time, 435-451 against 445-456 ms)
+        use_cache=False,
     )
     model = GPT2LMHeadModel(hf_cfg).to(device).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]

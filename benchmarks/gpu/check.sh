@@ -7,30 +7,30 @@
 # 1. installs the wheels in .whl/ (bash benchmarks/gpu/wheels.sh fills it where PyPI is
 #    reachable) with pip --no-index into a folder outside the checkout, and puts that folder and
 #    the checkout on PYTHONPATH (no `pip install -e .`: its dependencies would need PyPI);
-# 2. runs benchmarks/gpu/check.py: every import checked first, then the in-process CUDA tests,
-#    the gpt2_124m ladder (B=16, T=1024), the fused rung at B=64 and Hugging Face's
-#    GPT2LMHeadModel at the same setting, each only while --budget (default 420 s, this whole
-#    command) allows it;
-#    (--part lecture, the default); --part beyond: the lecture's own train_gpt2.py (--lecture
-#    FILE, default .lecture/train_gpt2.py, carried beside the checkout; n/a without it) and the
-#    beyond ladder's single-GPU rungs (chunked, reduce_overhead, block, ckpt, fp8, muon against
-#    fused); --part memory: the
-#    largest micro batch that fits, loss=plain vs loss=chunked; --part chunk: loss=chunked's
-#    chunk size against the plain loss; comma-separated, in the order given;
+# 2. runs benchmarks/gpu/check.py: every import checked first, then (--part lecture, the
+#    default) the in-process CUDA tests, the gpt2_124m ladder (B=16, T=1024), the fused rung at
+#    B=64 and Hugging Face's GPT2LMHeadModel at the same setting, each only while --budget
+#    (default 480 s, this whole command) allows it. Later parts: --part lecture_code (the
+#    lecture's own train_gpt2.py: --lecture FILE, default .lecture/train_gpt2.py, carried
+#    beside the checkout; n/a without it), --part beyond (the beyond ladder's single-GPU rungs:
+#    chunked, reduce_overhead, block, ckpt, fp8, muon against fused), --part memory (the largest
+#    micro batch that fits, loss=plain vs loss=chunked), --part chunk (loss=chunked's chunk
+#    size against the plain loss); comma-separated, in the order given;
 # 3. DIR gets at most 8 plain files: summary.md, summary.json, check.log, pytest.xml, runs.tar.gz.
 #
 # --rehearse runs every section on the CPU with a tiny model (CI runs it in a fresh venv).
-# Exit status: 0 every section that ran passed; 1 a check or rung failed (summary.md says
-# which); 2 bad usage or a missing import; 3 no CUDA GPU here and no --rehearse (nothing run).
+# Exit status: 0 every section ran and passed; 1 a check or rung failed, or the budget stopped
+# or skipped a section (summary.md says which: FAILED or INCOMPLETE); 2 bad usage or a missing
+# import; 3 no CUDA GPU here and no --rehearse (nothing run).
 # Environment: PYTHON (default python3).
 set -uo pipefail
 started=$(date +%s)
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 PY=${PYTHON:-python3}
-usage="usage: bash benchmarks/gpu/check.sh --out DIR [--part lecture|beyond|memory|chunk[,...]] [--lecture FILE] [--budget SECONDS] [--rehearse]"
+usage="usage: bash benchmarks/gpu/check.sh --out DIR [--part lecture|lecture_code|beyond|memory|chunk[,...]] [--lecture FILE] [--budget SECONDS] [--rehearse]"
 
-out="" budget=420 rehearse="" part=lecture lecture=$repo/.lecture/train_gpt2.py
+out="" budget=480 rehearse="" part=lecture lecture=$repo/.lecture/train_gpt2.py
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=${2:-}; shift 2 || { echo "$usage" >&2; exit 2; } ;;
@@ -52,14 +52,14 @@ if [ -z "$out" ]; then
 fi
 for p in ${part//,/ }; do
     case "$p" in
-        lecture|beyond|memory|chunk) ;;
-        *) echo "check.sh: --part '$part': each of lecture, beyond, memory, chunk (comma-separated)" >&2
+        lecture|lecture_code|beyond|memory|chunk) ;;
+        *) echo "check.sh: --part '$part': each of lecture, lecture_code, beyond, memory, chunk (comma-separated)" >&2
            exit 2 ;;
     esac
 done
 [ -n "${part//,/}" ] || { echo "check.sh: --part is empty; $usage" >&2; exit 2; }
 case "$budget" in
-    ''|*[!0-9]*) echo "check.sh: --budget '$budget' must be whole seconds, e.g. --budget 420" >&2
+    ''|*[!0-9]*) echo "check.sh: --budget '$budget' must be whole seconds, e.g. --budget 480" >&2
                  exit 2 ;;
 esac
 

@@ -58,10 +58,13 @@ bash "$gpu/check.sh" --rehearse --budget 1200 --out "$out"
 # the later parts: the beyond ladder's single-GPU rungs, the largest micro batch of each loss,
 # the chunk sizes
 # (the lecture's code: the tests' stand-in for build-nanogpt's train_gpt2.py)
-bash "$gpu/check.sh" --rehearse --part beyond,memory,chunk --budget 1200 --out "$tmp/z" \
+bash "$gpu/check.sh" --rehearse --part lecture_code,beyond,memory,chunk --budget 1200 --out "$tmp/z" \
     --lecture "$repo/tests/data/lecture_stand_in/train_gpt2.py"
-# a tiny budget: every section skipped, the first for the budget, the rest after it
-bash "$gpu/check.sh" --rehearse --budget 1 --out "$tmp/y" >"$tmp/y.log"
+# a tiny budget: every section skipped, the first for the budget, the rest after it (exit 1:
+# nothing ran)
+rc=0
+bash "$gpu/check.sh" --rehearse --budget 1 --out "$tmp/y" >"$tmp/y.log" || rc=$?
+[ "$rc" = 1 ] || { echo "rehearse.sh: check.sh --budget 1 exited $rc, expected 1" >&2; exit 1; }
 "$py" - "$out" "$tmp/y" "$tmp/z" <<'PY'
 import json, sys
 from pathlib import Path
@@ -76,7 +79,9 @@ assert [s["status"] for s in full["sections"]] == ["passed"] * 4, full["sections
 assert sorted(p.name for p in out.iterdir()) == [
     "check.log", "pytest.xml", "runs.tar.gz", "summary.json", "summary.md"
 ]
-skipped = [s["status"] for s in json.loads((tiny / "summary.json").read_text())["sections"]]
+small = json.loads((tiny / "summary.json").read_text())
+assert small["status"] == "NOTHING RAN (budget)", small["status"]
+skipped = [s["status"] for s in small["sections"]]
 assert skipped[0].startswith("skipped: needs about"), skipped
 assert all(s == "skipped: tests was skipped for the budget" for s in skipped[1:]), skipped
 part2 = json.loads((later / "summary.json").read_text())

@@ -149,9 +149,9 @@ def memory_lines(memory: list[dict], shape: str) -> list[str]:
     return lines
 
 
-def lecture_code_lines(lecture: dict, beyond: list[dict], shape: str) -> list[str]:
-    """The lecture's own code beside gpt2x's fused rung and its fastest beyond rung (the
-    beyond ladder of the same command, the same shape)."""
+def lecture_code_lines(lecture: dict, ours: list[tuple[str, dict]], shape: str) -> list[str]:
+    """The lecture's own code beside gpt2x's rows of the same command at its shape (B=16):
+    the fused rung and the fastest of them. `ours`: (label, ablation row)."""
     lines = [
         "",
         f"## The lecture's own train_gpt2.py beside gpt2x, {shape}",
@@ -164,19 +164,23 @@ def lecture_code_lines(lecture: dict, beyond: list[dict], shape: str) -> list[st
         "|---|---:|---:|---:|---:|---:|",
     ]
     theirs = _num(lecture.get("tokens_per_s"))
-    done = [r for r in beyond if r.get("status") == "completed" and _num(r.get("tokens_per_s"))]
-    fastest = max(done, key=lambda r: _num(r["tokens_per_s"]), default=None)
+    done = [
+        (label, r)
+        for label, r in ours
+        if r.get("status") == "completed" and _num(r.get("tokens_per_s"))
+    ]
+    fused = next(((lb, r) for lb, r in done if r.get("name") == "ladder/fused"), None)
+    fastest = max(done, key=lambda lr: _num(lr[1]["tokens_per_s"]), default=None)
     rows = [("the lecture's train_gpt2.py", lecture, "compile_seconds")]
-    if done:
-        rows.append(("gpt2x fused (the beyond ladder's baseline)", done[0], "compile_s"))
-    if fastest is not None and fastest is not done[0]:
-        name = str(fastest.get("name", "")).removeprefix("ladder/")
-        rows.append((f"gpt2x {name} (the fastest beyond rung)", fastest, "compile_s"))
+    if fused is not None:
+        rows.append((f"gpt2x {fused[0]}", fused[1], "compile_s"))
+    if fastest is not None and fastest is not fused:
+        rows.append((f"gpt2x {fastest[0]} (the fastest here)", fastest[1], "compile_s"))
     for label, r, compile_key in rows:
-        ours = _num(r.get("tokens_per_s"))
-        vs = f"{ours / theirs:.2f}x" if ours and theirs else ""
+        tokens = _num(r.get("tokens_per_s"))
+        vs = f"{tokens / theirs:.2f}x" if tokens and theirs else ""
         lines.append(
-            f"| {label} | {_fmt(r.get('median_ms'), ',.1f')} | {_fmt(ours)} | {vs} | "
+            f"| {label} | {_fmt(r.get('median_ms'), ',.1f')} | {_fmt(tokens)} | {vs} | "
             f"{_fmt(r.get('peak_mem_gb'), '.1f')} | {_fmt(r.get(compile_key), '.1f')} |"
         )
     return lines
@@ -311,8 +315,14 @@ def render(result: dict) -> str:
             lines += ["", f"gpt2x / HF tokens/s: {ours / theirs:.2f}x (one run each)."]
     beyond = result.get("beyond") or []
     if result.get("lecture_code"):
+        # gpt2x's rows at the lecture's shape in this command: the beyond ladder's, the chunk
+        # section's (its plain row is the fused rung)
+        ours = [(str(r.get("name", "")).removeprefix("ladder/"), r) for r in beyond]
+        for r in result.get("chunk") or []:
+            size = r.get("chunk_size")
+            ours.append(("fused" if size is None else f"fused + loss=chunked ({size} rows)", r))
         shape = shapes.get("lecture_code", "B=16, T=1024")
-        lines += lecture_code_lines(result["lecture_code"], beyond, shape)
+        lines += lecture_code_lines(result["lecture_code"], ours, shape)
     if beyond:
         shape = shapes.get("beyond", "B=16, T=1024")
         lines += [

@@ -25,6 +25,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # first allocation): the same arithmetic, and the suite's runs ~1.3x faster with them (the tiny
 # model's logits are its large buffers). tests/test_allocator.py checks the setting itself.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# A pytest started in the background (`pytest &` in a script) inherits SIGINT ignored, and so
+# would every child it starts: the Ctrl-C tests need Python's own handler here, and the default
+# action in the children, as a run started from a terminal has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # the measured matmul peak (gpt2x.training.peak) is probed once per test session, not read from ~/.cache
 os.environ.setdefault("GPT2X_CACHE", tempfile.mkdtemp(prefix="gpt2x-test-cache-"))
 

@@ -340,9 +340,10 @@ def test_figure_and_baselines_never_load_torch_or_matplotlib_on_import(module):
 
 @pytest.mark.slow
 def test_rehearsal_end_to_end_with_resume_and_figure(tmp_path, data_root):
-    """Run the rehearsal to step 25 without a final checkpoint (a preempted job: checkpoints at
-    10 and 20, rows logged up to 24), then the same folder with max_steps=30 and resume=auto:
-    it must continue from step 20, log steps 20..29 once, and reproduce step 20's loss."""
+    """Run the rehearsal (its events every 4 steps instead of 10, to keep the test short) to
+    step 10 without a final checkpoint (a preempted job: checkpoints at 4 and 8, rows logged up
+    to 9), then the same folder with max_steps=12 and resume=auto: it must continue from step
+    8, log steps 8..11 once, and reproduce step 8's loss."""
     run = tmp_path / "run"
     args = [
         "+experiment=reproduce/rehearsal",
@@ -350,35 +351,36 @@ def test_rehearsal_end_to_end_with_resume_and_figure(tmp_path, data_root):
         f"paths.data_dir={data_root}",
         f"hydra.run.dir={run}",
         "trainer.progress=log",
+        *(f"trainer.{event}_every=4" for event in ("eval", "hellaswag", "sample", "checkpoint")),
     ]
-    run_cli("gpt2x.train", *args, "trainer.max_steps=25", "trainer.save_final=false", cwd=tmp_path)
+    run_cli("gpt2x.train", *args, "trainer.max_steps=10", "trainer.save_final=false", cwd=tmp_path)
     first = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl")}
-    assert sorted(first) == list(range(25))
+    assert sorted(first) == list(range(10))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step_000010",
-        "step_000020",
+        "step_000004",
+        "step_000008",
     ]
     assert read_record(run)["grad_accum_steps"] == 2
 
-    run_cli("gpt2x.train", *args, "trainer.max_steps=30", cwd=tmp_path)
+    run_cli("gpt2x.train", *args, "trainer.max_steps=12", cwd=tmp_path)
     record = read_record(run)
     assert record["status"] == "completed"
-    assert record["resumed_from"]["step"] == 20
+    assert record["resumed_from"]["step"] == 8
     assert Path(record["config"]["trainer"]["hellaswag_path"]) == ASSET
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(30))  # rows 20..24 of the first run dropped
-    assert [r["tokens_seen"] for r in rows] == [1024 * (s + 1) for s in range(30)]
+    assert [r["step"] for r in rows] == list(range(12))  # rows 8..9 of the first run dropped
+    assert [r["tokens_seen"] for r in rows] == [1024 * (s + 1) for s in range(12)]
     # the checkpoint restored weights and data position: step 20 sees the same batch and weights
-    assert rows[20]["loss"] == pytest.approx(first[20]["loss"], rel=1e-5)
-    assert rows[25]["loss"] < rows[0]["loss"]
+    assert rows[8]["loss"] == pytest.approx(first[8]["loss"], rel=1e-5)
+    assert rows[11]["loss"] < rows[0]["loss"]
 
     evals = read_jsonl(run / "eval.jsonl")
-    assert [e["step"] for e in evals] == [10, 20, 29]
+    assert [e["step"] for e in evals] == [4, 8, 11]
     assert all(e["val_loss"] > 0 and e["hellaswag_n"] == 6 for e in evals)
     assert all(0.0 <= e["hellaswag_acc_norm"] <= 1.0 for e in evals)
     samples = read_jsonl(run / "samples.jsonl")
     # the resumed run dropped its checkpoint's future and sampled again: each step once
-    assert [r["step"] for r in samples] == [10, 20]
+    assert [r["step"] for r in samples] == [4, 8]
     assert all(r["text"].startswith("Hello, I'm a language model,") for r in samples)
     assert (run / "sample.txt").read_text().startswith("Hello, I'm a language model,")
     assert record["wandb"]["group"] == "reproduce-rehearsal"

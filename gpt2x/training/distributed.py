@@ -299,13 +299,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def has_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def teardown(wait_for_peers: bool = False) -> None:
     """Destroy the process group; safe to call on any path (normal exit or error).
 
     wait_for_peers (a run that ended normally): first a barrier with a short timeout, so no rank
     tears down while a peer still has a collective in flight (a gloo group freed under a
     pending operation can block its owner's exit)."""
-    if dist.is_available() and dist.is_initialized():
+    if has_process_group():
         if wait_for_peers and is_distributed(dist.get_world_size()):
             with contextlib.suppress(Exception):
                 if dist.get_backend() == "gloo":

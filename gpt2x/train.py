@@ -155,10 +155,10 @@ def run_training(cfg: DictConfig) -> float | None:
             release_run_folder(cfg.paths.run_dir)
         # the DDP/FSDP model goes before its process group does (a gloo group freed inside the
         # reducer's destructor, after destroy_process_group, could block the process's exit),
-        # and a GPU's memory before the next run in this process (a sweep's next job). A full
-        # collection costs ~0.2 s in a process that has imported much: only where it matters.
+        # and the model's memory before a sweep's next job in this process. A full collection
+        # costs ~0.2 s in a process that has imported much: only where it matters.
         run = None
-        if torch.cuda.is_available() or distributed.has_process_group():
+        if distributed.has_process_group() or multirun.in_multirun() or torch.cuda.is_available():
             gc.collect()
         distributed.teardown(wait_for_peers=completed)
 

@@ -670,7 +670,7 @@ def one_process_losses(tmp_path_factory, data_root) -> list[float]:
 
 
 @pytest.mark.distributed
-def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(
+def test_ddp_preempted_worker_checkpoints_and_relaunch_continues_the_same_training(
     tmp_path, data_root, one_process_losses
 ):
 
@@ -710,7 +710,7 @@ def test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly(
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("parallel", ["fsdp"])
-def test_torchrun_max_restarts_resumes_in_place_exactly(
+def test_torchrun_max_restarts_resumes_in_place_on_the_same_losses(
     tmp_path, data_root, one_process_losses, parallel
 ):
     """One `torchrun --max-restarts=1` command: the first attempt is preempted at step 2 and

@@ -125,7 +125,7 @@ HOW: dict[str, object] = {
     "python -m gpt2x.train hydra.run.dir=outputs/runs/my-run trainer.resume=auto": Journey("train"),
     "torchrun --standalone --nproc_per_node=8 --max-restarts=3 -m gpt2x.train parallel=ddp "
     "trainer.checkpoint_every=500 trainer.resume=auto": Covered(
-        "tests/test_checkpoint.py::test_ddp_preempted_worker_checkpoints_and_relaunch_resumes_exactly"
+        "tests/test_checkpoint.py::test_ddp_preempted_worker_checkpoints_and_relaunch_continues_the_same_training"
     ),
     'python -m gpt2x.sample checkpoint=outputs/runs/my-run prompt="To be"': Journey("train"),
     "python -m gpt2x.export checkpoint=outputs/runs/my-run out=hf_dir": Journey("train"),

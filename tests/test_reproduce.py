@@ -370,7 +370,7 @@ def test_rehearsal_end_to_end_with_resume_and_figure(tmp_path, data_root):
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(12))  # rows 8..9 of the first run dropped
     assert [r["tokens_seen"] for r in rows] == [1024 * (s + 1) for s in range(12)]
-    # the checkpoint restored weights and data position: step 20 sees the same batch and weights
+    # the checkpoint restored weights and data position: step 8 sees the same batch and weights
     assert rows[8]["loss"] == pytest.approx(first[8]["loss"], rel=1e-5)
     assert rows[11]["loss"] < rows[0]["loss"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, cached_peaks, record, rows, run_cli, tiny_cfg
+from conftest import REPO, TINY, cached_peaks, losses, record, rows, run_cli, tiny_cfg
 
 from gpt2x import checkpoint
 from gpt2x.checkpoint import CheckpointError
@@ -666,7 +666,7 @@ def one_process_losses(tmp_path_factory, data_root) -> list[float]:
     run_dir = tmp_path_factory.mktemp("one_process") / "run"
     run_training(tiny_cfg(run_dir, data_root, *COMMON, "trainer.total_batch_tokens=256"))
     assert record(run_dir)["grad_accum_steps"] == 2
-    return [r["loss"] for r in rows(run_dir)]
+    return losses(run_dir)
 
 
 @pytest.mark.distributed
@@ -705,7 +705,7 @@ def test_ddp_preempted_worker_checkpoints_and_relaunch_continues_the_same_traini
     rec = record(run_dir)
     assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
     assert [r["step"] for r in rows(run_dir)] == list(range(8))
-    assert [r["loss"] for r in rows(run_dir)] == pytest.approx(one_process_losses, rel=1e-6)
+    assert losses(run_dir) == pytest.approx(one_process_losses, rel=1e-6)
 
 
 @pytest.mark.distributed
@@ -734,7 +734,7 @@ def test_torchrun_max_restarts_resumes_in_place_on_the_same_losses(
     rec = record(run_dir)
     assert rec["status"] == "completed" and rec["resumed_from"]["step"] == 3
     assert [r["step"] for r in rows(run_dir)] == list(range(8))
-    assert [r["loss"] for r in rows(run_dir)] == pytest.approx(one_process_losses, rel=1e-6)
+    assert losses(run_dir) == pytest.approx(one_process_losses, rel=1e-6)
 
 
 def test_save_restore_round_trip_with_an_active_grad_scaler(tmp_path):

@@ -166,17 +166,22 @@ def test_a_tiny_budget_runs_nothing_and_says_so(fake_check):
     assert not (out / "runs.tar.gz").exists()
 
 
-def memory_check(tmp_path, monkeypatch, outcome):
-    """A device-mode Check of --part memory whose ablations write the rows `outcome(rung, B)`
-    gives ('completed', or a failure's error text) to ablation.csv, as gpt2x.ablate does."""
+def device_check(tmp_path, monkeypatch, parts: list[str], budget: float = 400, lecture=None):
+    """A device-mode Check of `parts` (imports and environment faked) writing to tmp/out."""
     monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
     monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
     out = tmp_path / "out"
-    args = SimpleNamespace(
-        out=out, budget=400, started=None, rehearse=False, parts=["memory"], lecture=None
-    )
     out.mkdir()
-    c = check.Check(args)
+    args = SimpleNamespace(
+        out=out, budget=budget, started=None, rehearse=False, parts=parts, lecture=lecture
+    )
+    return check.Check(args), out
+
+
+def memory_check(tmp_path, monkeypatch, outcome):
+    """A device-mode Check of --part memory whose ablations write the rows `outcome(rung, B)`
+    gives ('completed', or a failure's error text) to ablation.csv, as gpt2x.ablate does."""
+    c, out = device_check(tmp_path, monkeypatch, ["memory"])
     calls = []
 
     def ablate(name, selection, batch, timeout, folder=None, extra=()):
@@ -265,14 +270,7 @@ def test_memory_fails_on_a_failure_that_is_not_out_of_memory(tmp_path, monkeypat
 
 
 def test_chunk_runs_the_plain_loss_then_each_chunk_size(tmp_path, monkeypatch):
-    monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
-    monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
-    out = tmp_path / "out"
-    out.mkdir()
-    args = SimpleNamespace(
-        out=out, budget=400, started=None, rehearse=False, parts=["chunk"], lecture=None
-    )
-    c = check.Check(args)
+    c, out = device_check(tmp_path, monkeypatch, ["chunk"])
     calls = []
     ms = {None: 50.0, 512: 55.0, 2048: 48.0, 8192: 47.0, 16384: 49.0}
 
@@ -311,20 +309,8 @@ def test_chunk_runs_the_plain_loss_then_each_chunk_size(tmp_path, monkeypatch):
 
 
 def test_without_the_lectures_file_its_section_is_na_not_a_failure(tmp_path, monkeypatch):
-    monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
-    monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
-    out = tmp_path / "out"
-    out.mkdir()
     missing = tmp_path / ".lecture" / "train_gpt2.py"
-    args = SimpleNamespace(
-        out=out,
-        budget=600,
-        started=None,
-        rehearse=False,
-        parts=["lecture_code", "beyond"],
-        lecture=missing,
-    )
-    c = check.Check(args)
+    c, out = device_check(tmp_path, monkeypatch, ["lecture_code", "beyond"], 600, missing)
     c.beyond = lambda left: "passed"
     assert c.run() == 0
     result = json.loads((out / "summary.json").read_text())
@@ -339,8 +325,6 @@ def test_without_the_lectures_file_its_section_is_na_not_a_failure(tmp_path, mon
 def test_a_peer_stopped_at_its_own_limit_fails_without_ending_the_check(tmp_path, monkeypatch):
     """The lecture's file (or the HF peer) gets one rung's limit, not the rest of the budget:
     stopped there, it fails and the later sections still run."""
-    monkeypatch.setattr(check, "check_imports", lambda extra=(): [])
-    monkeypatch.setattr(check, "environment", lambda rehearse: {"gpu": "fake"})
     limits = []
 
     def hangs(cmd, log, timeout, cwd, env):
@@ -350,17 +334,7 @@ def test_a_peer_stopped_at_its_own_limit_fails_without_ending_the_check(tmp_path
     monkeypatch.setattr(check, "run_command", hangs)
     lecture = tmp_path / "train_gpt2.py"
     lecture.write_text("# build-nanogpt's file\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    args = SimpleNamespace(
-        out=out,
-        budget=600,
-        started=None,
-        rehearse=False,
-        parts=["lecture_code", "beyond"],
-        lecture=lecture,
-    )
-    c = check.Check(args)
+    c, out = device_check(tmp_path, monkeypatch, ["lecture_code", "beyond"], 600, lecture)
     c.beyond = lambda left: "passed"
     assert c.run() == 1
     assert limits == [check.RUNG_TIMEOUT_S["device"]]

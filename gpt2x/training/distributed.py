@@ -59,12 +59,16 @@ class Dist:
         return self.kind is ParallelKind.fsdp
 
 
+def has_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed(world_size: int) -> bool:
     """Whether this process works with others: more than one process, joined by a process group.
     gpt2x's one test of "distributed" (`Dist.is_distributed` asks it): collectives and broadcasts
     happen only then. A ddp/fsdp world of one has a process group but no peers, and takes the
     single-process paths."""
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
+    return world_size > 1 and has_process_group()
 
 
 # ----------------------------------------------------------------------------- ranks from env
@@ -297,10 +301,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def has_process_group() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def teardown(wait_for_peers: bool = False) -> None:
